@@ -1,0 +1,435 @@
+"""LabelWatch: watch the labels of the validation set while a model trains."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+
+from labelwatch.candidates import select_candidates
+from labelwatch.capture import CapturedEpoch, EpochBuffer, LayerTap, find_submodule
+from labelwatch.projection import PROJECTION_METHODS, ProjectionMethod, project
+from labelwatch.scoring import LABEL_QUALITY_METHODS, LabelQualityMethod, score_predictions
+from labelwatch.sinks import LocalSink, WandbSink, find_wandb_logger
+
+__all__ = ["LabelWatch"]
+
+log = logging.getLogger(__name__)
+
+MediaFn = Callable[[Mapping[str, Any]], Any]
+
+
+class LabelWatch(Callback):
+    r"""Find likely label errors in the validation set, every validation epoch.
+
+    Captures each validation sample's logits, target, id and (optionally) embedding,
+    scores the given label against the model's prediction, maps the embeddings to 2-D,
+    and writes a per-sample table and ranked relabel candidates: always to local files
+    (``<log dir>/labelwatch/epoch=<n>/``), and to W&B when the Trainer has a
+    ``WandbLogger`` (a table per epoch plus a ``relabel-candidates`` artifact).
+
+    What is read from each validation batch (first match wins):
+
+    - logits: ``outputs[logits_key]`` from ``validation_step``, else the output of the
+      submodule ``logits_layer``;
+    - embeddings (optional): ``outputs[embeddings_key]``, else the output of
+      ``embedding_layer``, flattened to ``(batch, D)``; without them there is no map;
+    - targets: ``outputs[target_key]``, else ``batch[target_key]``, else ``batch[1]``;
+    - sample ids: ``outputs[sample_id_key]``, else ``batch[sample_id_key]``, else the
+      running position (valid only in one process with an unshuffled loader).
+
+    Args:
+        class_names: one name per class, in output order; defaults to ``"0"``, ``"1"``, ...
+        logits_key, embeddings_key, target_key, sample_id_key: keys looked up as above.
+        logits_layer: dotted name of the submodule whose output is the logits, used
+            when ``validation_step`` does not return them.
+        embedding_layer: dotted name of the submodule whose output is the embedding.
+        metadata_keys: batch keys copied into every row (for example a file path).
+        every_n_epochs: run every n-th validation epoch (1 = each one).
+        projection: ``"umap"`` (PCA below 16 samples), ``"pca"`` or ``"none"``.
+        label_quality: ranking in [0, 1], lower = more likely mislabelled; see
+            :func:`labelwatch.score_predictions` for the methods and how the default was chosen.
+        max_candidates: keep at most this many candidates per epoch (None = all flagged).
+        ignore_index: target value of unlabelled samples; skipped and counted.
+        dirpath: local output folder; defaults to ``<save_dir>/<name>/<version>/labelwatch``
+            of the first logger (like ``ModelCheckpoint``), or ``<default_root_dir>/labelwatch``.
+        table_key: W&B key of the per-sample table; candidates go to ``<prefix>/candidates``.
+        media_fn: maps a row (a dict with ``sample_id``, the metadata keys and the scores)
+            to a ``wandb.Audio`` / ``wandb.Image`` (or None); logged for every candidate
+            and for up to ``max_media_rows`` other rows.
+        max_media_rows: cap on media for rows that are not candidates.
+        seed: seed of the 2-D map.
+
+    Raises:
+        ValueError: for an argument outside its allowed values (named in the message).
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning.pytorch.loggers import WandbLogger
+        from labelwatch import LabelWatch
+
+        trainer = Trainer(
+            logger=WandbLogger(project="sounds", offline=True),
+            callbacks=[LabelWatch(class_names=["dog_bark", "siren"], embedding_layer="backbone")],
+        )
+    """
+
+    def __init__(
+        self,
+        class_names: Sequence[str] | None = None,
+        *,
+        logits_key: str = "logits",
+        embeddings_key: str = "embeddings",
+        target_key: str = "target",
+        sample_id_key: str = "sample_id",
+        logits_layer: str | None = None,
+        embedding_layer: str | None = None,
+        metadata_keys: Sequence[str] = (),
+        every_n_epochs: int = 1,
+        projection: ProjectionMethod = "umap",
+        label_quality: LabelQualityMethod = "self_confidence",
+        max_candidates: int | None = None,
+        ignore_index: int = -100,
+        dirpath: str | Path | None = None,
+        table_key: str = "labelwatch/samples",
+        media_fn: MediaFn | None = None,
+        max_media_rows: int = 200,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"`every_n_epochs` must be an integer >= 1, got {every_n_epochs!r}")
+        if projection not in PROJECTION_METHODS:
+            raise ValueError(
+                f"`projection` must be one of {PROJECTION_METHODS}, got {projection!r}"
+            )
+        if label_quality not in LABEL_QUALITY_METHODS:
+            raise ValueError(
+                f"`label_quality` must be one of {LABEL_QUALITY_METHODS}, got {label_quality!r}"
+            )
+        if max_candidates is not None and max_candidates < 0:
+            raise ValueError(f"`max_candidates` must be None or >= 0, got {max_candidates!r}")
+        if max_media_rows < 0:
+            raise ValueError(f"`max_media_rows` must be >= 0, got {max_media_rows!r}")
+        if "/" not in table_key:
+            raise ValueError(
+                "`table_key` must look like 'prefix/name' (e.g. 'labelwatch/samples'),"
+                f" got {table_key!r}"
+            )
+        self.class_names = list(class_names) if class_names is not None else None
+        self.logits_key = logits_key
+        self.embeddings_key = embeddings_key
+        self.target_key = target_key
+        self.sample_id_key = sample_id_key
+        self.logits_layer = logits_layer
+        self.embedding_layer = embedding_layer
+        self.metadata_keys = tuple(metadata_keys)
+        self.every_n_epochs = every_n_epochs
+        self.projection = projection
+        self.label_quality = label_quality
+        self.max_candidates = max_candidates
+        self.ignore_index = ignore_index
+        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.table_key = table_key
+        self.media_fn = media_fn
+        self.max_media_rows = max_media_rows
+        self.seed = seed
+
+        self.last_epoch: int | None = None
+        self.last_output_dir: Path | None = None
+        self._buffer: EpochBuffer | None = None
+        self._logits_tap: LayerTap | None = None
+        self._embedding_tap: LayerTap | None = None
+        self._wandb: WandbSink | None = None
+        self._warned: set[str] = set()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(table_key=self.table_key, logits_key=self.logits_key)
+
+    # ----------------------------------------------------------------------------- hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        # Fail before training starts when a layer name is wrong.
+        for argument, name in (
+            ("logits_layer", self.logits_layer),
+            ("embedding_layer", self.embedding_layer),
+        ):
+            if name is not None:
+                find_submodule(pl_module, name, argument)
+        logger = find_wandb_logger(trainer.loggers)
+        prefix = self.table_key.rsplit("/", 1)[0]
+        self._wandb = (
+            WandbSink(logger, samples_key=self.table_key, candidates_key=f"{prefix}/candidates")
+            if logger is not None
+            else None
+        )
+
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._should_skip(trainer):
+            self._buffer = None
+            return
+        self._buffer = EpochBuffer()
+        if self.logits_layer is not None:
+            self._logits_tap = LayerTap(
+                find_submodule(pl_module, self.logits_layer, "logits_layer")
+            )
+        if self.embedding_layer is not None:
+            module = find_submodule(pl_module, self.embedding_layer, "embedding_layer")
+            self._embedding_tap = LayerTap(module)
+
+    def on_validation_batch_end(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._buffer is None:
+            return
+        tapped_logits = self._logits_tap.pop() if self._logits_tap else None
+        tapped_embeddings = self._embedding_tap.pop() if self._embedding_tap else None
+        if dataloader_idx != 0:  # the first validation dataloader is the one watched
+            return
+        out = outputs if isinstance(outputs, Mapping) else {}
+        logits = out.get(self.logits_key, tapped_logits)
+        if logits is None:
+            raise ValueError(
+                "LabelWatch found no logits: return a dict with"
+                f" {self.logits_key!r} from validation_step, or set `logits_layer` to the name of"
+                " the submodule that outputs them (e.g. LabelWatch(logits_layer='classifier'))."
+            )
+        self._buffer.add(
+            logits,
+            self._targets(out, batch),
+            self._sample_ids(out, batch, trainer.world_size),
+            embeddings=out.get(self.embeddings_key, tapped_embeddings),
+            metadata=self._metadata(batch),
+        )
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._remove_taps()
+        if self._buffer is None:
+            return
+        buffer, self._buffer = self._buffer, None
+        self._run_epoch_end(trainer, buffer)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._remove_taps()
+        self._buffer = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_epoch = state_dict.get("last_epoch")
+
+    # ----------------------------------------------------------------------------- helpers
+    def _should_skip(self, trainer: Any) -> bool:
+        return (
+            trainer.sanity_checking
+            or trainer.state.fn != "fit"
+            or (trainer.current_epoch + 1) % self.every_n_epochs != 0
+        )
+
+    def _targets(self, out: Mapping[str, Any], batch: Any) -> torch.Tensor:
+        if self.target_key in out:
+            return out[self.target_key]
+        if isinstance(batch, Mapping) and self.target_key in batch:
+            return batch[self.target_key]
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            return batch[1]
+        raise ValueError(
+            f"LabelWatch found no targets: return {self.target_key!r} from validation_step,"
+            f" or use batches that are dicts with {self.target_key!r} or (input, target) tuples."
+        )
+
+    def _sample_ids(self, out: Mapping[str, Any], batch: Any, world_size: int) -> Any:
+        if self.sample_id_key in out:
+            return out[self.sample_id_key]
+        if isinstance(batch, Mapping) and self.sample_id_key in batch:
+            return batch[self.sample_id_key]
+        if world_size > 1:
+            raise ValueError(
+                f"LabelWatch needs sample ids under DDP: put {self.sample_id_key!r} in the batch"
+                " or in validation_step's output (ranks see shuffled, padded shards)."
+            )
+        return None  # running position
+
+    def _metadata(self, batch: Any) -> dict[str, Any]:
+        if not self.metadata_keys:
+            return {}
+        if not isinstance(batch, Mapping) or not all(k in batch for k in self.metadata_keys):
+            raise ValueError(
+                f"`metadata_keys`={list(self.metadata_keys)} must all be keys of the validation"
+                " batch (a dict); found "
+                f"{list(batch) if isinstance(batch, Mapping) else type(batch).__name__}."
+            )
+        return {key: batch[key] for key in self.metadata_keys}
+
+    def _remove_taps(self) -> None:
+        for tap in (self._logits_tap, self._embedding_tap):
+            if tap is not None:
+                tap.remove()
+        self._logits_tap = self._embedding_tap = None
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+    def _run_epoch_end(self, trainer: Any, buffer: EpochBuffer) -> None:
+        captured = buffer.collect()
+        if not trainer.is_global_zero:
+            return
+        epoch = trainer.current_epoch
+        samples = self._score(captured, epoch) if captured is not None else None
+        if samples is None or len(samples) == 0:
+            self._warn_once(
+                "empty",
+                f"LabelWatch: validation epoch {epoch} had no samples to score (none captured,"
+                " or all ignored or non-finite); nothing logged.",
+            )
+            return
+        candidates = select_candidates(samples, self.max_candidates)
+        summary = self._summary(samples, candidates, captured, epoch, trainer.global_step)
+        out_dir = self._write_local(trainer, epoch, samples, candidates, summary)
+        if out_dir is not None and self._wandb is not None:
+            self._log_wandb(epoch, trainer.global_step, samples, candidates, summary, out_dir)
+        self.last_epoch = epoch
+
+    def _score(self, captured: CapturedEpoch, epoch: int) -> pd.DataFrame:
+        with warnings.catch_warnings():  # warned below, once, with the epoch
+            warnings.filterwarnings("ignore", message=".*NaN or infinite", category=RuntimeWarning)
+            samples = score_predictions(
+                logits=captured.logits,
+                labels=captured.targets,
+                class_names=self.class_names,
+                sample_ids=captured.sample_ids,
+                epoch=epoch,
+                label_quality=self.label_quality,
+                ignore_index=self.ignore_index,
+            )
+        skipped = samples.attrs["num_nonfinite"]
+        if skipped:
+            rank_zero_warn(
+                f"LabelWatch: {skipped} validation samples had NaN or infinite logits in epoch"
+                f" {epoch}; they were left out of scoring."
+            )
+        # Scoring may drop rows: realign embeddings and metadata by sample id.
+        positions = pd.Index(captured.sample_ids).get_indexer(samples["sample_id"])
+        for key, values in captured.metadata.items():
+            samples[key] = np.asarray(values, dtype=object)[positions]
+        projection_used = "none"
+        if captured.embeddings is not None and len(samples):
+            coords, projection_used = project(
+                captured.embeddings[positions], method=self.projection, seed=self.seed
+            )
+            samples["x"], samples["y"] = coords[:, 0], coords[:, 1]
+        samples.attrs["projection"] = projection_used
+        return samples
+
+    def _summary(
+        self,
+        samples: pd.DataFrame,
+        candidates: pd.DataFrame,
+        captured: CapturedEpoch,
+        epoch: int,
+        step: int,
+    ) -> dict[str, Any]:
+        scored = max(len(samples), 1)
+        names = samples.attrs["class_names"]
+        return {
+            "epoch": epoch,
+            "global_step": step,
+            "num_captured": len(captured),
+            "num_samples": len(samples),
+            "num_ignored": samples.attrs["num_ignored"],
+            "num_nonfinite": samples.attrs["num_nonfinite"],
+            "num_mismatches": int(samples["is_mismatch"].sum()),
+            "mismatch_rate": float(samples["is_mismatch"].sum() / scored),
+            "num_confident_mismatches": int(samples["is_confident_mismatch"].sum()),
+            "confident_mismatch_rate": float(samples["is_confident_mismatch"].sum() / scored),
+            "num_candidates": len(candidates),
+            "mean_entropy": float(samples["entropy"].mean()) if len(samples) else float("nan"),
+            "class_names": names,
+            "thresholds": dict(zip(names, samples.attrs["thresholds"], strict=True)),
+            "label_quality": self.label_quality,
+            "projection": samples.attrs["projection"],
+        }
+
+    def _write_local(
+        self,
+        trainer: Any,
+        epoch: int,
+        samples: pd.DataFrame,
+        candidates: pd.DataFrame,
+        summary: dict[str, Any],
+    ) -> Path | None:
+        try:
+            out_dir = LocalSink(self._output_root(trainer)).write(
+                epoch, samples, candidates, summary
+            )
+        except OSError as err:
+            rank_zero_warn(f"LabelWatch could not write its local outputs for epoch {epoch}: {err}")
+            return None
+        self.last_output_dir = out_dir
+        return out_dir
+
+    def _output_root(self, trainer: Any) -> Path:
+        if self.dirpath is not None:
+            return self.dirpath
+        if trainer.loggers:
+            logger = trainer.loggers[0]
+            save_dir = logger.save_dir or trainer.default_root_dir
+            version = logger.version
+            version = version if isinstance(version, str) else f"version_{version}"
+            return Path(save_dir, str(logger.name), version, "labelwatch")
+        return Path(trainer.default_root_dir, "labelwatch")
+
+    def _log_wandb(
+        self,
+        epoch: int,
+        step: int,
+        samples: pd.DataFrame,
+        candidates: pd.DataFrame,
+        summary: dict[str, Any],
+        out_dir: Path,
+    ) -> None:
+        assert self._wandb is not None
+        try:
+            self._wandb.log_epoch(
+                epoch=epoch,
+                step=step,
+                samples=samples,
+                candidates=candidates,
+                summary=summary,
+                files={name: out_dir / name for name in ("candidates.parquet", "candidates.csv")},
+                media=self._media(samples, candidates),
+            )
+        except Exception as err:  # W&B must never stop training; the local copy is kept
+            log.debug("LabelWatch: W&B logging failed", exc_info=True)
+            self._warn_once(
+                "wandb",
+                f"LabelWatch could not log to W&B ({type(err).__name__}: {err}); training goes on"
+                f" and the results are kept locally in {out_dir.parent}.",
+            )
+
+    def _media(self, samples: pd.DataFrame, candidates: pd.DataFrame) -> dict[Any, Any] | None:
+        """Media for every candidate and up to `max_media_rows` other rows, keyed by id."""
+        if self.media_fn is None:
+            return None
+        candidate_ids = set(candidates["sample_id"].tolist())
+        others = samples[~samples["sample_id"].isin(candidate_ids)].head(self.max_media_rows)
+        rows = pd.concat([candidates.drop(columns=["rank"]), others])
+        return {row["sample_id"]: self.media_fn(row) for row in rows.to_dict("records")}

@@ -1,0 +1,132 @@
+"""Tiny models, data and a reader of W&B offline run files, shared by the tests."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+NUM_CLASSES = 3
+NUM_FEATURES = 8
+
+
+class BlobDataset(Dataset):
+    """Gaussian blobs, one per class, as dict samples with an id and a path."""
+
+    def __init__(self, num_samples: int, seed: int = 0, flip: int = 0, string_ids: bool = False):
+        generator = torch.Generator().manual_seed(seed)
+        self.targets = torch.arange(num_samples) % NUM_CLASSES
+        centres = torch.eye(NUM_CLASSES, NUM_FEATURES) * 4
+        self.x = centres[self.targets] + torch.randn(num_samples, NUM_FEATURES, generator=generator)
+        self.labels = self.targets.clone()
+        # Flip the first `flip` labels to the next class: known label errors.
+        self.labels[:flip] = (self.labels[:flip] + 1) % NUM_CLASSES
+        self.string_ids = string_ids
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> dict:
+        sample_id = f"clip-{index:04d}" if self.string_ids else 1000 + index
+        return {
+            "x": self.x[index],
+            "target": self.labels[index],
+            "sample_id": sample_id,
+            "path": f"audio/{index}.wav",
+        }
+
+
+class TinyClassifier(LightningModule):
+    """backbone -> head; validation_step returns logits/embeddings, or nothing."""
+
+    def __init__(self, return_outputs: bool = True, lr: float = 0.05):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(NUM_FEATURES, 16), nn.ReLU())
+        self.head = nn.Linear(16, NUM_CLASSES)
+        self.return_outputs = return_outputs
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch["x"]), batch["target"])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict | None:
+        embeddings = self.backbone(batch["x"])
+        logits = self.head(embeddings)
+        loss = nn.functional.cross_entropy(logits, batch["target"])
+        self.log("val_loss", loss, batch_size=len(logits))
+        if not self.return_outputs:
+            return None
+        return {"logits": logits, "embeddings": embeddings}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def loaders(num_train: int = 96, num_val: int = 48, **kwargs) -> tuple[DataLoader, DataLoader]:
+    train = DataLoader(BlobDataset(num_train, seed=1), batch_size=16, shuffle=True)
+    val = DataLoader(BlobDataset(num_val, seed=2, **kwargs), batch_size=16)
+    return train, val
+
+
+def trainer_kwargs(tmp_path: Path, **overrides) -> dict:
+    kwargs = dict(
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+# --- W&B offline run files ------------------------------------------------------------
+# A .wandb file is a 7-byte header, then 32 KiB blocks of records, each
+# crc32 (4 bytes) | length (2, little endian) | type (1 full, 2 first, 3 middle, 4 last) | payload.
+_HEADER = 7
+_BLOCK = 32 * 1024
+_RECORD_HEADER = 7
+
+
+def wandb_records(path: Path) -> Iterator[object]:
+    """Every protobuf Record in a run's .wandb file, in order."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B record log"
+    pos, pending = _HEADER, b""
+    while pos + _RECORD_HEADER <= len(data):
+        left_in_block = _BLOCK - pos % _BLOCK  # blocks count from the start of the file
+        if left_in_block < _RECORD_HEADER:  # block trailer padding
+            pos += left_in_block
+            continue
+        checksum, length, kind = struct.unpack("<IHB", data[pos : pos + _RECORD_HEADER])
+        if length == 0 and kind == 0:
+            pos += left_in_block
+            continue
+        payload = data[pos + _RECORD_HEADER : pos + _RECORD_HEADER + length]
+        assert zlib.crc32(bytes([kind]) + payload) & 0xFFFFFFFF == checksum, f"bad crc at {pos}"
+        pos += _RECORD_HEADER + length
+        pending += payload
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def offline_run_dir(save_dir: Path) -> Path:
+    (run_dir,) = sorted((save_dir / "wandb").glob("offline-run-*"))
+    return run_dir

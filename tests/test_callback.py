@@ -1,0 +1,311 @@
+"""LabelWatch inside real Trainer runs: capture, outputs, W&B offline, bad input."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from torch.utils.data import DataLoader
+
+from labelwatch import LabelWatch
+from labelwatch.scoring import SAMPLE_COLUMNS
+from tests.helpers import (
+    BlobDataset,
+    TinyClassifier,
+    loaders,
+    offline_run_dir,
+    trainer_kwargs,
+    wandb_records,
+)
+
+CLASS_NAMES = ["dog_bark", "siren", "drilling"]
+
+
+@pytest.fixture(scope="module")
+def wandb_fit(tmp_path_factory: pytest.TempPathFactory, _wandb_offline):
+    """One 2-epoch fit with a WandbLogger in offline mode and the default UMAP map."""
+    import wandb
+
+    root = tmp_path_factory.mktemp("wandb-fit")
+    train, val = loaders(num_val=60, flip=6)
+    callback = LabelWatch(class_names=CLASS_NAMES, metadata_keys=["path"])
+    logger = WandbLogger(project="labelwatch-tests", save_dir=str(root), offline=True)
+    trainer = Trainer(**trainer_kwargs(root, logger=logger, callbacks=[callback]))
+    trainer.fit(TinyClassifier(), train, val)
+    run_id = logger.experiment.id
+    wandb.finish()
+    return root, callback, run_id
+
+
+def _table(path: Path) -> pd.DataFrame:
+    table = json.loads(path.read_text())
+    return pd.DataFrame(table["data"], columns=table["columns"])
+
+
+def test_wandb_tables_have_every_column_and_one_row_per_sample(wandb_fit):
+    """Each epoch's per-sample table holds all schema columns and all 60 samples."""
+    root, _, _ = wandb_fit
+    tables = sorted((offline_run_dir(root) / "files/media/table/labelwatch").glob("samples_*"))
+    assert len(tables) == 2
+    for epoch, path in enumerate(sorted(tables, key=lambda p: int(p.name.split("_")[1]))):
+        frame = _table(path)
+        assert set(SAMPLE_COLUMNS) <= set(frame.columns)
+        assert len(frame) == 60 and frame["sample_id"].nunique() == 60
+        assert (frame["epoch"] == epoch).all()
+        assert frame["x"].notna().all() and frame["y"].notna().all()
+        assert frame["path"].str.startswith("audio/").all()
+
+
+def test_wandb_artifact_records_name_type_aliases_and_files(wandb_fit):
+    """The run log holds one relabel-candidates artifact per epoch with its files."""
+    root, _, run_id = wandb_fit
+    (log_file,) = offline_run_dir(root).glob("*.wandb")
+    artifacts = [
+        r.artifact
+        for r in wandb_records(log_file)
+        if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "relabel-candidates"
+    ]
+    assert [a.name for a in artifacts] == [f"relabel-candidates-{run_id}"] * 2
+    assert [sorted(a.aliases) for a in artifacts] == [["epoch-0", "latest"], ["epoch-1", "latest"]]
+    for epoch, artifact in enumerate(artifacts):
+        files = sorted(entry.path for entry in artifact.manifest.contents)
+        assert files == ["candidates.csv", "candidates.parquet", "candidates.table.json"]
+        metadata = json.loads(artifact.metadata)
+        assert metadata["epoch"] == epoch
+        assert metadata["class_names"] == CLASS_NAMES
+        assert set(metadata["thresholds"]) == set(CLASS_NAMES)
+        assert metadata["num_samples"] == 60
+
+
+def test_wandb_run_gets_summary_metrics(wandb_fit):
+    """Candidate count, mismatch rate and mean entropy land in the run's history."""
+    root, _, _ = wandb_fit
+    (log_file,) = offline_run_dir(root).glob("*.wandb")
+    keys = {
+        item.key or item.nested_key[0]  # newer W&B writes keys as nested_key
+        for r in wandb_records(log_file)
+        if r.WhichOneof("record_type") == "history"
+        for item in r.history.item
+    }
+    assert {
+        "labelwatch/num_candidates",
+        "labelwatch/mismatch_rate",
+        "labelwatch/mean_entropy",
+    } <= keys
+
+
+def test_local_outputs_match_what_wandb_got(wandb_fit):
+    """The local copy sits beside the run's checkpoints folder and has every file."""
+    root, callback, run_id = wandb_fit
+    out = root / "labelwatch-tests" / run_id / "labelwatch"
+    for epoch in (0, 1):
+        folder = out / f"epoch={epoch}"
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "candidates.csv",
+            "candidates.parquet",
+            "samples.parquet",
+            "summary.json",
+        ]
+        summary = json.loads((folder / "summary.json").read_text())
+        candidates = pd.read_parquet(folder / "candidates.parquet")
+        assert summary["num_candidates"] == len(candidates)
+        assert summary["projection"] == "umap"
+    assert callback.last_output_dir == out / "epoch=1"
+
+
+def test_fit_without_logger_writes_local_outputs(tmp_path: Path):
+    """No logger: results go to <default_root_dir>/labelwatch/epoch=<n>/."""
+    train, val = loaders(flip=4, string_ids=True)
+    callback = LabelWatch(class_names=CLASS_NAMES, projection="pca", every_n_epochs=1)
+    Trainer(**trainer_kwargs(tmp_path, callbacks=[callback])).fit(TinyClassifier(), train, val)
+    for epoch in (0, 1):
+        samples = pd.read_parquet(tmp_path / "labelwatch" / f"epoch={epoch}" / "samples.parquet")
+        assert len(samples) == 48
+        assert samples["sample_id"].str.startswith("clip-").all()
+        assert tuple(samples.columns) == SAMPLE_COLUMNS
+    candidates = pd.read_parquet(tmp_path / "labelwatch/epoch=1/candidates.parquet")
+    assert candidates["rank"].tolist() == list(range(1, len(candidates) + 1))
+    assert candidates["label_quality"].is_monotonic_increasing
+
+
+def test_module_without_validation_outputs_works_through_layer_hooks(tmp_path: Path):
+    """validation_step returning None: logits and embeddings come from forward hooks."""
+    train, val = loaders()
+    callback = LabelWatch(logits_layer="head", embedding_layer="backbone", projection="pca")
+    trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], logger=CSVLogger(tmp_path)))
+    trainer.fit(TinyClassifier(return_outputs=False), train, val)
+    samples = pd.read_parquet(
+        tmp_path / "lightning_logs/version_0/labelwatch/epoch=1/samples.parquet"
+    )
+    assert len(samples) == 48
+    assert samples["x"].notna().all()
+    assert set(samples["predicted_name"]) <= {"0", "1", "2"}
+
+
+def test_every_n_epochs_and_sanity_check_are_respected(tmp_path: Path):
+    """every_n_epochs=2 over 3 epochs runs once (epoch 1); the sanity check never runs."""
+    train, val = loaders()
+    callback = LabelWatch(every_n_epochs=2, projection="none")
+    trainer = Trainer(
+        **trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=3, num_sanity_val_steps=2)
+    )
+    trainer.fit(TinyClassifier(), train, val)
+    assert sorted(p.name for p in (tmp_path / "labelwatch").iterdir()) == ["epoch=1"]
+    assert callback.state_dict() == {"last_epoch": 1}
+
+
+def test_no_embeddings_means_scores_without_a_map(tmp_path: Path):
+    """Without embeddings the coordinates are NaN and the summary says no projection."""
+    train, val = loaders()
+    callback = LabelWatch(logits_layer="head")
+    Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=1)).fit(
+        TinyClassifier(return_outputs=False), train, val
+    )
+    samples = pd.read_parquet(tmp_path / "labelwatch/epoch=0/samples.parquet")
+    assert samples["x"].isna().all()
+    assert (
+        json.loads((tmp_path / "labelwatch/epoch=0/summary.json").read_text())["projection"]
+        == "none"
+    )
+
+
+def test_missing_logits_without_logits_layer_is_a_clear_error(tmp_path: Path):
+    """No logits in the outputs and no logits_layer: the error says how to fix it."""
+    train, val = loaders()
+    trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[LabelWatch()], max_epochs=1))
+    with pytest.raises(ValueError, match="found no logits.*logits_layer"):
+        trainer.fit(TinyClassifier(return_outputs=False), train, val)
+
+
+def test_unknown_layer_name_fails_in_setup(tmp_path: Path):
+    """A logits_layer that is not a submodule is reported with the names that exist."""
+    train, val = loaders()
+    trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[LabelWatch(logits_layer="classifier")]))
+    with pytest.raises(ValueError, match=r"`logits_layer`='classifier' is not a submodule.*'head'"):
+        trainer.fit(TinyClassifier(), train, val)
+
+
+def test_duplicate_sample_ids_are_a_clear_error(tmp_path: Path):
+    """Two validation samples with one id stop the run with the ids named."""
+
+    class SameIds(BlobDataset):
+        def __getitem__(self, index: int) -> dict:
+            return {**super().__getitem__(index), "sample_id": index % 40}
+
+    train, _ = loaders()
+    val = DataLoader(SameIds(48), batch_size=16)
+    trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[LabelWatch(projection="none")]))
+    with pytest.raises(ValueError, match=r"unique within an epoch; duplicated: \[0, 1, 2"):
+        trainer.fit(TinyClassifier(), train, val)
+
+
+def test_nan_logits_are_left_out_and_warned_once_per_epoch(tmp_path: Path):
+    """A model emitting NaN for some samples: those rows are skipped, counted, warned."""
+
+    class NanForSome(TinyClassifier):
+        def validation_step(self, batch: dict, batch_idx: int) -> dict:
+            out = super().validation_step(batch, batch_idx)
+            out["logits"] = torch.where(
+                (batch["sample_id"] % 10 == 0)[:, None], torch.nan, out["logits"]
+            )
+            return out
+
+    train, val = loaders()
+    callback = LabelWatch(projection="none")
+    with pytest.warns(UserWarning, match="had NaN or infinite logits in epoch 0") as record:
+        Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=1)).fit(
+            NanForSome(), train, val
+        )
+    assert sum("NaN or infinite logits in epoch" in str(w.message) for w in record) == 1
+    summary = json.loads((tmp_path / "labelwatch/epoch=0/summary.json").read_text())
+    assert summary["num_nonfinite"] == 5 and summary["num_samples"] == 43
+
+
+def test_targets_outside_the_classes_are_a_clear_error(tmp_path: Path):
+    """A target of 7 with 3 classes names the bad value and the valid range."""
+
+    class BadTargets(BlobDataset):
+        def __getitem__(self, index: int) -> dict:
+            return {**super().__getitem__(index), "target": 7 if index == 5 else 0}
+
+    class NoValidationLoss(TinyClassifier):
+        def validation_step(self, batch: dict, batch_idx: int) -> dict:
+            return {"logits": self(batch["x"])}
+
+    train, _ = loaders()
+    trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[LabelWatch(projection="none")]))
+    with pytest.raises(ValueError, match=r"class indices in \[0, 3\) .* found \[7\]"):
+        trainer.fit(NoValidationLoss(), train, DataLoader(BadTargets(48), batch_size=16))
+
+
+def test_an_epoch_with_nothing_to_score_logs_nothing_and_warns_once(tmp_path: Path):
+    """All targets ignored for two epochs: no outputs, a single warning."""
+
+    class Unlabelled(BlobDataset):
+        def __getitem__(self, index: int) -> dict:
+            return {**super().__getitem__(index), "target": -100}
+
+    class NoValidationLoss(TinyClassifier):
+        def validation_step(self, batch: dict, batch_idx: int) -> dict:
+            return {"logits": self(batch["x"])}
+
+    train, _ = loaders()
+    with pytest.warns(UserWarning, match="no samples to score") as record:
+        Trainer(**trainer_kwargs(tmp_path, callbacks=[LabelWatch()])).fit(
+            NoValidationLoss(), train, DataLoader(Unlabelled(32), batch_size=16)
+        )
+    assert sum("no samples to score" in str(w.message) for w in record) == 1
+    assert not (tmp_path / "labelwatch").exists()
+
+
+def test_wandb_failure_warns_once_and_keeps_training_and_local_results(tmp_path: Path):
+    """A failing W&B step (here a media function that raises) never stops training."""
+
+    def broken_media(row: dict) -> None:
+        raise RuntimeError("media store unreachable")
+
+    train, val = loaders()
+    logger = WandbLogger(project="labelwatch-tests", save_dir=str(tmp_path), offline=True)
+    callback = LabelWatch(media_fn=broken_media, projection="none")
+    trainer = Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[callback]))
+    with pytest.warns(
+        UserWarning, match="could not log to W&B .*media store unreachable"
+    ) as record:
+        trainer.fit(TinyClassifier(), train, val)
+    assert sum("could not log to W&B" in str(w.message) for w in record) == 1
+    assert trainer.current_epoch == 2
+    out = tmp_path / "labelwatch-tests" / logger.experiment.id / "labelwatch"
+    assert sorted(p.name for p in out.iterdir()) == ["epoch=0", "epoch=1"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"every_n_epochs": 0}, "`every_n_epochs` must be an integer >= 1, got 0"),
+        ({"projection": "tsne"}, "`projection` must be one of .* got 'tsne'"),
+        ({"label_quality": "margin"}, "`label_quality` must be one of .* got 'margin'"),
+        ({"max_candidates": -1}, "`max_candidates` must be None or >= 0, got -1"),
+        ({"table_key": "samples"}, "`table_key` must look like 'prefix/name'"),
+    ],
+)
+def test_bad_arguments_are_rejected_in_init(kwargs, message):
+    """Arguments are checked up front, naming the argument and the value received."""
+    with pytest.raises(ValueError, match=message):
+        LabelWatch(**kwargs)
+
+
+def test_no_warnings_from_labelwatch_on_a_clean_run(tmp_path: Path):
+    """A healthy run raises no LabelWatch warning."""
+    train, val = loaders()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        Trainer(
+            **trainer_kwargs(tmp_path, callbacks=[LabelWatch(projection="pca")], max_epochs=1)
+        ).fit(TinyClassifier(), train, val)
+    assert not [w for w in record if "LabelWatch" in str(w.message)]

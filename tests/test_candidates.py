@@ -1,0 +1,106 @@
+"""Reading candidates back, from local outputs and W&B run folders, and the CLI."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import WandbLogger
+
+from labelwatch import LabelWatch, load_candidates
+from labelwatch.candidates import select_candidates, to_csv_safe
+from labelwatch.cli import main
+from tests.helpers import TinyClassifier, loaders, offline_run_dir, trainer_kwargs
+
+
+@pytest.fixture(scope="module")
+def fit(tmp_path_factory: pytest.TempPathFactory, _wandb_offline):
+    """A 2-epoch fit with 8 flipped labels, logged to an offline W&B run."""
+    import wandb
+
+    root = tmp_path_factory.mktemp("candidates-fit")
+    train, val = loaders(num_val=60, flip=8)
+    callback = LabelWatch(class_names=["a", "b", "c"], projection="pca")
+    logger = WandbLogger(project="p", save_dir=str(root), offline=True)
+    Trainer(**trainer_kwargs(root, logger=logger, callbacks=[callback], max_epochs=3)).fit(
+        TinyClassifier(lr=0.2), train, val
+    )
+    wandb.finish()
+    return root, callback.last_output_dir.parent
+
+
+def test_local_outputs_folder_gives_the_latest_epoch(fit):
+    """An outputs folder reads as its newest epoch's ranked candidates."""
+    _, out = fit
+    frame = load_candidates(out)
+    expected = pd.read_parquet(out / "epoch=2" / "candidates.parquet")
+    pd.testing.assert_frame_equal(frame, expected)
+    assert len(frame) > 0 and (frame["epoch"] == 2).all()
+
+
+def test_local_outputs_for_a_chosen_epoch_and_from_a_parent_folder(fit):
+    """epoch= picks an epoch; a parent folder holding one outputs folder works too."""
+    root, out = fit
+    assert (load_candidates(out, epoch=0)["epoch"] == 0).all()
+    pd.testing.assert_frame_equal(load_candidates(root / "p"), load_candidates(out))
+    with pytest.raises(FileNotFoundError, match=r"No candidates for epoch 9 .* found \[0, 1, 2\]"):
+        load_candidates(out, epoch=9)
+
+
+def test_offline_wandb_run_folder_gives_the_same_candidates(fit):
+    """The run folder's logged candidates table equals the local parquet."""
+    root, out = fit
+    from_run = load_candidates(offline_run_dir(root))
+    local = load_candidates(out)
+    assert from_run["sample_id"].tolist() == local["sample_id"].tolist()
+    assert from_run["suggested_name"].tolist() == local["suggested_name"].tolist()
+    assert (load_candidates(offline_run_dir(root), epoch=1)["epoch"] == 1).all()
+
+
+def test_missing_sources_are_clear_errors(tmp_path):
+    """A path with no outputs, and a string that is neither path nor reference, fail clearly."""
+    with pytest.raises(FileNotFoundError, match="No labelwatch outputs under"):
+        load_candidates(tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither an existing folder nor a W&B artifact"):
+        load_candidates(tmp_path / "nope")
+
+
+def test_cli_prints_the_top_candidates_and_writes_csv(fit, tmp_path, capsys):
+    """`labelwatch candidates SOURCE --top 3 -o out.csv` prints 3 rows and writes them."""
+    _, out = fit
+    target = tmp_path / "review" / "top.csv"
+    assert main(["candidates", str(out), "--top", "3", "-o", str(target)]) == 0
+    printed = capsys.readouterr().out
+    written = pd.read_csv(target)
+    assert written["rank"].tolist() == [1, 2, 3]
+    assert "suggested_name" in printed and f"wrote 3 candidates to {target}" in printed
+    for sample_id in written["sample_id"]:
+        assert str(sample_id) in printed
+
+
+def test_cli_reports_bad_sources_without_a_traceback(tmp_path, capsys):
+    """A folder without outputs exits with status 2 and one error line."""
+    assert main(["candidates", str(tmp_path)]) == 2
+    assert "labelwatch: error: No labelwatch outputs" in capsys.readouterr().err
+
+
+def test_select_candidates_ranks_flagged_rows_and_applies_the_budget():
+    """Only flagged rows, lowest label_quality first, at most max_candidates."""
+    samples = pd.DataFrame(
+        {
+            "sample_id": [1, 2, 3, 4],
+            "is_confident_mismatch": [True, False, True, True],
+            "label_quality": [0.3, 0.0, 0.1, 0.2],
+        }
+    )
+    ranked = select_candidates(samples, max_candidates=2)
+    assert ranked["sample_id"].tolist() == [3, 4]
+    assert ranked["rank"].tolist() == [1, 2]
+
+
+def test_csv_cells_that_look_like_formulas_are_neutralised():
+    """Text starting with = + - @ gets a leading quote; numbers are untouched."""
+    frame = pd.DataFrame({"path": ["=HYPERLINK(1)", "+1", "-x", "@a", "ok.wav"], "n": [-1] * 5})
+    safe = to_csv_safe(frame)
+    assert safe["path"].tolist() == ["'=HYPERLINK(1)", "'+1", "'-x", "'@a", "ok.wav"]
+    assert safe["n"].tolist() == [-1] * 5
