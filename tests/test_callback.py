@@ -157,7 +157,10 @@ def test_every_n_epochs_and_sanity_check_are_respected(tmp_path: Path):
     )
     trainer.fit(TinyClassifier(), train, val)
     assert sorted(p.name for p in (tmp_path / "labelwatch").iterdir()) == ["epoch=1"]
-    assert callback.state_dict() == {"last_epoch": 1}
+    assert callback.state_dict() == {
+        "last_epoch": 1,
+        "output_root": str(tmp_path / "labelwatch"),
+    }
 
 
 def test_no_embeddings_means_scores_without_a_map(tmp_path: Path):

@@ -6,28 +6,437 @@ import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_warn
 
 from labelwatch.candidates import select_candidates
-from labelwatch.capture import CapturedEpoch, EpochBuffer, LayerTap, find_submodule
+from labelwatch.capture import CapturedEpoch, EpochBuffer, LayerTap, find_submodule, merge_ranks
 from labelwatch.projection import PROJECTION_METHODS, ProjectionMethod, project
 from labelwatch.scoring import LABEL_QUALITY_METHODS, LabelQualityMethod, score_predictions
 from labelwatch.sinks import LocalSink, WandbSink, find_wandb_logger
 
-__all__ = ["LabelWatch"]
+__all__ = ["LabelWatch", "LabelWatchLogic"]
 
 log = logging.getLogger(__name__)
 
 MediaFn = Callable[[Mapping[str, Any]], Any]
+_EMBEDDINGS_DTYPES = {"float32": None, "float16": torch.float16}
 
 
-class LabelWatch(Callback):
+class LabelWatchLogic:
+    """Everything LabelWatch does, independent of which Lightning package runs it.
+
+    ``labelwatch.LabelWatch`` mixes it into ``lightning.pytorch.Callback`` and
+    ``labelwatch.pl.LabelWatch`` into ``pytorch_lightning.Callback``.
+    """
+
+    def __init__(
+        self,
+        class_names: Sequence[str] | None = None,
+        *,
+        logits_key: str = "logits",
+        embeddings_key: str = "embeddings",
+        target_key: str = "target",
+        sample_id_key: str = "sample_id",
+        logits_layer: str | None = None,
+        embedding_layer: str | None = None,
+        metadata_keys: Sequence[str] = (),
+        dataloaders: Sequence[int | str] | None = None,
+        every_n_epochs: int = 1,
+        projection: ProjectionMethod = "umap",
+        label_quality: LabelQualityMethod = "self_confidence",
+        max_candidates: int | None = None,
+        ignore_index: int = -100,
+        dirpath: str | Path | None = None,
+        table_key: str = "labelwatch/samples",
+        media_fn: MediaFn | None = None,
+        max_media_rows: int = 200,
+        embeddings_dtype: Literal["float32", "float16"] = "float32",
+        offload_to_cpu: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"`every_n_epochs` must be an integer >= 1, got {every_n_epochs!r}")
+        if projection not in PROJECTION_METHODS:
+            raise ValueError(
+                f"`projection` must be one of {PROJECTION_METHODS}, got {projection!r}"
+            )
+        if label_quality not in LABEL_QUALITY_METHODS:
+            raise ValueError(
+                f"`label_quality` must be one of {LABEL_QUALITY_METHODS}, got {label_quality!r}"
+            )
+        if max_candidates is not None and max_candidates < 0:
+            raise ValueError(f"`max_candidates` must be None or >= 0, got {max_candidates!r}")
+        if max_media_rows < 0:
+            raise ValueError(f"`max_media_rows` must be >= 0, got {max_media_rows!r}")
+        if embeddings_dtype not in _EMBEDDINGS_DTYPES:
+            raise ValueError(
+                f"`embeddings_dtype` must be one of {tuple(_EMBEDDINGS_DTYPES)},"
+                f" got {embeddings_dtype!r}"
+            )
+        if "/" not in table_key:
+            raise ValueError(
+                "`table_key` must look like 'prefix/name' (e.g. 'labelwatch/samples'),"
+                f" got {table_key!r}"
+            )
+        self.class_names = list(class_names) if class_names is not None else None
+        self.logits_key = logits_key
+        self.embeddings_key = embeddings_key
+        self.target_key = target_key
+        self.sample_id_key = sample_id_key
+        self.logits_layer = logits_layer
+        self.embedding_layer = embedding_layer
+        self.metadata_keys = tuple(metadata_keys)
+        self.dataloaders = list(dataloaders) if dataloaders is not None else None
+        self.every_n_epochs = every_n_epochs
+        self.projection = projection
+        self.label_quality = label_quality
+        self.max_candidates = max_candidates
+        self.ignore_index = ignore_index
+        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.table_key = table_key
+        self.media_fn = media_fn
+        self.max_media_rows = max_media_rows
+        self.embeddings_dtype = embeddings_dtype
+        self.offload_to_cpu = offload_to_cpu
+        self.seed = seed
+
+        self.last_epoch: int | None = None
+        self.output_root: Path | None = None  # resolved once, kept across a resume
+        self.last_output_dir: Path | None = None
+        self._buffers: dict[int, EpochBuffer] | None = None
+        self._watched: dict[int, str | None] = {}
+        self._logits_tap: LayerTap | None = None
+        self._embedding_tap: LayerTap | None = None
+        self._wandb: WandbSink | None = None
+        self._warned: set[str] = set()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(table_key=self.table_key, logits_key=self.logits_key)
+
+    # ----------------------------------------------------------------------------- hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        # Fail before training starts when a layer name is wrong.
+        for argument, name in (
+            ("logits_layer", self.logits_layer),
+            ("embedding_layer", self.embedding_layer),
+        ):
+            if name is not None:
+                find_submodule(pl_module, name, argument)
+        logger = find_wandb_logger(trainer.loggers)
+        self._wandb = WandbSink(logger, table_key=self.table_key) if logger is not None else None
+
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._should_skip(trainer):
+            self._buffers = None
+            return
+        self._buffers = {}
+        self._watched = self._watched_dataloaders(trainer)
+        if self.logits_layer is not None:
+            self._logits_tap = LayerTap(
+                find_submodule(pl_module, self.logits_layer, "logits_layer")
+            )
+        if self.embedding_layer is not None:
+            module = find_submodule(pl_module, self.embedding_layer, "embedding_layer")
+            self._embedding_tap = LayerTap(module)
+
+    def on_validation_batch_end(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        tapped_logits = self._logits_tap.pop() if self._logits_tap else None
+        tapped_embeddings = self._embedding_tap.pop() if self._embedding_tap else None
+        if self._buffers is None or dataloader_idx not in self._watched:
+            return
+        out = outputs if isinstance(outputs, Mapping) else {}
+        logits = out.get(self.logits_key, tapped_logits)
+        if logits is None:
+            raise ValueError(
+                "LabelWatch found no logits: return a dict with"
+                f" {self.logits_key!r} from validation_step, or set `logits_layer` to the name of"
+                " the submodule that outputs them (e.g. LabelWatch(logits_layer='classifier'))."
+            )
+        if dataloader_idx not in self._buffers:
+            self._buffers[dataloader_idx] = EpochBuffer(
+                embeddings_dtype=_EMBEDDINGS_DTYPES[self.embeddings_dtype],
+                offload_to_cpu=self.offload_to_cpu,
+            )
+        self._buffers[dataloader_idx].add(
+            logits,
+            self._targets(out, batch),
+            self._sample_ids(out, batch, trainer.world_size),
+            embeddings=out.get(self.embeddings_key, tapped_embeddings),
+            metadata=self._metadata(batch),
+        )
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._remove_taps()
+        if self._buffers is None:
+            return
+        buffers, self._buffers = self._buffers, None
+        # Every rank walks the same dataloaders, so the collectives inside line up.
+        for index, name in self._watched.items():
+            buffer = buffers.get(index)
+            captured = merge_ranks(buffer.collect() if buffer is not None else None)
+            if trainer.is_global_zero:
+                self._run_epoch_end(trainer, captured, name)
+        if trainer.is_global_zero:
+            self.last_epoch = trainer.current_epoch
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._remove_taps()
+        self._buffers = None
+
+    def state_dict(self) -> dict[str, Any]:
+        root = str(self.output_root) if self.output_root is not None else None
+        return {"last_epoch": self.last_epoch, "output_root": root}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_epoch = state_dict.get("last_epoch")
+        root = state_dict.get("output_root")
+        if root is not None and self.dirpath is None:
+            self.output_root = Path(root)
+
+    # ----------------------------------------------------------------------------- helpers
+    def _should_skip(self, trainer: Any) -> bool:
+        return (
+            trainer.sanity_checking
+            or trainer.state.fn != "fit"
+            or (trainer.current_epoch + 1) % self.every_n_epochs != 0
+        )
+
+    def _watched_dataloaders(self, trainer: Any) -> dict[int, str | None]:
+        """Index -> name of each watched validation dataloader (None when there is one)."""
+        count = len(trainer.num_val_batches)
+        loaders = trainer.val_dataloaders
+        if isinstance(loaders, Mapping):
+            names: list[str | None] = [str(k) for k in loaders]
+        elif count > 1:
+            names = [f"dataloader_{i}" for i in range(count)]
+        else:
+            names = [None] * count
+        wanted = self.dataloaders
+        if wanted is not None:
+            unknown = [w for w in wanted if w not in names and w not in range(count)]
+            if unknown:
+                raise ValueError(
+                    f"`dataloaders`={wanted} names unknown validation dataloaders {unknown};"
+                    f" there are {count}: indices {list(range(count))}, names {names}."
+                )
+        return {
+            i: name
+            for i, name in enumerate(names)
+            if wanted is None or i in wanted or name in wanted
+        }
+
+    def _targets(self, out: Mapping[str, Any], batch: Any) -> torch.Tensor:
+        if self.target_key in out:
+            return out[self.target_key]
+        if isinstance(batch, Mapping) and self.target_key in batch:
+            return batch[self.target_key]
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            return batch[1]
+        raise ValueError(
+            f"LabelWatch found no targets: return {self.target_key!r} from validation_step,"
+            f" or use batches that are dicts with {self.target_key!r} or (input, target) tuples."
+        )
+
+    def _sample_ids(self, out: Mapping[str, Any], batch: Any, world_size: int) -> Any:
+        if self.sample_id_key in out:
+            return out[self.sample_id_key]
+        if isinstance(batch, Mapping) and self.sample_id_key in batch:
+            return batch[self.sample_id_key]
+        if world_size > 1:
+            raise ValueError(
+                f"LabelWatch needs sample ids under DDP: put {self.sample_id_key!r} in the batch"
+                " or in validation_step's output (ranks see shuffled, padded shards)."
+            )
+        return None  # running position
+
+    def _metadata(self, batch: Any) -> dict[str, Any]:
+        if not self.metadata_keys:
+            return {}
+        if not isinstance(batch, Mapping) or not all(k in batch for k in self.metadata_keys):
+            raise ValueError(
+                f"`metadata_keys`={list(self.metadata_keys)} must all be keys of the validation"
+                " batch (a dict); found "
+                f"{list(batch) if isinstance(batch, Mapping) else type(batch).__name__}."
+            )
+        return {key: batch[key] for key in self.metadata_keys}
+
+    def _remove_taps(self) -> None:
+        for tap in (self._logits_tap, self._embedding_tap):
+            if tap is not None:
+                tap.remove()
+        self._logits_tap = self._embedding_tap = None
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+    def _run_epoch_end(
+        self, trainer: Any, captured: CapturedEpoch | None, name: str | None
+    ) -> None:
+        epoch = trainer.current_epoch
+        samples = self._score(captured.to_host(), epoch) if captured is not None else None
+        if captured is None or samples is None or len(samples) == 0:
+            self._warn_once(
+                f"empty-{name}",
+                f"LabelWatch: validation epoch {epoch} had no samples to score (none captured,"
+                " or all ignored or non-finite); nothing logged.",
+            )
+            return
+        candidates = select_candidates(samples, self.max_candidates)
+        summary = self._summary(samples, candidates, captured, epoch, trainer.global_step)
+        summary["dataloader"] = name
+        out_dir = self._write_local(trainer, epoch, name, samples, candidates, summary)
+        if out_dir is not None and self._wandb is not None:
+            self._log_wandb(epoch, trainer.global_step, name, samples, candidates, summary, out_dir)
+
+    def _score(self, captured: CapturedEpoch, epoch: int) -> pd.DataFrame:
+        with warnings.catch_warnings():  # warned below, once, with the epoch
+            warnings.filterwarnings("ignore", message=".*NaN or infinite", category=RuntimeWarning)
+            samples = score_predictions(
+                logits=captured.logits,
+                labels=captured.targets,
+                class_names=self.class_names,
+                sample_ids=captured.sample_ids,
+                epoch=epoch,
+                label_quality=self.label_quality,
+                ignore_index=self.ignore_index,
+            )
+        skipped = samples.attrs["num_nonfinite"]
+        if skipped:
+            rank_zero_warn(
+                f"LabelWatch: {skipped} validation samples had NaN or infinite logits in epoch"
+                f" {epoch}; they were left out of scoring."
+            )
+        # Scoring may drop rows: realign embeddings and metadata by sample id.
+        positions = pd.Index(captured.sample_ids).get_indexer(samples["sample_id"])
+        for key, values in captured.metadata.items():
+            samples[key] = np.asarray(values, dtype=object)[positions]
+        projection_used = "none"
+        if captured.embeddings is not None and len(samples):
+            embeddings = captured.embeddings[torch.from_numpy(positions)].numpy()
+            coords, projection_used = project(embeddings, method=self.projection, seed=self.seed)
+            samples["x"], samples["y"] = coords[:, 0], coords[:, 1]
+        samples.attrs["projection"] = projection_used
+        return samples
+
+    def _summary(
+        self,
+        samples: pd.DataFrame,
+        candidates: pd.DataFrame,
+        captured: CapturedEpoch,
+        epoch: int,
+        step: int,
+    ) -> dict[str, Any]:
+        scored = max(len(samples), 1)
+        names = samples.attrs["class_names"]
+        return {
+            "epoch": epoch,
+            "global_step": step,
+            "num_captured": len(captured),
+            "num_samples": len(samples),
+            "num_ignored": samples.attrs["num_ignored"],
+            "num_nonfinite": samples.attrs["num_nonfinite"],
+            "num_mismatches": int(samples["is_mismatch"].sum()),
+            "mismatch_rate": float(samples["is_mismatch"].sum() / scored),
+            "num_confident_mismatches": int(samples["is_confident_mismatch"].sum()),
+            "confident_mismatch_rate": float(samples["is_confident_mismatch"].sum() / scored),
+            "num_candidates": len(candidates),
+            "mean_entropy": float(samples["entropy"].mean()) if len(samples) else float("nan"),
+            "class_names": names,
+            "thresholds": dict(zip(names, samples.attrs["thresholds"], strict=True)),
+            "label_quality": self.label_quality,
+            "projection": samples.attrs["projection"],
+        }
+
+    def _write_local(
+        self,
+        trainer: Any,
+        epoch: int,
+        name: str | None,
+        samples: pd.DataFrame,
+        candidates: pd.DataFrame,
+        summary: dict[str, Any],
+    ) -> Path | None:
+        if self.output_root is None:
+            self.output_root = self._output_root(trainer)
+        root = self.output_root / name if name is not None else self.output_root
+        try:
+            out_dir = LocalSink(root).write(epoch, samples, candidates, summary)
+        except OSError as err:
+            rank_zero_warn(f"LabelWatch could not write its local outputs for epoch {epoch}: {err}")
+            return None
+        self.last_output_dir = out_dir
+        return out_dir
+
+    def _output_root(self, trainer: Any) -> Path:
+        if self.dirpath is not None:
+            return self.dirpath
+        if trainer.loggers:
+            logger = trainer.loggers[0]
+            save_dir = logger.save_dir or trainer.default_root_dir
+            version = logger.version
+            version = version if isinstance(version, str) else f"version_{version}"
+            return Path(save_dir, str(logger.name), version, "labelwatch")
+        return Path(trainer.default_root_dir, "labelwatch")
+
+    def _log_wandb(
+        self,
+        epoch: int,
+        step: int,
+        name: str | None,
+        samples: pd.DataFrame,
+        candidates: pd.DataFrame,
+        summary: dict[str, Any],
+        out_dir: Path,
+    ) -> None:
+        assert self._wandb is not None
+        try:
+            self._wandb.log_epoch(
+                epoch=epoch,
+                step=step,
+                dataloader=name,
+                samples=samples,
+                candidates=candidates,
+                summary=summary,
+                files={f: out_dir / f for f in ("candidates.parquet", "candidates.csv")},
+                media=self._media(samples, candidates),
+            )
+        except Exception as err:  # W&B must never stop training; the local copy is kept
+            log.debug("LabelWatch: W&B logging failed", exc_info=True)
+            self._warn_once(
+                "wandb",
+                f"LabelWatch could not log to W&B ({type(err).__name__}: {err}); training goes on"
+                f" and the results are kept locally in {self.output_root}.",
+            )
+
+    def _media(self, samples: pd.DataFrame, candidates: pd.DataFrame) -> dict[Any, Any] | None:
+        """Media for every candidate and up to `max_media_rows` other rows, keyed by id."""
+        if self.media_fn is None:
+            return None
+        candidate_ids = set(candidates["sample_id"].tolist())
+        others = samples[~samples["sample_id"].isin(candidate_ids)].head(self.max_media_rows)
+        rows = pd.concat([candidates.drop(columns=["rank"]), others])
+        return {row["sample_id"]: self.media_fn(row) for row in rows.to_dict("records")}
+
+
+class LabelWatch(LabelWatchLogic, Callback):
     r"""Find likely label errors in the validation set, every validation epoch.
 
     Captures each validation sample's logits, target, id and (optionally) embedding,
@@ -82,354 +491,3 @@ class LabelWatch(Callback):
             callbacks=[LabelWatch(class_names=["dog_bark", "siren"], embedding_layer="backbone")],
         )
     """
-
-    def __init__(
-        self,
-        class_names: Sequence[str] | None = None,
-        *,
-        logits_key: str = "logits",
-        embeddings_key: str = "embeddings",
-        target_key: str = "target",
-        sample_id_key: str = "sample_id",
-        logits_layer: str | None = None,
-        embedding_layer: str | None = None,
-        metadata_keys: Sequence[str] = (),
-        every_n_epochs: int = 1,
-        projection: ProjectionMethod = "umap",
-        label_quality: LabelQualityMethod = "self_confidence",
-        max_candidates: int | None = None,
-        ignore_index: int = -100,
-        dirpath: str | Path | None = None,
-        table_key: str = "labelwatch/samples",
-        media_fn: MediaFn | None = None,
-        max_media_rows: int = 200,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ValueError(f"`every_n_epochs` must be an integer >= 1, got {every_n_epochs!r}")
-        if projection not in PROJECTION_METHODS:
-            raise ValueError(
-                f"`projection` must be one of {PROJECTION_METHODS}, got {projection!r}"
-            )
-        if label_quality not in LABEL_QUALITY_METHODS:
-            raise ValueError(
-                f"`label_quality` must be one of {LABEL_QUALITY_METHODS}, got {label_quality!r}"
-            )
-        if max_candidates is not None and max_candidates < 0:
-            raise ValueError(f"`max_candidates` must be None or >= 0, got {max_candidates!r}")
-        if max_media_rows < 0:
-            raise ValueError(f"`max_media_rows` must be >= 0, got {max_media_rows!r}")
-        if "/" not in table_key:
-            raise ValueError(
-                "`table_key` must look like 'prefix/name' (e.g. 'labelwatch/samples'),"
-                f" got {table_key!r}"
-            )
-        self.class_names = list(class_names) if class_names is not None else None
-        self.logits_key = logits_key
-        self.embeddings_key = embeddings_key
-        self.target_key = target_key
-        self.sample_id_key = sample_id_key
-        self.logits_layer = logits_layer
-        self.embedding_layer = embedding_layer
-        self.metadata_keys = tuple(metadata_keys)
-        self.every_n_epochs = every_n_epochs
-        self.projection = projection
-        self.label_quality = label_quality
-        self.max_candidates = max_candidates
-        self.ignore_index = ignore_index
-        self.dirpath = Path(dirpath) if dirpath is not None else None
-        self.table_key = table_key
-        self.media_fn = media_fn
-        self.max_media_rows = max_media_rows
-        self.seed = seed
-
-        self.last_epoch: int | None = None
-        self.last_output_dir: Path | None = None
-        self._buffer: EpochBuffer | None = None
-        self._logits_tap: LayerTap | None = None
-        self._embedding_tap: LayerTap | None = None
-        self._wandb: WandbSink | None = None
-        self._warned: set[str] = set()
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(table_key=self.table_key, logits_key=self.logits_key)
-
-    # ----------------------------------------------------------------------------- hooks
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        # Fail before training starts when a layer name is wrong.
-        for argument, name in (
-            ("logits_layer", self.logits_layer),
-            ("embedding_layer", self.embedding_layer),
-        ):
-            if name is not None:
-                find_submodule(pl_module, name, argument)
-        logger = find_wandb_logger(trainer.loggers)
-        prefix = self.table_key.rsplit("/", 1)[0]
-        self._wandb = (
-            WandbSink(logger, samples_key=self.table_key, candidates_key=f"{prefix}/candidates")
-            if logger is not None
-            else None
-        )
-
-    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        if self._should_skip(trainer):
-            self._buffer = None
-            return
-        self._buffer = EpochBuffer()
-        if self.logits_layer is not None:
-            self._logits_tap = LayerTap(
-                find_submodule(pl_module, self.logits_layer, "logits_layer")
-            )
-        if self.embedding_layer is not None:
-            module = find_submodule(pl_module, self.embedding_layer, "embedding_layer")
-            self._embedding_tap = LayerTap(module)
-
-    def on_validation_batch_end(
-        self,
-        trainer: Any,
-        pl_module: Any,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if self._buffer is None:
-            return
-        tapped_logits = self._logits_tap.pop() if self._logits_tap else None
-        tapped_embeddings = self._embedding_tap.pop() if self._embedding_tap else None
-        if dataloader_idx != 0:  # the first validation dataloader is the one watched
-            return
-        out = outputs if isinstance(outputs, Mapping) else {}
-        logits = out.get(self.logits_key, tapped_logits)
-        if logits is None:
-            raise ValueError(
-                "LabelWatch found no logits: return a dict with"
-                f" {self.logits_key!r} from validation_step, or set `logits_layer` to the name of"
-                " the submodule that outputs them (e.g. LabelWatch(logits_layer='classifier'))."
-            )
-        self._buffer.add(
-            logits,
-            self._targets(out, batch),
-            self._sample_ids(out, batch, trainer.world_size),
-            embeddings=out.get(self.embeddings_key, tapped_embeddings),
-            metadata=self._metadata(batch),
-        )
-
-    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        self._remove_taps()
-        if self._buffer is None:
-            return
-        buffer, self._buffer = self._buffer, None
-        self._run_epoch_end(trainer, buffer)
-
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._remove_taps()
-        self._buffer = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last_epoch": self.last_epoch}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_epoch = state_dict.get("last_epoch")
-
-    # ----------------------------------------------------------------------------- helpers
-    def _should_skip(self, trainer: Any) -> bool:
-        return (
-            trainer.sanity_checking
-            or trainer.state.fn != "fit"
-            or (trainer.current_epoch + 1) % self.every_n_epochs != 0
-        )
-
-    def _targets(self, out: Mapping[str, Any], batch: Any) -> torch.Tensor:
-        if self.target_key in out:
-            return out[self.target_key]
-        if isinstance(batch, Mapping) and self.target_key in batch:
-            return batch[self.target_key]
-        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-            return batch[1]
-        raise ValueError(
-            f"LabelWatch found no targets: return {self.target_key!r} from validation_step,"
-            f" or use batches that are dicts with {self.target_key!r} or (input, target) tuples."
-        )
-
-    def _sample_ids(self, out: Mapping[str, Any], batch: Any, world_size: int) -> Any:
-        if self.sample_id_key in out:
-            return out[self.sample_id_key]
-        if isinstance(batch, Mapping) and self.sample_id_key in batch:
-            return batch[self.sample_id_key]
-        if world_size > 1:
-            raise ValueError(
-                f"LabelWatch needs sample ids under DDP: put {self.sample_id_key!r} in the batch"
-                " or in validation_step's output (ranks see shuffled, padded shards)."
-            )
-        return None  # running position
-
-    def _metadata(self, batch: Any) -> dict[str, Any]:
-        if not self.metadata_keys:
-            return {}
-        if not isinstance(batch, Mapping) or not all(k in batch for k in self.metadata_keys):
-            raise ValueError(
-                f"`metadata_keys`={list(self.metadata_keys)} must all be keys of the validation"
-                " batch (a dict); found "
-                f"{list(batch) if isinstance(batch, Mapping) else type(batch).__name__}."
-            )
-        return {key: batch[key] for key in self.metadata_keys}
-
-    def _remove_taps(self) -> None:
-        for tap in (self._logits_tap, self._embedding_tap):
-            if tap is not None:
-                tap.remove()
-        self._logits_tap = self._embedding_tap = None
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(message)
-
-    def _run_epoch_end(self, trainer: Any, buffer: EpochBuffer) -> None:
-        captured = buffer.collect()
-        if not trainer.is_global_zero:
-            return
-        epoch = trainer.current_epoch
-        samples = self._score(captured, epoch) if captured is not None else None
-        if samples is None or len(samples) == 0:
-            self._warn_once(
-                "empty",
-                f"LabelWatch: validation epoch {epoch} had no samples to score (none captured,"
-                " or all ignored or non-finite); nothing logged.",
-            )
-            return
-        candidates = select_candidates(samples, self.max_candidates)
-        summary = self._summary(samples, candidates, captured, epoch, trainer.global_step)
-        out_dir = self._write_local(trainer, epoch, samples, candidates, summary)
-        if out_dir is not None and self._wandb is not None:
-            self._log_wandb(epoch, trainer.global_step, samples, candidates, summary, out_dir)
-        self.last_epoch = epoch
-
-    def _score(self, captured: CapturedEpoch, epoch: int) -> pd.DataFrame:
-        with warnings.catch_warnings():  # warned below, once, with the epoch
-            warnings.filterwarnings("ignore", message=".*NaN or infinite", category=RuntimeWarning)
-            samples = score_predictions(
-                logits=captured.logits,
-                labels=captured.targets,
-                class_names=self.class_names,
-                sample_ids=captured.sample_ids,
-                epoch=epoch,
-                label_quality=self.label_quality,
-                ignore_index=self.ignore_index,
-            )
-        skipped = samples.attrs["num_nonfinite"]
-        if skipped:
-            rank_zero_warn(
-                f"LabelWatch: {skipped} validation samples had NaN or infinite logits in epoch"
-                f" {epoch}; they were left out of scoring."
-            )
-        # Scoring may drop rows: realign embeddings and metadata by sample id.
-        positions = pd.Index(captured.sample_ids).get_indexer(samples["sample_id"])
-        for key, values in captured.metadata.items():
-            samples[key] = np.asarray(values, dtype=object)[positions]
-        projection_used = "none"
-        if captured.embeddings is not None and len(samples):
-            coords, projection_used = project(
-                captured.embeddings[positions], method=self.projection, seed=self.seed
-            )
-            samples["x"], samples["y"] = coords[:, 0], coords[:, 1]
-        samples.attrs["projection"] = projection_used
-        return samples
-
-    def _summary(
-        self,
-        samples: pd.DataFrame,
-        candidates: pd.DataFrame,
-        captured: CapturedEpoch,
-        epoch: int,
-        step: int,
-    ) -> dict[str, Any]:
-        scored = max(len(samples), 1)
-        names = samples.attrs["class_names"]
-        return {
-            "epoch": epoch,
-            "global_step": step,
-            "num_captured": len(captured),
-            "num_samples": len(samples),
-            "num_ignored": samples.attrs["num_ignored"],
-            "num_nonfinite": samples.attrs["num_nonfinite"],
-            "num_mismatches": int(samples["is_mismatch"].sum()),
-            "mismatch_rate": float(samples["is_mismatch"].sum() / scored),
-            "num_confident_mismatches": int(samples["is_confident_mismatch"].sum()),
-            "confident_mismatch_rate": float(samples["is_confident_mismatch"].sum() / scored),
-            "num_candidates": len(candidates),
-            "mean_entropy": float(samples["entropy"].mean()) if len(samples) else float("nan"),
-            "class_names": names,
-            "thresholds": dict(zip(names, samples.attrs["thresholds"], strict=True)),
-            "label_quality": self.label_quality,
-            "projection": samples.attrs["projection"],
-        }
-
-    def _write_local(
-        self,
-        trainer: Any,
-        epoch: int,
-        samples: pd.DataFrame,
-        candidates: pd.DataFrame,
-        summary: dict[str, Any],
-    ) -> Path | None:
-        try:
-            out_dir = LocalSink(self._output_root(trainer)).write(
-                epoch, samples, candidates, summary
-            )
-        except OSError as err:
-            rank_zero_warn(f"LabelWatch could not write its local outputs for epoch {epoch}: {err}")
-            return None
-        self.last_output_dir = out_dir
-        return out_dir
-
-    def _output_root(self, trainer: Any) -> Path:
-        if self.dirpath is not None:
-            return self.dirpath
-        if trainer.loggers:
-            logger = trainer.loggers[0]
-            save_dir = logger.save_dir or trainer.default_root_dir
-            version = logger.version
-            version = version if isinstance(version, str) else f"version_{version}"
-            return Path(save_dir, str(logger.name), version, "labelwatch")
-        return Path(trainer.default_root_dir, "labelwatch")
-
-    def _log_wandb(
-        self,
-        epoch: int,
-        step: int,
-        samples: pd.DataFrame,
-        candidates: pd.DataFrame,
-        summary: dict[str, Any],
-        out_dir: Path,
-    ) -> None:
-        assert self._wandb is not None
-        try:
-            self._wandb.log_epoch(
-                epoch=epoch,
-                step=step,
-                samples=samples,
-                candidates=candidates,
-                summary=summary,
-                files={name: out_dir / name for name in ("candidates.parquet", "candidates.csv")},
-                media=self._media(samples, candidates),
-            )
-        except Exception as err:  # W&B must never stop training; the local copy is kept
-            log.debug("LabelWatch: W&B logging failed", exc_info=True)
-            self._warn_once(
-                "wandb",
-                f"LabelWatch could not log to W&B ({type(err).__name__}: {err}); training goes on"
-                f" and the results are kept locally in {out_dir.parent}.",
-            )
-
-    def _media(self, samples: pd.DataFrame, candidates: pd.DataFrame) -> dict[Any, Any] | None:
-        """Media for every candidate and up to `max_media_rows` other rows, keyed by id."""
-        if self.media_fn is None:
-            return None
-        candidate_ids = set(candidates["sample_id"].tolist())
-        others = samples[~samples["sample_id"].isin(candidate_ids)].head(self.max_media_rows)
-        rows = pd.concat([candidates.drop(columns=["rank"]), others])
-        return {row["sample_id"]: self.media_fn(row) for row in rows.to_dict("records")}

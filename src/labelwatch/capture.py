@@ -12,35 +12,61 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
-__all__ = ["CapturedEpoch", "EpochBuffer", "LayerTap", "find_submodule"]
+__all__ = ["CapturedEpoch", "EpochBuffer", "LayerTap", "find_submodule", "merge_ranks"]
 
 
 @dataclass
 class CapturedEpoch:
-    """One epoch's captured validation data, on the host, logits in float32."""
+    """One epoch's captured validation data: one row per sample, in a canonical order."""
 
     logits: torch.Tensor
     targets: torch.Tensor
     sample_ids: list[Any]
-    embeddings: np.ndarray | None
+    embeddings: torch.Tensor | None
     metadata: dict[str, list[Any]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.targets)
 
+    def to_host(self) -> CapturedEpoch:
+        """Logits and embeddings as float32 on the CPU, ready for scoring and maps."""
+        embeddings = self.embeddings.float().cpu() if self.embeddings is not None else None
+        return CapturedEpoch(
+            self.logits.float().cpu(),
+            self.targets.cpu(),
+            self.sample_ids,
+            embeddings,
+            self.metadata,
+        )
+
 
 class EpochBuffer:
-    """Collects logits, targets, ids, optional embeddings and metadata batch by batch."""
+    """Collects logits, targets, ids, optional embeddings and metadata batch by batch.
 
-    def __init__(self) -> None:
+    Args:
+        embeddings_dtype: store embeddings in this dtype (float16 halves their memory).
+        offload_to_cpu: move each batch to the host as it arrives (non-blocking), so the
+            accelerator keeps no copy; scoring happens on the host either way.
+    """
+
+    def __init__(
+        self, *, embeddings_dtype: torch.dtype | None = None, offload_to_cpu: bool = False
+    ) -> None:
         self._logits: list[torch.Tensor] = []
         self._targets: list[torch.Tensor] = []
         self._ids: list[Any] = []
         self._embeddings: list[torch.Tensor] = []
         self._metadata: dict[str, list[Any]] = {}
+        self._embeddings_dtype = embeddings_dtype
+        self._offload = offload_to_cpu
         self.num_samples = 0
+
+    def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach()
+        return tensor.to("cpu", non_blocking=True) if self._offload else tensor
 
     def add(
         self,
@@ -69,29 +95,29 @@ class EpochBuffer:
         if sample_ids is None:
             sample_ids = torch.arange(self.num_samples, self.num_samples + batch_size)
         elif isinstance(sample_ids, torch.Tensor):
-            sample_ids = sample_ids.reshape(-1)
+            sample_ids = self._keep(sample_ids.reshape(-1))
         elif isinstance(sample_ids, np.ndarray) or not isinstance(sample_ids, Sequence):
             sample_ids = list(np.asarray(sample_ids).reshape(-1).tolist())
         _check_length("sample ids", len(sample_ids), batch_size)
-        self._ids.append(
-            sample_ids.detach() if isinstance(sample_ids, torch.Tensor) else sample_ids
-        )
-        self._logits.append(logits.detach())
-        self._targets.append(targets.detach())
+        self._ids.append(sample_ids)
+        self._logits.append(self._keep(logits))
+        self._targets.append(self._keep(targets))
         if embeddings is not None:
             _check_length("embeddings", embeddings.shape[0], batch_size)
-            self._embeddings.append(embeddings.detach().reshape(batch_size, -1))
+            embeddings = embeddings.reshape(batch_size, -1)
+            if self._embeddings_dtype is not None:
+                embeddings = embeddings.to(self._embeddings_dtype)
+            self._embeddings.append(self._keep(embeddings))
         for key, value in (metadata or {}).items():
             _check_length(f"metadata {key!r}", len(value), batch_size)
             self._metadata.setdefault(key, []).append(value)
         self.num_samples += batch_size
 
     def collect(self) -> CapturedEpoch | None:
-        """Concatenate everything once and move it to the host; None when nothing was seen."""
+        """Concatenate everything once, on the device it was captured on; None when empty."""
         if not self._logits:
             return None
-        logits = torch.cat(self._logits).float().cpu()
-        targets = torch.cat([t.to(self._targets[0].device) for t in self._targets]).long().cpu()
+        device = self._logits[0].device
         embeddings = None
         if self._embeddings:
             if len(self._embeddings) != len(self._logits):
@@ -99,9 +125,163 @@ class EpochBuffer:
                     "Embeddings were found for some validation batches but not others; return"
                     " `embeddings` from every validation_step or set `embedding_layer`."
                 )
-            embeddings = torch.cat(self._embeddings).float().cpu().numpy()
-        metadata = {key: _flatten(chunks) for key, chunks in self._metadata.items()}
-        return CapturedEpoch(logits, targets, _flatten(self._ids), embeddings, metadata)
+            embeddings = torch.cat(self._embeddings)
+        ids: Any = _flatten(self._ids)
+        if all(isinstance(chunk, torch.Tensor) for chunk in self._ids):
+            ids = torch.cat([chunk.to(device) for chunk in self._ids]).long()
+        return CapturedEpoch(
+            logits=torch.cat(self._logits),
+            targets=torch.cat([t.to(device) for t in self._targets]).long(),
+            sample_ids=ids,
+            embeddings=embeddings,
+            metadata={key: _flatten(chunks) for key, chunks in self._metadata.items()},
+        )
+
+
+def merge_ranks(local: CapturedEpoch | None) -> CapturedEpoch | None:
+    """All ranks' samples on rank zero (None elsewhere), de-duplicated and sorted by id.
+
+    Called on every rank. Without a process group this only canonicalises ``local``.
+    Tensors travel in one fused, padded all_gather (ranks may hold different counts);
+    string ids and metadata in one object gather. DistributedSampler repeats samples to
+    even out ranks: repeats are dropped by id, keeping the first copy.
+    """
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world_size > 1:
+        local = _gather(local, world_size)
+    if local is None or len(local) == 0:
+        return None
+    return _deduplicate_and_sort(local, world_size)
+
+
+def _gather(local: CapturedEpoch | None, world_size: int) -> CapturedEpoch | None:
+    device = local.logits.device if local is not None else _default_device()
+    # 1) shapes: rows, classes, embedding width, bytes per embedding value, integer ids?
+    shape = torch.tensor(_shape_of(local), device=device)
+    shapes = [torch.empty_like(shape) for _ in range(world_size)]
+    dist.all_gather(shapes, shape)
+    rows = [int(s[0]) for s in shapes]
+    num_classes = max(int(s[1]) for s in shapes)
+    width = max(int(s[2]) for s in shapes)
+    emb_dtype = {0: None, 2: torch.float16, 4: torch.float32}[max(int(s[3]) for s in shapes)]
+    int_ids = bool(min(int(s[4]) for s in shapes if s[0] > 0)) if sum(rows) else True
+    # 2) one fused gather of every number, as raw bytes, padded to the largest rank
+    columns = _numeric_columns(local, num_classes, width, emb_dtype, int_ids, device)
+    packed = torch.cat([c.contiguous().view(torch.uint8) for c in columns], dim=1)
+    padded = torch.zeros(max(rows), packed.shape[1], dtype=torch.uint8, device=device)
+    padded[: len(packed)] = packed
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    # 3) strings and metadata, once
+    objects = {"metadata": local.metadata if local is not None else {}}
+    if not int_ids:
+        objects["ids"] = list(local.sample_ids) if local is not None else []
+    received: list[Any] = [None] * world_size
+    dist.all_gather_object(received, objects)
+    if dist.get_rank() != 0:
+        return None
+    all_rows = torch.cat([g[:n] for g, n in zip(gathered, rows, strict=True)])
+    out = _split_columns(all_rows, columns)
+    metadata: dict[str, list[Any]] = {}
+    for part in received:
+        for key, values in part["metadata"].items():
+            metadata.setdefault(key, []).extend(values)
+    ids = out[3].reshape(-1) if int_ids else [i for part in received for i in part["ids"]]
+    return CapturedEpoch(
+        logits=out[0],
+        targets=out[1].reshape(-1),
+        sample_ids=ids,
+        embeddings=out[2] if emb_dtype is not None else None,
+        metadata=metadata,
+    )
+
+
+def _shape_of(local: CapturedEpoch | None) -> list[int]:
+    if local is None:
+        return [0, 0, 0, 0, 1]
+    emb = local.embeddings
+    return [
+        len(local),
+        local.logits.shape[1],
+        emb.shape[1] if emb is not None else 0,
+        (2 if emb.dtype in (torch.float16, torch.bfloat16) else 4) if emb is not None else 0,
+        int(isinstance(local.sample_ids, torch.Tensor)),
+    ]
+
+
+def _numeric_columns(
+    local: CapturedEpoch | None,
+    num_classes: int,
+    width: int,
+    emb_dtype: torch.dtype | None,
+    int_ids: bool,
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """[logits f32, targets i64, embeddings, ids i64] as 2-D tensors of this rank's rows."""
+    n = len(local) if local is not None else 0
+    logits = local.logits.float() if local is not None else torch.zeros(n, num_classes)
+    targets = local.targets.reshape(n, 1) if local is not None else torch.zeros(n, 1)
+    embeddings = torch.zeros(
+        n, width if emb_dtype is not None else 0, dtype=emb_dtype or torch.float32
+    )
+    if local is not None and local.embeddings is not None:
+        embeddings = local.embeddings.to(emb_dtype)
+    ids = torch.zeros(n, 1 if int_ids else 0, dtype=torch.long)
+    if int_ids and local is not None:
+        ids = local.sample_ids.reshape(n, 1)
+    return [
+        logits.to(device, torch.float32),
+        targets.to(device, torch.long),
+        embeddings.to(device),
+        ids.to(device, torch.long),
+    ]
+
+
+def _split_columns(rows: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    out, start = [], 0
+    for column in like:
+        nbytes = column.shape[1] * column.element_size()
+        chunk = rows[:, start : start + nbytes].contiguous()
+        out.append(chunk.view(column.dtype).reshape(len(rows), column.shape[1]))
+        start += nbytes
+    return out
+
+
+def _deduplicate_and_sort(captured: CapturedEpoch, world_size: int) -> CapturedEpoch:
+    ids = captured.sample_ids
+    id_list = ids.cpu().tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    first: dict[Any, int] = {}
+    for position, sample_id in enumerate(id_list):
+        first.setdefault(sample_id, position)
+    if world_size > 1 and len(first) < len(id_list):
+        # Only the sampler's padding may repeat an id; anything more is a user error.
+        repeats = len(id_list) - len(first)
+        if repeats >= world_size:
+            raise ValueError(
+                f"{repeats} validation samples share a sample id with another sample; ids must be"
+                " unique within an epoch (DistributedSampler repeats at most world_size - 1)."
+            )
+    keep = sorted(first.values(), key=id_list.__getitem__) if world_size > 1 else None
+    if keep is None:  # one process: keep the loader's order and let scoring report duplicates
+        return CapturedEpoch(
+            captured.logits, captured.targets, id_list, captured.embeddings, captured.metadata
+        )
+    index = torch.tensor(keep, dtype=torch.long, device=captured.logits.device)
+    embeddings = captured.embeddings[index] if captured.embeddings is not None else None
+    return CapturedEpoch(
+        logits=captured.logits[index],
+        targets=captured.targets[index],
+        sample_ids=[id_list[i] for i in keep],
+        embeddings=embeddings,
+        metadata={k: [v[i] for i in keep] for k, v in captured.metadata.items()},
+    )
+
+
+def _default_device() -> torch.device:
+    backend = dist.get_backend() if dist.is_initialized() else "gloo"
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class LayerTap:

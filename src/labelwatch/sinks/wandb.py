@@ -21,8 +21,9 @@ ARTIFACT_TYPE = "relabel-candidates"
 SUMMARY_METRICS = ("num_candidates", "mismatch_rate", "confident_mismatch_rate", "mean_entropy")
 
 
-def artifact_name(run_id: str) -> str:
-    return f"{ARTIFACT_TYPE}-{run_id}"
+def artifact_name(run_id: str, dataloader: str | None = None) -> str:
+    """``relabel-candidates-<run id>``, or ``relabel-candidates-<dataloader>-<run id>``."""
+    return "-".join(filter(None, (ARTIFACT_TYPE, dataloader, run_id)))
 
 
 def find_wandb_logger(loggers: list[Any]) -> Any | None:
@@ -39,16 +40,14 @@ def find_wandb_logger(loggers: list[Any]) -> Any | None:
 class WandbSink:
     """Logs one epoch's results into the run of a WandbLogger."""
 
-    def __init__(
-        self,
-        logger: Any,
-        *,
-        samples_key: str = "labelwatch/samples",
-        candidates_key: str = "labelwatch/candidates",
-    ) -> None:
+    def __init__(self, logger: Any, *, table_key: str = "labelwatch/samples") -> None:
         self.logger = logger
-        self.samples_key = samples_key
-        self.candidates_key = candidates_key
+        self.prefix, self.table_name = table_key.rsplit("/", 1)
+
+    def keys(self, dataloader: str | None = None) -> tuple[str, str, str]:
+        """(samples table key, candidates table key, metrics prefix) for one dataloader."""
+        prefix = f"{self.prefix}/{dataloader}" if dataloader else self.prefix
+        return f"{prefix}/{self.table_name}", f"{prefix}/candidates", prefix
 
     @property
     def run(self) -> Any:
@@ -59,6 +58,7 @@ class WandbSink:
         *,
         epoch: int,
         step: int,
+        dataloader: str | None = None,
         samples: pd.DataFrame,
         candidates: pd.DataFrame,
         summary: Mapping[str, Any],
@@ -69,11 +69,12 @@ class WandbSink:
         import wandb
 
         run = self.run
-        metrics = {f"labelwatch/{k}": summary[k] for k in SUMMARY_METRICS}
+        samples_key, candidates_key, prefix = self.keys(dataloader)
+        metrics = {f"{prefix}/{k}": summary[k] for k in SUMMARY_METRICS}
         run.log(
             {
-                self.samples_key: _table(samples, media),
-                self.candidates_key: _table(candidates, media),
+                samples_key: _table(samples, media),
+                candidates_key: _table(candidates, media),
                 **metrics,
                 "epoch": epoch,
                 "trainer/global_step": step,
@@ -81,7 +82,7 @@ class WandbSink:
         )
         run.summary.update(metrics)
         artifact = wandb.Artifact(
-            artifact_name(run.id),
+            artifact_name(run.id, dataloader),
             type=ARTIFACT_TYPE,
             description="Validation samples whose given label the model confidently disputes.",
             metadata={k: summary[k] for k in _ARTIFACT_METADATA if k in summary},
@@ -102,6 +103,7 @@ _ARTIFACT_METADATA = (
     "num_ignored",
     "num_nonfinite",
     "label_quality",
+    "dataloader",
 )
 
 
