@@ -42,8 +42,11 @@ class BlobDataset(Dataset):
         }
 
 
-class TinyClassifier(LightningModule):
-    """backbone -> head; validation_step returns logits/embeddings, or nothing."""
+class ClassifierSteps:
+    """backbone -> head; validation_step returns logits/embeddings, or nothing.
+
+    A mixin, so the same model exists for both Lightning packages.
+    """
 
     def __init__(self, return_outputs: bool = True, lr: float = 0.05):
         super().__init__()
@@ -58,7 +61,7 @@ class TinyClassifier(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return nn.functional.cross_entropy(self(batch["x"]), batch["target"])
 
-    def validation_step(self, batch: dict, batch_idx: int) -> dict | None:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict | None:
         embeddings = self.backbone(batch["x"])
         logits = self.head(embeddings)
         loss = nn.functional.cross_entropy(logits, batch["target"])
@@ -69,6 +72,10 @@ class TinyClassifier(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class TinyClassifier(ClassifierSteps, LightningModule):
+    """The tiny classifier as a lightning.pytorch module."""
 
 
 def loaders(num_train: int = 96, num_val: int = 48, **kwargs) -> tuple[DataLoader, DataLoader]:

@@ -241,7 +241,11 @@ def _split_columns(rows: torch.Tensor, like: list[torch.Tensor]) -> list[torch.T
     out, start = [], 0
     for column in like:
         nbytes = column.shape[1] * column.element_size()
-        chunk = rows[:, start : start + nbytes].contiguous()
+        if nbytes == 0:  # an absent column (no embeddings, string ids)
+            out.append(torch.empty(len(rows), 0, dtype=column.dtype, device=rows.device))
+            continue
+        # clone: a fresh buffer at offset 0, which a view as a wider dtype requires
+        chunk = rows[:, start : start + nbytes].clone(memory_format=torch.contiguous_format)
         out.append(chunk.view(column.dtype).reshape(len(rows), column.shape[1]))
         start += nbytes
     return out
