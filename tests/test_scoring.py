@@ -167,3 +167,20 @@ def test_bad_input_raises_a_clear_error(kwargs, message):
     """Each malformed input names the problem and the fix."""
     with pytest.raises(ValueError, match=message):
         score_predictions(**kwargs)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_scores_from_logits_equal_scores_from_their_softmax(seed: int):
+    """The chunked logits path flags what cleanlab flags on softmax(logits)."""
+    rng = np.random.default_rng(seed)
+    n, c = int(rng.integers(20, 300)), int(rng.integers(3, 40))
+    logits = torch.from_numpy(rng.normal(size=(n, c)) * rng.uniform(0.2, 6)).float()
+    labels = rng.integers(0, c, size=n)
+    labels[:c] = np.arange(c)
+    probs = torch.softmax(logits, dim=1).numpy()
+    from_logits = score_predictions(logits=logits, labels=labels)
+    expected = find_label_issues(labels, probs, filter_by="confident_learning")
+    np.testing.assert_array_equal(from_logits["is_confident_mismatch"].to_numpy(), expected)
+    from_probs = score_predictions(probs=probs.astype(np.float64), labels=labels)
+    np.testing.assert_allclose(from_logits["entropy"], from_probs["entropy"], atol=2e-5)
+    np.testing.assert_allclose(from_logits["margin"], from_probs["margin"], atol=1e-6)

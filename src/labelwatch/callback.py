@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -169,7 +170,10 @@ class LabelWatchLogic:
                 " the submodule that outputs them (e.g. LabelWatch(logits_layer='classifier'))."
             )
         if dataloader_idx not in self._buffers:
+            batches = trainer.num_val_batches[dataloader_idx]
+            expected = int(batches * len(logits)) if math.isfinite(batches) else None
             self._buffers[dataloader_idx] = EpochBuffer(
+                expected_rows=expected,
                 embeddings_dtype=_EMBEDDINGS_DTYPES[self.embeddings_dtype],
                 offload_to_cpu=self.offload_to_cpu,
             )

@@ -32,8 +32,9 @@ class CapturedEpoch:
         return len(self.targets)
 
     def to_host(self) -> CapturedEpoch:
-        """Logits and embeddings as float32 on the CPU, ready for scoring and maps."""
-        embeddings = self.embeddings.float().cpu() if self.embeddings is not None else None
+        """Everything on the CPU, logits as float32; embeddings keep their dtype (the map
+        converts them when it needs to)."""
+        embeddings = self.embeddings.cpu() if self.embeddings is not None else None
         return CapturedEpoch(
             self.logits.float().cpu(),
             self.targets.cpu(),
@@ -43,30 +44,80 @@ class CapturedEpoch:
         )
 
 
+class _Rows:
+    """Batches copied into preallocated slabs, so no per-batch tensor is kept alive.
+
+    The first slab is sized from the expected number of rows (batches x first batch
+    size); further slabs, needed only when the guess was short, grow geometrically.
+    Copies stay on the device and are asynchronous, like the forward pass itself.
+    """
+
+    def __init__(self, expected_rows: int | None, dtype: torch.dtype | None, device: Any) -> None:
+        self._slabs: list[torch.Tensor] = []
+        self._used = 0  # rows filled in the last slab
+        self._expected = expected_rows
+        self._dtype = dtype
+        self._device = device  # None: the batch's own device
+
+    def append(self, batch: torch.Tensor) -> None:
+        batch = batch.detach()
+        if not self._slabs or self._used + len(batch) > len(self._slabs[-1]):
+            self._new_slab(batch)
+        self._slabs[-1][self._used : self._used + len(batch)].copy_(batch, non_blocking=True)
+        self._used += len(batch)
+
+    def _new_slab(self, batch: torch.Tensor) -> None:
+        if self._slabs:
+            self._slabs[-1] = self._slabs[-1][: self._used]
+            rows = max(len(batch), sum(len(s) for s in self._slabs))
+        else:
+            rows = max(len(batch), self._expected or 0)
+        device = self._device or batch.device
+        pin = device == torch.device("cpu") and batch.device.type == "cuda"
+        self._slabs.append(
+            torch.empty(
+                (rows, *batch.shape[1:]),
+                dtype=self._dtype or batch.dtype,
+                device=device,
+                pin_memory=pin,
+            )
+        )
+        self._used = 0
+
+    def concat(self) -> torch.Tensor:
+        self._slabs[-1] = self._slabs[-1][: self._used]
+        if len(self._slabs) == 1:
+            return self._slabs.pop()
+        return _cat_and_free(self._slabs)
+
+
 class EpochBuffer:
     """Collects logits, targets, ids, optional embeddings and metadata batch by batch.
 
     Args:
+        expected_rows: rows this epoch will probably bring (sizes the first allocation).
         embeddings_dtype: store embeddings in this dtype (float16 halves their memory).
-        offload_to_cpu: move each batch to the host as it arrives (non-blocking), so the
+        offload_to_cpu: copy each batch to (pinned) host memory as it arrives, so the
             accelerator keeps no copy; scoring happens on the host either way.
     """
 
     def __init__(
-        self, *, embeddings_dtype: torch.dtype | None = None, offload_to_cpu: bool = False
+        self,
+        *,
+        expected_rows: int | None = None,
+        embeddings_dtype: torch.dtype | None = None,
+        offload_to_cpu: bool = False,
     ) -> None:
-        self._logits: list[torch.Tensor] = []
-        self._targets: list[torch.Tensor] = []
-        self._ids: list[Any] = []
-        self._embeddings: list[torch.Tensor] = []
+        device = torch.device("cpu") if offload_to_cpu else None
+        self._logits = _Rows(expected_rows, None, device)
+        self._targets = _Rows(expected_rows, torch.long, device)
+        self._embeddings = _Rows(expected_rows, embeddings_dtype, device)
+        self._tensor_ids = _Rows(expected_rows, torch.long, device)
+        self._ids: list[Any] = []  # ids that are not tensors (strings, lists)
         self._metadata: dict[str, list[Any]] = {}
-        self._embeddings_dtype = embeddings_dtype
-        self._offload = offload_to_cpu
+        self._num_embedded = 0
+        self.num_batches = 0
         self.num_samples = 0
-
-    def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.detach()
-        return tensor.to("cpu", non_blocking=True) if self._offload else tensor
 
     def add(
         self,
@@ -84,7 +135,7 @@ class EpochBuffer:
                 " the classifier's 2-D output as `logits`, or set `logits_layer` to the head."
             )
         batch_size = logits.shape[0]
-        targets = torch.as_tensor(targets)
+        targets = torch.as_tensor(targets, device=logits.device)
         if targets.ndim != 1 or targets.dtype.is_floating_point:
             raise ValueError(
                 "LabelWatch expects targets as a 1-D tensor of class indices, got dtype"
@@ -94,44 +145,47 @@ class EpochBuffer:
         _check_length("targets", len(targets), batch_size)
         if sample_ids is None:
             sample_ids = torch.arange(self.num_samples, self.num_samples + batch_size)
-        elif isinstance(sample_ids, torch.Tensor):
-            sample_ids = self._keep(sample_ids.reshape(-1))
+        if isinstance(sample_ids, torch.Tensor):
+            sample_ids = sample_ids.reshape(-1)
         elif isinstance(sample_ids, np.ndarray) or not isinstance(sample_ids, Sequence):
             sample_ids = list(np.asarray(sample_ids).reshape(-1).tolist())
         _check_length("sample ids", len(sample_ids), batch_size)
-        self._ids.append(sample_ids)
-        self._logits.append(self._keep(logits))
-        self._targets.append(self._keep(targets))
+        if isinstance(sample_ids, torch.Tensor) and not self._ids:
+            self._tensor_ids.append(sample_ids)
+        else:
+            if self._tensor_ids._slabs:  # ids switched from tensors to lists: keep one kind
+                self._ids = _flatten([self._tensor_ids.concat()])
+                self._tensor_ids = _Rows(None, torch.long, None)
+            self._ids.extend(_flatten([sample_ids]))
+        self._logits.append(logits)
+        self._targets.append(targets)
         if embeddings is not None:
             _check_length("embeddings", embeddings.shape[0], batch_size)
-            embeddings = embeddings.reshape(batch_size, -1)
-            if self._embeddings_dtype is not None:
-                embeddings = embeddings.to(self._embeddings_dtype)
-            self._embeddings.append(self._keep(embeddings))
+            self._embeddings.append(embeddings.reshape(batch_size, -1))
+            self._num_embedded += 1
         for key, value in (metadata or {}).items():
             _check_length(f"metadata {key!r}", len(value), batch_size)
             self._metadata.setdefault(key, []).append(value)
+        self.num_batches += 1
         self.num_samples += batch_size
 
     def collect(self) -> CapturedEpoch | None:
-        """Concatenate everything once, on the device it was captured on; None when empty."""
-        if not self._logits:
+        """The epoch's rows, on the device they were captured on; None when empty."""
+        if not self.num_batches:
             return None
-        device = self._logits[0].device
         embeddings = None
-        if self._embeddings:
-            if len(self._embeddings) != len(self._logits):
+        if self._num_embedded:
+            if self._num_embedded != self.num_batches:
                 raise ValueError(
                     "Embeddings were found for some validation batches but not others; return"
                     " `embeddings` from every validation_step or set `embedding_layer`."
                 )
-            embeddings = torch.cat(self._embeddings)
-        ids: Any = _flatten(self._ids)
-        if all(isinstance(chunk, torch.Tensor) for chunk in self._ids):
-            ids = torch.cat([chunk.to(device) for chunk in self._ids]).long()
+            embeddings = self._embeddings.concat()
+        logits = self._logits.concat()
+        ids = self._ids if self._ids else self._tensor_ids.concat().to(logits.device)
         return CapturedEpoch(
-            logits=torch.cat(self._logits),
-            targets=torch.cat([t.to(device) for t in self._targets]).long(),
+            logits=logits,
+            targets=self._targets.concat().to(logits.device),
             sample_ids=ids,
             embeddings=embeddings,
             metadata={key: _flatten(chunks) for key, chunks in self._metadata.items()},
@@ -319,6 +373,19 @@ def find_submodule(model: nn.Module, name: str, argument: str) -> nn.Module:
             f"`{argument}`={name!r} is not a submodule of {type(model).__name__}; choose one of"
             f" {names[:30]}{' ...' if len(names) > 30 else ''}."
         ) from None
+
+
+def _cat_and_free(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat that releases each batch once copied, so the epoch never exists twice."""
+    first = chunks[0]
+    out = first.new_empty((sum(len(c) for c in chunks), *first.shape[1:]))
+    start = 0
+    for i, chunk in enumerate(chunks):
+        out[start : start + len(chunk)] = chunk
+        start += len(chunk)
+        chunks[i] = None  # type: ignore[call-overload]
+    chunks.clear()
+    return out
 
 
 def _check_length(what: str, length: int, batch_size: int) -> None:

@@ -58,8 +58,9 @@ _FLOAT_TOLERANCE = 1e-6
 _THRESHOLD_LOWER_BOUND = 2e-6
 _MISSING_CLASS_THRESHOLD = 2.0  # no probability reaches it: absent classes are never confident
 _CLIP = 1e-6
-# Rows per chunk for the N x C work, so peak memory stays a small multiple of one chunk.
-_CHUNK_ROWS = 16384
+# Values per chunk of the N x C work (16 MB of float32): peak memory stays the input plus
+# a few chunks, and chunks stay large enough for vectorised kernels.
+_CHUNK_VALUES = 1 << 22
 
 
 @dataclass
@@ -155,7 +156,7 @@ def score_predictions(
             f"`labels` must be class indices in [0, {num_classes}) or `ignore_index`="
             f"{ignore_index}; found {bad}. Check the label encoding or the number of classes."
         )
-    finite = torch.isfinite(values).all(dim=1)
+    finite = _finite_rows(values)
     nonfinite = ~finite & ~ignored
     num_nonfinite = int(nonfinite.sum())
     if num_nonfinite:
@@ -166,13 +167,12 @@ def score_predictions(
             stacklevel=2,
         )
     keep = finite & ~ignored
-    if logits is not None:
-        probs_t = torch.softmax(values[keep].float(), dim=1)
-    else:
-        probs_t = values[keep]
-        if not probs_t.dtype.is_floating_point:
-            probs_t = probs_t.double()
-    scores = compute_scores(probs_t, labels_t[keep], label_quality=label_quality)
+    kept = values if bool(keep.all()) else values[keep]  # no N x C copy in the usual case
+    if logits is None and not kept.dtype.is_floating_point:
+        kept = kept.double()
+    scores = compute_scores(
+        kept, labels_t[keep], from_logits=logits is not None, label_quality=label_quality
+    )
 
     keep_np = keep.cpu().numpy()
     given = labels_t[keep].cpu().numpy()
@@ -210,35 +210,61 @@ def score_predictions(
 
 
 def compute_scores(
-    probs: torch.Tensor, labels: torch.Tensor, *, label_quality: str = "self_confidence"
+    values: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    from_logits: bool = False,
+    label_quality: str = "self_confidence",
 ) -> Scores:
-    """Scores for valid input: ``probs`` (N, C) finite rows summing to 1, ``labels`` in [0, C)."""
-    num_samples, num_classes = probs.shape
-    rows = torch.arange(num_samples, device=probs.device)
-    self_conf = probs[rows, labels]
+    """Scores for valid input: ``values`` (N, C) finite logits, or probabilities whose rows
+    sum to 1; ``labels`` in [0, C).
+
+    Works through row chunks, softmaxing logits chunk by chunk, so no N x C temporary is
+    ever made: peak memory is the input plus a few chunks.
+    """
+    num_samples, num_classes = values.shape
+    chunk_rows = max(256, _CHUNK_VALUES // num_classes)
+
+    def probabilities(start: int) -> torch.Tensor:
+        chunk = values[start : start + chunk_rows]
+        return torch.softmax(chunk.float(), dim=1) if from_logits else chunk
+
+    def logits(start: int) -> torch.Tensor | None:
+        return values[start : start + chunk_rows].float() if from_logits else None
+
+    # Results are allocated once and filled chunk by chunk: small tensors kept between the
+    # large chunk temporaries would fragment the heap and pin those temporaries' pages.
+    device = values.device
+    prob_dtype = torch.float32 if from_logits else values.dtype
+    self_conf = torch.empty(num_samples, dtype=prob_dtype, device=device)
+    for start in range(0, num_samples, chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        self_conf[rows] = probabilities(start).gather(1, labels[rows, None]).squeeze(1)
     thresholds = confident_thresholds(self_conf, labels, num_classes)
-    parts: dict[str, list[torch.Tensor]] = {
-        k: [] for k in ("predicted", "confidence", "max_other", "entropy", "flag", "suggested")
+    out = {
+        "predicted": torch.empty(num_samples, dtype=torch.long, device=device),
+        "confidence": torch.empty(num_samples, dtype=prob_dtype, device=device),
+        "max_other": torch.empty(num_samples, dtype=prob_dtype, device=device),
+        "entropy": torch.empty(num_samples, dtype=prob_dtype, device=device),
+        "flag": torch.empty(num_samples, dtype=torch.bool, device=device),
+        "suggested": torch.empty(num_samples, dtype=torch.long, device=device),
     }
-    for start in range(0, num_samples, _CHUNK_ROWS):
-        chunk = probs[start : start + _CHUNK_ROWS]
-        given = labels[start : start + _CHUNK_ROWS]
-        for key, value in _score_chunk(chunk, given, thresholds).items():
-            parts[key].append(value)
-    joined = {
-        k: torch.cat(v) if v else torch.empty(0, device=probs.device) for k, v in parts.items()
-    }
-    margin = self_conf - joined["max_other"]
-    entropy = joined["entropy"]
+    for start in range(0, num_samples, chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        chunk = _score_chunk(probabilities(start), labels[rows], thresholds, logits(start))
+        for key, value in chunk.items():
+            out[key][rows] = value
+        del chunk
+    margin = self_conf - out["max_other"]
     return Scores(
-        predicted=joined["predicted"].long(),
-        confidence=joined["confidence"],
+        predicted=out["predicted"],
+        confidence=out["confidence"],
         self_confidence=self_conf,
         margin=margin,
-        entropy=entropy,
-        is_confident_mismatch=joined["flag"].bool(),
-        suggested=joined["suggested"].long(),
-        label_quality=_label_quality(label_quality, self_conf, margin, entropy),
+        entropy=out["entropy"],
+        is_confident_mismatch=out["flag"],
+        suggested=out["suggested"],
+        label_quality=_label_quality(label_quality, self_conf, margin, out["entropy"]),
         thresholds=thresholds,
     )
 
@@ -265,23 +291,42 @@ def confident_thresholds(
 
 
 def _score_chunk(
-    probs: torch.Tensor, given: torch.Tensor, thresholds: torch.Tensor
+    probs: torch.Tensor,
+    given: torch.Tensor,
+    thresholds: torch.Tensor,
+    logits: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
+    """Scores of one chunk of rows. ``logits`` is given when ``probs`` is a private softmax
+    of them, which may then be modified in place (it saves a copy of the chunk)."""
     rows = torch.arange(len(given), device=probs.device)
     confidence, predicted = probs.max(dim=1)  # first index among ties, like numpy
-    others = probs.clone()
+    given_prob = probs[rows, given]
+    others = probs if logits is not None else probs.clone()
     others[rows, given] = -math.inf
-    max_other = others.max(dim=1).values
-    # Confident learning: class j is "confident" when p_j >= t_j (cleanlab's tolerance).
-    confident = probs >= (thresholds - _FLOAT_TOLERANCE)
-    num_confident = confident.sum(dim=1)
-    guess = torch.where(num_confident > 1, predicted, confident.to(torch.uint8).argmax(dim=1))
-    # cleanlab then drops issues whose given label is within tolerance of the top prediction.
-    others[rows, given] = probs[rows, given] + _FLOAT_TOLERANCE
-    reduced_prediction = others.argmax(dim=1)
-    flag = (num_confident > 0) & (guess != given) & (reduced_prediction != given)
+    max_other, first_other = others.max(dim=1)
+    others[rows, given] = given_prob  # restore (a no-op on the copy)
+    # Confident learning: class j is confident when p_j >= t_j - 1e-6 (cleanlab's rule;
+    # with IEEE floats, p - a >= 0 exactly when p >= a). cleanlab's guess of the true
+    # class is the argmax when 2+ classes are confident, else the only confident class,
+    # which is the argmax of p - t: one max over the chunk instead of a count.
+    excess = probs - (thresholds - _FLOAT_TOLERANCE)
+    top_excess, top_class = excess.max(dim=1)
+    any_confident = top_excess >= 0
+    guess = predicted.clone()
+    # Only where the argmax itself is not confident can the guess differ from it.
+    unsure = any_confident & (top_class != predicted) & (excess[rows, predicted] < 0)
+    unsure = unsure.nonzero().squeeze(1)
+    if len(unsure):
+        lone = (excess[unsure] >= 0).sum(dim=1) == 1
+        guess[unsure] = torch.where(lone, top_class[unsure], predicted[unsure])
+    del excess
+    # cleanlab then keeps an issue only if argmax(p with p_given + 1e-6) != given, that is
+    # another class beats the raised given probability, or ties it at a lower index.
+    raised = given_prob + _FLOAT_TOLERANCE
+    beaten = (max_other > raised) | ((max_other == raised) & (first_other < given))
+    flag = any_confident & (guess != given) & beaten
     suggested = torch.where(flag, guess, predicted)
-    entropy = torch.special.entr(probs).sum(dim=1) / math.log(probs.shape[1])
+    entropy = _entropy(probs, logits, confidence, predicted) / math.log(probs.shape[1])
     return {
         "predicted": predicted,
         "confidence": confidence,
@@ -290,6 +335,33 @@ def _score_chunk(
         "flag": flag,
         "suggested": suggested,
     }
+
+
+def _entropy(
+    probs: torch.Tensor,
+    logits: torch.Tensor | None,
+    top_p: torch.Tensor,
+    top: torch.Tensor,
+) -> torch.Tensor:
+    """-sum p log p. From logits, log p = x - lse: H = lse - p.x, with lse = x_k - log p_k
+    at the argmax k (p_k >= 1/C, so its log is safe); no N x C logarithm is needed."""
+    if logits is None:
+        return torch.special.entr(probs).sum(dim=1)
+    top_x = logits.gather(1, top[:, None]).squeeze(1)
+    expected_x = torch.bmm(probs[:, None, :], logits[:, :, None]).reshape(-1)
+    return (top_x.double() - top_p.double().log() - expected_x.double()).float().clamp(min=0)
+
+
+def _finite_rows(values: torch.Tensor) -> torch.Tensor:
+    """Rows without NaN or inf. A row sum is non-finite whenever the row is; only those
+    rows (and sums that overflowed) get the exact check, so the N x C pass is one sum."""
+    if not values.dtype.is_floating_point:
+        return torch.ones(len(values), dtype=torch.bool, device=values.device)
+    finite = torch.isfinite(values.sum(dim=1))  # an overflowing sum is only a suspect
+    suspects = (~finite).nonzero().squeeze(1)
+    if len(suspects):
+        finite[suspects] = torch.isfinite(values[suspects]).all(dim=1)
+    return finite
 
 
 def _label_quality(
