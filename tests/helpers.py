@@ -137,3 +137,11 @@ def wandb_records(path: Path) -> Iterator[object]:
 def offline_run_dir(save_dir: Path) -> Path:
     (run_dir,) = sorted((save_dir / "wandb").glob("offline-run-*"))
     return run_dir
+
+
+def slow_projection(embeddings, init):
+    """A picklable projection that takes a while: maps land after their epoch ends."""
+    import time
+
+    time.sleep(1.5)
+    return embeddings[:, :2].astype("float64") + (0 if init is None else 0.0)

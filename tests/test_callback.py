@@ -128,7 +128,7 @@ def test_fit_without_logger_writes_local_outputs(tmp_path: Path):
         samples = pd.read_parquet(tmp_path / "labelwatch" / f"epoch={epoch}" / "samples.parquet")
         assert len(samples) == 48
         assert samples["sample_id"].str.startswith("clip-").all()
-        assert tuple(samples.columns) == SAMPLE_COLUMNS
+        assert tuple(samples.columns) == (*SAMPLE_COLUMNS, "moved")
     candidates = pd.read_parquet(tmp_path / "labelwatch/epoch=1/candidates.parquet")
     assert candidates["rank"].tolist() == list(range(1, len(candidates) + 1))
     assert candidates["label_quality"].is_monotonic_increasing

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import warnings
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +21,15 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 
 from labelwatch.candidates import select_candidates
 from labelwatch.capture import CapturedEpoch, EpochBuffer, LayerTap, find_submodule, merge_ranks
-from labelwatch.projection import PROJECTION_METHODS, ProjectionMethod, project
+from labelwatch.projection import (
+    MapJob,
+    MapResult,
+    MapWorker,
+    ProjectionMethod,
+    check_projection,
+    compute_map,
+    stratified_subsample,
+)
 from labelwatch.scoring import LABEL_QUALITY_METHODS, LabelQualityMethod, score_predictions
 from labelwatch.sinks import LocalSink, WandbSink, find_wandb_logger
 
@@ -27,6 +39,20 @@ log = logging.getLogger(__name__)
 
 MediaFn = Callable[[Mapping[str, Any]], Any]
 _EMBEDDINGS_DTYPES = {"float32": None, "float16": torch.float16}
+
+
+@dataclass
+class _PendingEpoch:
+    """An epoch whose scores are written and whose map (and W&B logging) may be pending."""
+
+    epoch: int
+    step: int
+    name: str | None
+    samples: pd.DataFrame
+    candidates: pd.DataFrame
+    summary: dict[str, Any]
+    out_dir: Path | None = None
+    map: Future | None = None
 
 
 class LabelWatchLogic:
@@ -59,15 +85,16 @@ class LabelWatchLogic:
         max_media_rows: int = 200,
         embeddings_dtype: Literal["float32", "float16"] = "float32",
         offload_to_cpu: bool = False,
+        max_points: int = 10_000,
+        map_in_background: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__()
         if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"`every_n_epochs` must be an integer >= 1, got {every_n_epochs!r}")
-        if projection not in PROJECTION_METHODS:
-            raise ValueError(
-                f"`projection` must be one of {PROJECTION_METHODS}, got {projection!r}"
-            )
+        check_projection(projection)
+        if not isinstance(max_points, int) or max_points < 1:
+            raise ValueError(f"`max_points` must be an integer >= 1, got {max_points!r}")
         if label_quality not in LABEL_QUALITY_METHODS:
             raise ValueError(
                 f"`label_quality` must be one of {LABEL_QUALITY_METHODS}, got {label_quality!r}"
@@ -106,6 +133,8 @@ class LabelWatchLogic:
         self.max_media_rows = max_media_rows
         self.embeddings_dtype = embeddings_dtype
         self.offload_to_cpu = offload_to_cpu
+        self.max_points = max_points
+        self.map_in_background = map_in_background
         self.seed = seed
 
         self.last_epoch: int | None = None
@@ -113,6 +142,10 @@ class LabelWatchLogic:
         self.last_output_dir: Path | None = None
         self._buffers: dict[int, EpochBuffer] | None = None
         self._watched: dict[int, str | None] = {}
+        self._worker: MapWorker | None = None
+        self._pending: deque[_PendingEpoch] = deque()
+        self._previous_maps: dict[str | None, dict[Any, tuple[float, float]]] = {}
+        self._previous_epochs: dict[str | None, int] = {}
         self._logits_tap: LayerTap | None = None
         self._embedding_tap: LayerTap | None = None
         self._wandb: WandbSink | None = None
@@ -133,6 +166,9 @@ class LabelWatchLogic:
                 find_submodule(pl_module, name, argument)
         logger = find_wandb_logger(trainer.loggers)
         self._wandb = WandbSink(logger, table_key=self.table_key) if logger is not None else None
+        if stage == "fit" and trainer.is_global_zero and self._wants_worker():
+            # Started now so numba compiles while the first epoch trains.
+            self._worker = MapWorker(warm_up=self.projection == "umap", seed=self.seed)
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self._should_skip(trainer):
@@ -199,9 +235,32 @@ class LabelWatchLogic:
         if trainer.is_global_zero:
             self.last_epoch = trainer.current_epoch
 
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        if self._pending:  # cheap: only checks whether a background map has landed
+            self._finish_maps(wait=False)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._pending:
+            self._finish_maps(wait=False)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._finish_maps(wait=True)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # Interrupted: log what is outstanding now, without coordinates, rather than lose it.
+        self._finish_maps(wait=False, give_up=True)
+        self._stop_worker()
+
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._remove_taps()
         self._buffers = None
+        self._finish_maps(wait=True)
+        self._stop_worker()
+
+    def _stop_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
 
     def state_dict(self) -> dict[str, Any]:
         root = str(self.output_root) if self.output_root is not None else None
@@ -295,8 +354,9 @@ class LabelWatchLogic:
         self, trainer: Any, captured: CapturedEpoch | None, name: str | None
     ) -> None:
         epoch = trainer.current_epoch
-        samples = self._score(captured.to_host(), epoch) if captured is not None else None
-        if captured is None or samples is None or len(samples) == 0:
+        host = captured.to_host() if captured is not None else None
+        samples = self._score(host, epoch) if host is not None else None
+        if host is None or samples is None or len(samples) == 0:
             self._warn_once(
                 f"empty-{name}",
                 f"LabelWatch: validation epoch {epoch} had no samples to score (none captured,"
@@ -304,11 +364,172 @@ class LabelWatchLogic:
             )
             return
         candidates = select_candidates(samples, self.max_candidates)
-        summary = self._summary(samples, candidates, captured, epoch, trainer.global_step)
+        summary = self._summary(samples, candidates, host, epoch, trainer.global_step)
         summary["dataloader"] = name
+        # Scores are on disk at once; the map (and W&B, which shows it) follows when ready.
         out_dir = self._write_local(trainer, epoch, name, samples, candidates, summary)
-        if out_dir is not None and self._wandb is not None:
-            self._log_wandb(epoch, trainer.global_step, name, samples, candidates, summary, out_dir)
+        pending = _PendingEpoch(epoch, trainer.global_step, name, samples, candidates, summary)
+        pending.out_dir = out_dir
+        job = self._map_job(samples, candidates, host, name, epoch)
+        if job is None:
+            self._finish_epoch(pending, None)
+        elif self._worker is None:
+            self._finish_epoch(pending, self._map_or_warn(lambda: compute_map(job), epoch))
+        else:
+            pending.map = self._worker.submit(job)
+            self._pending.append(pending)
+            self._drop_stale_maps()
+            self._finish_maps(wait=False)
+
+    def _wants_worker(self) -> bool:
+        if not self.map_in_background or self.projection in ("none", "pca"):
+            return False  # PCA takes milliseconds: not worth a process
+        if callable(self.projection):
+            try:
+                pickle.dumps(self.projection)
+            except Exception:
+                self._warn_once(
+                    "pickle",
+                    "LabelWatch: the projection callable cannot be pickled, so maps run in the"
+                    " training process; define it at module level to run it in the background.",
+                )
+                return False
+        return True
+
+    def _map_job(
+        self,
+        samples: pd.DataFrame,
+        candidates: pd.DataFrame,
+        captured: CapturedEpoch,
+        name: str | None,
+        epoch: int,
+    ) -> MapJob | None:
+        """The rows to map (all, or a stratified subsample with every candidate)."""
+        if captured.embeddings is None or self.projection == "none":
+            return None
+        ids = samples["sample_id"]
+        must = pd.Index(ids).get_indexer(candidates["sample_id"])
+        rows = stratified_subsample(
+            samples["given_label"].to_numpy(), must, self.max_points, seed=self.seed + epoch
+        )
+        positions = pd.Index(captured.sample_ids).get_indexer(ids.iloc[rows])
+        embeddings = captured.embeddings[torch.from_numpy(positions)].float().numpy()
+        return MapJob(
+            epoch=epoch,
+            sample_ids=ids.iloc[rows].tolist(),
+            embeddings=embeddings,
+            previous=self._previous_map(name),
+            method=self.projection,
+            seed=self.seed,
+            stream=name,
+            previous_epoch=self._previous_epochs.get(name, -1),
+        )
+
+    def _previous_map(self, name: str | None) -> dict[Any, tuple[float, float]]:
+        """The last map of this dataloader, from memory or, after a resume, from disk."""
+        if name not in self._previous_maps and self.output_root is not None:
+            root = self.output_root / name if name is not None else self.output_root
+            epochs = sorted(
+                (int(p.name.split("=")[1]), p) for p in root.glob("epoch=*") if p.name[6:].isdigit()
+            )
+            for _, folder in reversed(epochs):
+                if (folder / "samples.parquet").is_file():
+                    frame = pd.read_parquet(folder / "samples.parquet").dropna(subset=["x", "y"])
+                    if len(frame):
+                        xy = zip(frame["x"], frame["y"], strict=True)
+                        self._previous_maps[name] = dict(zip(frame["sample_id"], xy, strict=True))
+                        self._previous_epochs[name] = int(frame["epoch"].iloc[0])
+                        break
+        return self._previous_maps.get(name, {})
+
+    def _map_or_warn(self, compute: Callable[[], MapResult], epoch: int) -> MapResult | None:
+        try:
+            return compute()
+        except Exception as err:  # a failed map must not cost the scores
+            log.debug("LabelWatch: map failed", exc_info=True)
+            self._warn_once(
+                "map", f"LabelWatch could not map epoch {epoch} ({type(err).__name__}: {err})."
+            )
+            return None
+
+    def _drop_stale_maps(self) -> None:
+        """Keep at most one map waiting behind the running one: bounded worker memory.
+
+        A waiting map that a newer epoch overtakes is cancelled and its epoch is logged
+        without coordinates (it is never lost)."""
+        while len(self._pending) > 2 and self._pending[1].map is not None:
+            stale = self._pending[1]
+            if not stale.map.cancel():
+                break
+            del self._pending[1]
+            self._warn_once(
+                "behind",
+                "LabelWatch: maps are slower than validation epochs; some epochs are logged"
+                " without coordinates (lower `max_points`, or map every few epochs).",
+            )
+            self._finish_epoch(stale, None)
+
+    def _finish_maps(self, wait: bool, give_up: bool = False) -> None:
+        """Log every epoch whose map has landed, in order (all of them when `wait`)."""
+        while self._pending:
+            pending = self._pending[0]
+            future = pending.map
+            if give_up and future is not None and not future.done():
+                future.cancel()
+                result = None
+            elif wait or (future is not None and future.done()):
+                result = self._map_or_warn(future.result, pending.epoch) if future else None
+            else:
+                return
+            self._pending.popleft()
+            self._finish_epoch(pending, result)
+
+    def _finish_epoch(self, pending: _PendingEpoch, result: MapResult | None) -> None:
+        """Merge the map into the epoch's rows, rewrite the local files, then log to W&B."""
+        samples, candidates, summary = pending.samples, pending.candidates, pending.summary
+        was_pending = summary["projection"] == "pending"
+        summary["projection"] = result.method if result is not None else "none"
+        if result is not None:
+            coords = pd.DataFrame(
+                {"x": result.coords[:, 0], "y": result.coords[:, 1]},
+                index=pd.Index(result.sample_ids),
+            )
+            previous = self._previous_maps.get(pending.name, {})
+            for frame in (samples, candidates):
+                at = coords.reindex(frame["sample_id"])
+                frame["x"], frame["y"] = at["x"].to_numpy(), at["y"].to_numpy()
+                before = pd.DataFrame.from_dict(previous, orient="index", columns=["x", "y"])
+                before = before.reindex(frame["sample_id"])
+                frame["moved"] = np.hypot(
+                    frame["x"].to_numpy(float) - before["x"].to_numpy(float),
+                    frame["y"].to_numpy(float) - before["y"].to_numpy(float),
+                )
+            self._previous_maps[pending.name] = dict(
+                zip(result.sample_ids, map(tuple, result.coords.tolist()), strict=True)
+            )
+            self._previous_epochs[pending.name] = pending.epoch
+            summary["map_points"] = len(result.sample_ids)
+            summary["map_warm_started"] = result.warm_started
+            summary["median_moved"] = (
+                float(np.nanmedian(samples["moved"])) if samples["moved"].notna().any() else None
+            )
+        if pending.out_dir is not None and was_pending:
+            self._write_files(pending.out_dir, samples, candidates, summary)
+        if pending.out_dir is not None and self._wandb is not None:
+            mapped = (
+                samples
+                if result is None or len(samples) <= self.max_points
+                else (samples[samples["x"].notna()])
+            )
+            self._log_wandb(
+                pending.epoch,
+                pending.step,
+                pending.name,
+                mapped,
+                candidates,
+                summary,
+                pending.out_dir,
+            )
 
     def _score(self, captured: CapturedEpoch, epoch: int) -> pd.DataFrame:
         with warnings.catch_warnings():  # warned below, once, with the epoch
@@ -332,12 +553,7 @@ class LabelWatchLogic:
         positions = pd.Index(captured.sample_ids).get_indexer(samples["sample_id"])
         for key, values in captured.metadata.items():
             samples[key] = np.asarray(values, dtype=object)[positions]
-        projection_used = "none"
-        if captured.embeddings is not None and len(samples):
-            embeddings = captured.embeddings[torch.from_numpy(positions)].numpy()
-            coords, projection_used = project(embeddings, method=self.projection, seed=self.seed)
-            samples["x"], samples["y"] = coords[:, 0], coords[:, 1]
-        samples.attrs["projection"] = projection_used
+        samples.insert(samples.columns.get_loc("y") + 1, "moved", np.nan)
         return samples
 
     def _summary(
@@ -366,7 +582,7 @@ class LabelWatchLogic:
             "class_names": names,
             "thresholds": dict(zip(names, samples.attrs["thresholds"], strict=True)),
             "label_quality": self.label_quality,
-            "projection": samples.attrs["projection"],
+            "projection": "pending" if captured.embeddings is not None else "none",
         }
 
     def _write_local(
@@ -381,13 +597,21 @@ class LabelWatchLogic:
         if self.output_root is None:
             self.output_root = self._output_root(trainer)
         root = self.output_root / name if name is not None else self.output_root
-        try:
-            out_dir = LocalSink(root).write(epoch, samples, candidates, summary)
-        except OSError as err:
-            rank_zero_warn(f"LabelWatch could not write its local outputs for epoch {epoch}: {err}")
-            return None
-        self.last_output_dir = out_dir
+        out_dir = self._write_files(root / f"epoch={epoch}", samples, candidates, summary)
+        if out_dir is not None:
+            self.last_output_dir = out_dir
         return out_dir
+
+    def _write_files(
+        self, out_dir: Path, samples: pd.DataFrame, candidates: pd.DataFrame, summary: dict
+    ) -> Path | None:
+        try:
+            return LocalSink(out_dir.parent).write(
+                int(out_dir.name.split("=")[1]), samples, candidates, summary
+            )
+        except OSError as err:
+            rank_zero_warn(f"LabelWatch could not write its local outputs to {out_dir}: {err}")
+            return None
 
     def _output_root(self, trainer: Any) -> Path:
         if self.dirpath is not None:

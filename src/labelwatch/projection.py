@@ -1,62 +1,130 @@
-"""2-D maps of the validation embeddings: UMAP after a PCA pre-reduction, PCA as fallback."""
+"""2-D maps of the validation embeddings: fast, stable from epoch to epoch, off the training path.
+
+- Speed: embeddings are reduced to at most 50 dimensions with PCA before UMAP, UMAP uses
+  approximate neighbours and fewer optimisation epochs when it starts from a previous map,
+  and numba compiles once per training run, in the background worker.
+- Stability: each map starts from the previous epoch's coordinates matched by sample id;
+  samples seen for the first time start at the mean position of their nearest already-placed
+  neighbours. Maps are normalised to [0, 10] on both axes (UMAP rescales its initial
+  layout to that box), so displacements compare across epochs.
+- Budget: above ``max_points`` a class-stratified subsample is mapped that always includes
+  every candidate.
+- Backends: ``"umap"``, ``"pca"``, ``"none"``, or any picklable callable
+  ``f(embeddings (N, D) float32, init (N, 2) or None) -> (N, 2)`` (cuML's UMAP, say).
+"""
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import warnings
-from typing import Literal
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["ProjectionMethod", "project"]
+__all__ = [
+    "MapJob",
+    "MapResult",
+    "MapWorker",
+    "ProjectionMethod",
+    "compute_map",
+    "project",
+    "stratified_subsample",
+]
 
 log = logging.getLogger(__name__)
 
-ProjectionMethod = Literal["umap", "pca", "none"]
+Projector = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+ProjectionMethod = Literal["umap", "pca", "none"] | Projector
 PROJECTION_METHODS: tuple[str, ...] = ("umap", "pca", "none")
 
 # Below this many points UMAP's neighbour graph is too thin to mean much: use PCA.
 MIN_UMAP_POINTS = 16
 # UMAP works on at most this many dimensions; PCA first is faster and loses little.
 PCA_DIMENSIONS = 50
+# Optimisation epochs: a warm start only needs to settle what changed.
+COLD_EPOCHS, WARM_EPOCHS = 200, 50
+MAP_EXTENT = 10.0
+# New samples start at the mean position of this many already-placed neighbours.
+INIT_NEIGHBOURS = 5
+
+
+def check_projection(method: Any) -> None:
+    if not (callable(method) or method in PROJECTION_METHODS):
+        raise ValueError(
+            f"`projection` must be one of {PROJECTION_METHODS} or a callable"
+            f" (embeddings, init) -> (N, 2) coordinates, got {method!r}"
+        )
 
 
 def project(
-    embeddings: np.ndarray, *, method: ProjectionMethod = "umap", seed: int = 0
+    embeddings: np.ndarray,
+    *,
+    method: ProjectionMethod = "umap",
+    seed: int = 0,
+    init: np.ndarray | None = None,
 ) -> tuple[np.ndarray, str]:
-    """Map ``(N, D)`` embeddings to ``(N, 2)`` coordinates.
+    """Map ``(N, D)`` embeddings to ``(N, 2)`` coordinates normalised to [0, 10].
 
-    Returns the coordinates and the method actually used: ``"umap"`` falls back to
-    ``"pca"`` below :data:`MIN_UMAP_POINTS` points. ``"none"`` gives NaN coordinates.
-    Deterministic for a given ``seed``.
+    ``init`` (N, 2) is a starting layout (a warm start). Returns the coordinates and the
+    method actually used: ``"umap"`` falls back to ``"pca"`` below :data:`MIN_UMAP_POINTS`
+    points; ``"none"`` gives NaN. Deterministic for a given ``seed``.
     """
-    if method not in PROJECTION_METHODS:
-        raise ValueError(f"`projection` must be one of {PROJECTION_METHODS}, got {method!r}")
+    check_projection(method)
     embeddings = np.asarray(embeddings, dtype=np.float32).reshape(len(embeddings), -1)
     if method == "none" or len(embeddings) == 0:
         return np.full((len(embeddings), 2), np.nan), "none"
+    if callable(method):
+        coords = np.asarray(method(embeddings, init), dtype=np.float64)
+        if coords.shape != (len(embeddings), 2):
+            raise ValueError(
+                f"The projection callable returned shape {coords.shape}; expected"
+                f" ({len(embeddings)}, 2)."
+            )
+        return normalise(coords), getattr(method, "__name__", type(method).__name__)
     if method == "umap" and len(embeddings) >= MIN_UMAP_POINTS:
-        return _umap(_pca(embeddings, PCA_DIMENSIONS), seed), "umap"
-    return _pca(embeddings, 2), "pca"
+        return normalise(_umap(reduce_dimensions(embeddings), seed, init)), "umap"
+    return normalise(pca(embeddings, 2)), "pca"
 
 
-def _pca(embeddings: np.ndarray, dimensions: int) -> np.ndarray:
-    """Top principal components (zero-padded when there are fewer than asked for)."""
-    n, d = embeddings.shape
-    if d <= dimensions and dimensions != 2:
+def reduce_dimensions(embeddings: np.ndarray, dimensions: int = PCA_DIMENSIONS) -> np.ndarray:
+    """PCA to ``dimensions`` when the embeddings are wider than that, else unchanged."""
+    if embeddings.shape[1] <= dimensions:
         return embeddings
+    return pca(embeddings, dimensions)
+
+
+def pca(embeddings: np.ndarray, dimensions: int) -> np.ndarray:
+    """Top principal components, zero-padded when there are fewer than asked for.
+
+    Eigenvectors of the D x D covariance (cheap for N >> D); component signs are fixed
+    so that the map does not flip between runs.
+    """
     centred = embeddings - embeddings.mean(axis=0, keepdims=True)
-    # Economy SVD on the smaller side; signs fixed so the map does not flip between runs.
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    components = vt[:dimensions]
+    covariance = (centred.T @ centred).astype(np.float64)
+    values, vectors = np.linalg.eigh(covariance)
+    components = vectors[:, np.argsort(values)[::-1][:dimensions]].T
     signs = np.sign(components[np.arange(len(components)), np.abs(components).argmax(axis=1)])
-    reduced = centred @ (components * signs[:, None]).T
+    reduced = centred @ (components * signs[:, None]).T.astype(np.float32)
     if reduced.shape[1] < dimensions:
         reduced = np.pad(reduced, ((0, 0), (0, dimensions - reduced.shape[1])))
     return reduced.astype(np.float32)
 
 
-def _umap(embeddings: np.ndarray, seed: int) -> np.ndarray:
+def normalise(coords: np.ndarray) -> np.ndarray:
+    """Scale each axis to [0, MAP_EXTENT] (constant axes go to the middle)."""
+    coords = np.asarray(coords, dtype=np.float64)
+    low, high = coords.min(axis=0), coords.max(axis=0)
+    span = np.where(high > low, high - low, 1.0)
+    scaled = MAP_EXTENT * (coords - low) / span
+    scaled[:, high <= low] = MAP_EXTENT / 2
+    return scaled
+
+
+def _umap(embeddings: np.ndarray, seed: int, init: np.ndarray | None) -> np.ndarray:
     try:
         import umap
     except ImportError as err:  # pragma: no cover - a core dependency
@@ -65,6 +133,8 @@ def _umap(embeddings: np.ndarray, seed: int) -> np.ndarray:
         n_components=2,
         n_neighbors=min(15, len(embeddings) - 1),
         random_state=seed,
+        init=init if init is not None else "spectral",
+        n_epochs=WARM_EPOCHS if init is not None else COLD_EPOCHS,
         # Approximate neighbours are ~6x faster than the exact path below 4096 points.
         force_approximation_algorithm=True,
     )
@@ -72,3 +142,127 @@ def _umap(embeddings: np.ndarray, seed: int) -> np.ndarray:
         # random_state disables parallelism: expected, since we ask for determinism.
         warnings.filterwarnings("ignore", message=".*n_jobs value.*", category=UserWarning)
         return np.asarray(reducer.fit_transform(embeddings), dtype=np.float64)
+
+
+def initial_layout(
+    sample_ids: Sequence[Any], embeddings: np.ndarray, previous: Mapping[Any, tuple[float, float]]
+) -> np.ndarray | None:
+    """Previous coordinates by id; new ids at the mean of their nearest placed neighbours.
+
+    None when fewer than half of the samples were placed before (a fresh map is better).
+    """
+    known = np.array([sample_id in previous for sample_id in sample_ids])
+    if known.sum() < max(INIT_NEIGHBOURS, len(sample_ids) // 2):
+        return None
+    init = np.zeros((len(sample_ids), 2))
+    init[known] = [previous[i] for i, k in zip(sample_ids, known, strict=True) if k]
+    if not known.all():
+        from sklearn.neighbors import NearestNeighbors
+
+        reduced = reduce_dimensions(embeddings)
+        finder = NearestNeighbors(n_neighbors=INIT_NEIGHBOURS).fit(reduced[known])
+        _, neighbours = finder.kneighbors(reduced[~known])
+        init[~known] = init[known][neighbours].mean(axis=1)
+    return init
+
+
+def stratified_subsample(
+    labels: np.ndarray, must_include: np.ndarray, max_points: int, seed: int = 0
+) -> np.ndarray:
+    """Sorted indices of at most ``max_points`` rows: every ``must_include`` row (in order,
+    up to the budget), then the rest of the budget split across classes in proportion."""
+    n = len(labels)
+    if n <= max_points:
+        return np.arange(n)
+    chosen = np.asarray(must_include, dtype=np.int64)[:max_points]
+    budget = max_points - len(chosen)
+    rest = np.setdiff1d(np.arange(n), chosen)
+    rng = np.random.default_rng(seed)
+    picked = []
+    if budget > 0 and len(rest):
+        classes, counts = np.unique(labels[rest], return_counts=True)
+        quota = np.floor(counts / counts.sum() * budget).astype(int)
+        quota[np.argsort(-counts)[: budget - quota.sum()]] += 1  # hand out the remainder
+        for label, take in zip(classes, quota, strict=True):
+            members = rest[labels[rest] == label]
+            picked.append(rng.choice(members, size=min(take, len(members)), replace=False))
+    return np.sort(np.concatenate([chosen, *picked])).astype(np.int64)
+
+
+@dataclass
+class MapJob:
+    """What the worker needs: ids, embeddings of the rows to map, and the previous map."""
+
+    epoch: int
+    sample_ids: list[Any]
+    embeddings: np.ndarray
+    previous: dict[Any, tuple[float, float]]
+    method: ProjectionMethod
+    seed: int
+    stream: str | None = None  # which validation dataloader
+    previous_epoch: int = -1  # the epoch `previous` comes from
+
+
+@dataclass
+class MapResult:
+    epoch: int
+    sample_ids: list[Any]
+    coords: np.ndarray
+    method: str
+    warm_started: bool
+
+
+# The worker's own latest map per stream: when epochs outpace maps, the trainer has not yet
+# received map n when it submits n + 1, but the worker, which runs jobs in order, has.
+_LATEST: dict[str | None, tuple[int, dict[Any, tuple[float, float]]]] = {}
+
+
+def compute_map(job: MapJob) -> MapResult:
+    """Project one epoch, warm-started from the newest previous map when enough ids match."""
+    previous_epoch, previous = job.previous_epoch, job.previous
+    cached = _LATEST.get(job.stream)
+    if cached is not None and previous_epoch < cached[0] < job.epoch:
+        previous_epoch, previous = cached
+    init = None
+    if job.method == "umap" or callable(job.method):
+        init = initial_layout(job.sample_ids, job.embeddings, previous)
+    coords, used = project(job.embeddings, method=job.method, seed=job.seed, init=init)
+    if used != "none":
+        _LATEST[job.stream] = (
+            job.epoch,
+            dict(zip(job.sample_ids, map(tuple, coords.tolist()), strict=True)),
+        )
+    return MapResult(job.epoch, job.sample_ids, coords, used, init is not None)
+
+
+def _warm_up(seed: int) -> None:
+    """Compile UMAP's numba code in the worker before the first real map needs it."""
+    points = np.random.default_rng(seed).normal(size=(64, 8)).astype(np.float32)
+    project(points, method="umap", seed=seed)
+    project(points, method="umap", seed=seed, init=np.random.default_rng(seed).random((64, 2)))
+
+
+class MapWorker:
+    """One background process that computes maps in submission order.
+
+    A process rather than a thread: numba's compiled UMAP holds the GIL for long
+    stretches, which would stall the training loop.
+    """
+
+    def __init__(self, warm_up: bool = True, seed: int = 0) -> None:
+        context = multiprocessing.get_context("spawn")  # no fork of a threaded trainer
+        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=context)
+        if warm_up:
+            self._pool.submit(_warm_up, seed)
+
+    def submit(self, job: MapJob) -> Future:
+        return self._pool.submit(compute_map, job)
+
+    def shutdown(self) -> None:
+        """Stop now. Callers first wait for the maps they need; what remains (at most the
+        compilation warm-up) is not worth waiting for."""
+        processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+            process.join(timeout=10)

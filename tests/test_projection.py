@@ -1,0 +1,147 @@
+"""Maps: fallbacks, determinism, warm-start alignment, budgets, and the background worker."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.loggers import WandbLogger
+
+from labelwatch import LabelWatch
+from labelwatch.projection import MapJob, compute_map, project, stratified_subsample
+from tests.helpers import TinyClassifier, loaders, offline_run_dir, slow_projection, trainer_kwargs
+
+
+def _clusters(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 4
+    centres = rng.normal(scale=6, size=(4, 32))
+    return (centres[labels] + rng.normal(size=(n, 32))).astype(np.float32), labels
+
+
+def test_few_points_fall_back_to_pca_and_none_gives_nan():
+    """Below 16 points UMAP is replaced by PCA; 'none' returns NaN coordinates."""
+    points, _ = _clusters(10)
+    coords, used = project(points, method="umap")
+    assert used == "pca" and coords.shape == (10, 2)
+    assert coords.min() == 0 and coords.max() == 10  # normalised to [0, 10]
+    nan, used = project(points, method="none")
+    assert used == "none" and np.isnan(nan).all()
+
+
+def test_umap_is_deterministic_with_a_seed():
+    """The same seed gives the same map; another seed a different one."""
+    points, _ = _clusters(200)
+    first, used = project(points, method="umap", seed=3)
+    again, _ = project(points, method="umap", seed=3)
+    other, _ = project(points, method="umap", seed=4)
+    assert used == "umap"
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other)
+
+
+def test_warm_start_keeps_points_in_place_when_ids_arrive_in_another_order():
+    """Matched by id, a shuffled epoch lands near the previous map; a cold map does not."""
+    points, _ = _clusters(300)
+    ids = [f"s{i}" for i in range(300)]
+    first = compute_map(MapJob(0, ids, points, {}, "umap", 0))
+    previous = dict(zip(first.sample_ids, map(tuple, first.coords), strict=True))
+    order = np.random.default_rng(1).permutation(300)
+    moved = points[order] + np.random.default_rng(2).normal(scale=0.1, size=points.shape)
+    shuffled_ids = [ids[i] for i in order]
+    warm = compute_map(MapJob(1, shuffled_ids, moved.astype(np.float32), previous, "umap", 7))
+    cold = compute_map(MapJob(1, shuffled_ids, moved.astype(np.float32), {}, "umap", 7))
+    before = np.array([previous[i] for i in shuffled_ids])
+    warm_shift = np.median(np.linalg.norm(warm.coords - before, axis=1))
+    cold_shift = np.median(np.linalg.norm(cold.coords - before, axis=1))
+    assert warm.warm_started and not cold.warm_started
+    assert warm_shift < 1.0 < cold_shift  # map extent is 10
+    assert warm_shift < cold_shift / 5
+
+
+def test_new_ids_start_next_to_their_neighbours():
+    """An id seen for the first time starts at its nearest placed neighbours' position."""
+    from labelwatch.projection import initial_layout
+
+    points, labels = _clusters(100)
+    previous = {i: (float(labels[i]), 0.0) for i in range(1, 100)}
+    init = initial_layout(list(range(100)), points, previous)
+    assert init[0].tolist() == [float(labels[0]), 0.0]  # cluster 0's neighbours sit at x=0
+
+
+def test_subsample_keeps_every_candidate_and_the_class_balance():
+    """max_points rows: all must-include rows, the rest split by class in proportion."""
+    labels = np.repeat([0, 1, 2], [600, 300, 100])
+    must = np.array([5, 950, 999, 400])
+    rows = stratified_subsample(labels, must, max_points=100, seed=0)
+    assert len(rows) == 100 and set(must) <= set(rows)
+    counts = np.bincount(labels[rows], minlength=3)
+    assert abs(counts[0] - 2 * counts[1]) <= 3 and counts[2] >= 9
+
+
+def test_callback_maps_a_subsample_with_every_candidate(tmp_path: Path):
+    """With max_points below N, every candidate has coordinates and the rest partly NaN."""
+    train, val = loaders(num_val=90, flip=12)
+    callback = LabelWatch(projection="pca", max_points=30, max_candidates=10)
+    Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=1)).fit(
+        TinyClassifier(), train, val
+    )
+    samples = pd.read_parquet(tmp_path / "labelwatch/epoch=0/samples.parquet")
+    candidates = pd.read_parquet(tmp_path / "labelwatch/epoch=0/candidates.parquet")
+    assert len(samples) == 90 and samples["x"].notna().sum() == 30
+    assert len(candidates) > 0 and candidates["x"].notna().all()
+
+
+class _InterruptAfterFirstEpoch(Callback):
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 1:
+            raise KeyboardInterrupt
+
+
+def test_background_maps_land_with_their_epoch_and_fit_end_flushes(tmp_path: Path):
+    """Slow background maps: each epoch's table and files get their own map by fit end."""
+    train, val = loaders()
+    logger = WandbLogger(project="maps", save_dir=str(tmp_path), offline=True)
+    callback = LabelWatch(projection=slow_projection, map_in_background=True)
+    trainer = Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[callback], max_epochs=3))
+    trainer.fit(TinyClassifier(), train, val)
+    for epoch in range(3):
+        folder = callback.output_root / f"epoch={epoch}"
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["projection"] == "slow_projection"
+        assert pd.read_parquet(folder / "samples.parquet")["x"].notna().all()
+    assert json.loads((callback.output_root / "epoch=2/summary.json").read_text())[
+        "map_warm_started"
+    ]
+    tables = sorted(
+        (offline_run_dir(tmp_path) / "files/media/table/labelwatch").glob("samples_*"),
+        key=lambda p: int(p.name.split("_")[1]),
+    )
+    epochs = [json.loads(p.read_text())["data"][0][1] for p in tables]
+    assert epochs == [0, 1, 2]
+
+
+def test_an_interrupt_logs_outstanding_epochs_without_coordinates(tmp_path: Path):
+    """Ctrl-C while a map is running: the epoch is still written, without a map."""
+    train, val = loaders()
+    callback = LabelWatch(projection=slow_projection, map_in_background=True)
+    trainer = Trainer(
+        **trainer_kwargs(tmp_path, callbacks=[callback, _InterruptAfterFirstEpoch()], max_epochs=3)
+    )
+    with pytest.raises(SystemExit):  # Lightning exits with status 1 after Ctrl-C
+        trainer.fit(TinyClassifier(), train, val)
+    summary = json.loads((tmp_path / "labelwatch/epoch=0/summary.json").read_text())
+    assert summary["num_samples"] == 48
+    assert summary["projection"] in ("none", "slow_projection")  # the map may just have landed
+    assert not (tmp_path / "labelwatch/epoch=1").exists()
+
+
+def test_a_projection_callable_with_the_wrong_shape_is_reported():
+    """A backend that returns the wrong shape gets a clear error."""
+    points, _ = _clusters(20)
+    with pytest.raises(ValueError, match=r"returned shape \(20, 3\); expected \(20, 2\)"):
+        project(points, method=lambda e, init: e[:, :3])
