@@ -3,20 +3,80 @@
 Candidates are the samples flagged ``is_confident_mismatch``, ranked by ``label_quality``
 ascending (most likely mislabelled first), with ``rank`` (1 = review first) and
 ``suggested_label`` / ``suggested_name`` (confident learning's guess of the true class).
+
+:func:`read_candidates` returns them with where they came from (class names, epoch, the
+W&B run, the artifact version): what the relabel commands need to record provenance.
+Everything is read from parquet and JSON; nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 
-__all__ = ["load_candidates", "select_candidates", "to_csv_safe"]
+__all__ = [
+    "CandidateSet",
+    "from_csv_safe",
+    "load_candidates",
+    "read_candidates",
+    "refuse_input_overwrite",
+    "select_candidates",
+    "to_csv_safe",
+    "to_records",
+    "write_table",
+]
 
 _ARTIFACT_REF = re.compile(r"^[\w.-]+/[\w.-]+/[\w.-]+:[\w.-]+$")
 _FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+# A leading quote is escaped too (doubled), so from_csv_safe restores every cell exactly.
+_ESCAPED_PREFIXES = (*_FORMULA_PREFIXES, "'")
+TableFormat = Literal["csv", "parquet", "json"]
+TABLE_FORMATS: tuple[str, ...] = ("csv", "parquet", "json")
+
+
+@dataclass(frozen=True)
+class CandidateSet:
+    """Ranked candidates and their provenance.
+
+    Attributes:
+        frame: the ranked candidates (the same DataFrame :func:`load_candidates` returns).
+        class_names: every class name in output order, when known (``summary.json``, the
+            artifact metadata, or the run's local outputs); None otherwise.
+        epoch: the validation epoch the candidates belong to.
+        run: the W&B run id when the outputs belong to a W&B run, else the outputs folder.
+        wandb_run_id: the W&B run id, or None when no W&B run is known.
+        artifact: the ``relabel-candidates`` artifact version these rows are, as complete as
+            known: ``entity/project/name:alias`` from the W&B API, ``project/name:epoch-<n>``
+            from local outputs of a W&B run, else None.
+        inputs: files and folders read; outputs must never be written there.
+    """
+
+    frame: pd.DataFrame
+    class_names: list[str] | None = None
+    epoch: int | None = None
+    run: str | None = None
+    wandb_run_id: str | None = None
+    artifact: str | None = None
+    inputs: tuple[Path, ...] = field(default_factory=tuple)
+
+
+def refuse_input_overwrite(output: str | Path, inputs: tuple[Path, ...] | list[Path]) -> None:
+    """Raise ValueError when ``output`` is one of ``inputs`` or lies inside an input folder."""
+    target = Path(output).resolve()
+    for item in inputs:
+        item = Path(item).resolve()
+        if target == item or (item.is_dir() and target.is_relative_to(item)):
+            raise ValueError(
+                f"refusing to write {output}: it is (or lies in) the input {item};"
+                " choose another output path."
+            )
 
 
 def select_candidates(samples: pd.DataFrame, max_candidates: int | None = None) -> pd.DataFrame:
@@ -31,7 +91,12 @@ def select_candidates(samples: pd.DataFrame, max_candidates: int | None = None) 
 
 
 def to_csv_safe(frame: pd.DataFrame) -> pd.DataFrame:
-    """A copy whose text cells cannot run as spreadsheet formulas (prefixed with ')."""
+    """A copy whose text cells cannot run as spreadsheet formulas (prefixed with ').
+
+    Text starting with ``= + - @``, a tab or a carriage return gets a leading ``'``; text
+    that already starts with ``'`` gets another, so :func:`from_csv_safe` undoes it exactly.
+    Numbers are untouched.
+    """
     safe = frame.copy()
     for column in safe.columns:
         if safe[column].dtype == object or pd.api.types.is_string_dtype(safe[column]):
@@ -39,9 +104,56 @@ def to_csv_safe(frame: pd.DataFrame) -> pd.DataFrame:
     return safe
 
 
+def from_csv_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """Undo :func:`to_csv_safe` on a CSV read back as text (one leading ' removed)."""
+    restored = frame.copy()
+    for column in restored.columns:
+        if restored[column].dtype == object or pd.api.types.is_string_dtype(restored[column]):
+            restored[column] = restored[column].map(_restore)
+    return restored
+
+
 def _neutralise(value: object) -> object:
-    if isinstance(value, str) and value.startswith(_FORMULA_PREFIXES):
+    if isinstance(value, str) and value.startswith(_ESCAPED_PREFIXES):
         return "'" + value
+    return value
+
+
+def _restore(value: object) -> object:
+    if isinstance(value, str) and value.startswith("'") and value[1:].startswith(_ESCAPED_PREFIXES):
+        return value[1:]
+    return value
+
+
+def write_table(frame: pd.DataFrame, path: str | Path, fmt: TableFormat) -> None:
+    """Write ``frame`` atomically as csv (formula-safe), parquet or JSON records."""
+    from labelwatch.sinks.local import write_atomic
+
+    if fmt not in TABLE_FORMATS:
+        raise ValueError(f"`format` must be one of {TABLE_FORMATS}, got {fmt!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "csv":
+        write_atomic(path, lambda p: to_csv_safe(frame).to_csv(p, index=False))
+    elif fmt == "parquet":
+        write_atomic(path, lambda p: frame.to_parquet(p, index=False))
+    else:
+        text = json.dumps(to_records(frame), indent=2, ensure_ascii=False, allow_nan=False)
+        write_atomic(path, lambda p: Path(p).write_text(text + "\n", encoding="utf-8"))
+
+
+def to_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """The rows as JSON-ready dicts: numpy scalars unwrapped, NaN and missing as None."""
+    return [{k: _plain(v) for k, v in row.items()} for row in frame.to_dict("records")]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is pd.NA or value is pd.NaT:
+        return None
     return value
 
 
@@ -56,22 +168,74 @@ def load_candidates(source: str | Path, *, epoch: int | None = None) -> pd.DataF
               the candidates tables the run logged;
             - a W&B artifact reference ``entity/project/relabel-candidates-<run id>:alias``,
               downloaded with ``wandb.Api`` (needs a W&B server and login).
-        epoch: which epoch; the latest when None.
+        epoch: which epoch; the latest when None. For an artifact reference it picks the
+            alias ``epoch-<n>``.
 
     Raises:
         FileNotFoundError: when ``source`` holds no candidates (or not for ``epoch``).
     """
+    return read_candidates(source, epoch=epoch).frame
+
+
+def read_candidates(source: str | Path, *, epoch: int | None = None) -> CandidateSet:
+    """Like :func:`load_candidates`, with class names, epoch, run and artifact version."""
     path = Path(source)
     if not path.exists():
         if _ARTIFACT_REF.match(str(source)):
-            return _from_artifact(str(source))
+            return _from_artifact(str(source), epoch)
         raise FileNotFoundError(
             f"{source!r} is neither an existing folder nor a W&B artifact reference of the form"
             " 'entity/project/relabel-candidates-<run id>:alias'."
         )
     if (path / "files").is_dir() and any(path.glob("*.wandb")):
         return _from_wandb_run(path, epoch)
-    return pd.read_parquet(_local_epoch_dir(path, epoch) / "candidates.parquet")
+    return _from_local(_local_epoch_dir(path, epoch))
+
+
+def _from_local(epoch_dir: Path) -> CandidateSet:
+    frame = pd.read_parquet(epoch_dir / "candidates.parquet")
+    summary_path = epoch_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    epoch = summary.get("epoch")
+    if epoch is None and epoch_dir.name.startswith("epoch=") and epoch_dir.name[6:].isdigit():
+        epoch = int(epoch_dir.name[6:])
+    dataloader = summary.get("dataloader")
+    root = epoch_dir.parent.parent if dataloader else epoch_dir.parent
+    project, run_id = _wandb_run_of_outputs(root)
+    artifact = None
+    if run_id is not None:
+        artifact = f"{project}/{_artifact_name(run_id, dataloader)}:epoch-{epoch}"
+    return CandidateSet(
+        frame=frame,
+        class_names=summary.get("class_names"),
+        epoch=epoch,
+        run=run_id if run_id is not None else str(root.resolve()),
+        wandb_run_id=run_id,
+        artifact=artifact,
+        inputs=(epoch_dir,),
+    )
+
+
+def _wandb_run_of_outputs(root: Path) -> tuple[str | None, str | None]:
+    """(project, run id) when ``root`` is ``<save_dir>/<project>/<run id>/labelwatch``
+    written next to ``<save_dir>/wandb/*run-*-<run id>``, as a WandbLogger lays it out."""
+    root = root.resolve()
+    if root.name != "labelwatch" or len(root.parents) < 3:
+        return None, None
+    run_id, project, save_dir = root.parent.name, root.parent.parent.name, root.parents[2]
+    if any(p.is_dir() for p in (save_dir / "wandb").glob(f"*run-*-{_glob_escape(run_id)}")):
+        return project, run_id
+    return None, None
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def _artifact_name(run_id: str, dataloader: str | None) -> str:
+    from labelwatch.sinks.wandb import artifact_name  # imported here: sinks import this module
+
+    return artifact_name(run_id, dataloader)
 
 
 def _local_epoch_dir(path: Path, epoch: int | None) -> Path:
@@ -108,7 +272,7 @@ def _epochs_under(root: Path) -> dict[int, Path]:
     return found
 
 
-def _from_wandb_run(run_dir: Path, epoch: int | None) -> pd.DataFrame:
+def _from_wandb_run(run_dir: Path, epoch: int | None) -> CandidateSet:
     tables = list((run_dir / "files" / "media" / "table").glob("**/candidates_*.table.json"))
     if not tables:
         raise FileNotFoundError(f"The W&B run folder {run_dir} holds no candidates tables.")
@@ -125,12 +289,64 @@ def _from_wandb_run(run_dir: Path, epoch: int | None) -> pd.DataFrame:
         if not matching:
             raise FileNotFoundError(f"No candidates for epoch {epoch} in the W&B run {run_dir}.")
         chosen = matching[-1]
-    return chosen.drop(columns=["media"], errors="ignore").reset_index(drop=True)
+    frame = chosen.drop(columns=["media"], errors="ignore").reset_index(drop=True)
+    run_id = run_dir.name.rsplit("-", 1)[-1]
+    found_epoch = int(frame["epoch"].iloc[0]) if len(frame) else epoch
+    # The WandbLogger's local outputs sit beside the run: <save_dir>/<project>/<run id>/.
+    summary, project = {}, None
+    save_dir = run_dir.resolve().parent.parent
+    for summary_path in save_dir.glob(f"*/{_glob_escape(run_id)}/labelwatch/epoch=*/summary.json"):
+        if found_epoch is not None and summary_path.parent.name == f"epoch={found_epoch}":
+            summary, project = json.loads(summary_path.read_text()), summary_path.parents[3].name
+            break
+    class_names = summary.get("class_names") or _names_from_columns(frames)
+    artifact = None
+    if project is not None and found_epoch is not None:
+        artifact = (
+            f"{project}/{_artifact_name(run_id, summary.get('dataloader'))}:epoch-{found_epoch}"
+        )
+    return CandidateSet(
+        frame=frame,
+        class_names=class_names,
+        epoch=found_epoch,
+        run=run_id,
+        wandb_run_id=run_id,
+        artifact=artifact,
+        inputs=(run_dir / "files",),
+    )
 
 
-def _from_artifact(reference: str) -> pd.DataFrame:
+def _names_from_columns(frames: list[pd.DataFrame]) -> list[str] | None:
+    """Class names from (index, name) column pairs, when they cover every index."""
+    names: dict[int, str] = {}
+    for frame in frames:
+        for prefix in ("given", "predicted", "suggested"):
+            if f"{prefix}_label" in frame and f"{prefix}_name" in frame:
+                pairs = zip(frame[f"{prefix}_label"], frame[f"{prefix}_name"], strict=True)
+                names.update((int(i), str(n)) for i, n in pairs)
+    if not names or sorted(names) != list(range(max(names) + 1)):
+        return None
+    return [names[i] for i in range(len(names))]
+
+
+def _from_artifact(reference: str, epoch: int | None) -> CandidateSet:
     """Download through the W&B public API; this path needs a reachable W&B server."""
     import wandb
 
+    if epoch is not None:
+        reference = f"{reference.rsplit(':', 1)[0]}:epoch-{epoch}"
     artifact = wandb.Api().artifact(reference, type="relabel-candidates")
-    return pd.read_parquet(Path(artifact.download()) / "candidates.parquet")
+    folder = Path(artifact.download())
+    frame = pd.read_parquet(folder / "candidates.parquet")
+    metadata = dict(artifact.metadata or {})
+    # relabel-candidates-[<dataloader>-]<run id>: run ids hold no '-'.
+    run_id = reference.rsplit("/", 1)[-1].split(":", 1)[0].rsplit("-", 1)[-1]
+    return CandidateSet(
+        frame=frame,
+        class_names=metadata.get("class_names"),
+        epoch=metadata.get("epoch", epoch),
+        run=run_id,
+        wandb_run_id=run_id,
+        artifact=reference,
+        inputs=(folder,),
+    )

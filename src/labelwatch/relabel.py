@@ -1,0 +1,402 @@
+"""Apply reviewed relabel decisions to a label file, with an audit of what changed and why.
+
+The labels file is a CSV with at least ``sample_id`` and a label column (``label`` by
+default). Its labels are class names, or class indices (``0``, ``1``, ...) into the class
+names; the corrected file keeps the same form, so the next training run reads it as it
+read the original.
+
+Decisions come from a reviewed candidates CSV (a ``decision`` column per row) or a Label
+Studio JSON export (see :mod:`labelwatch.labelstudio`):
+
+- ``accept``: take the candidate's ``suggested_name``;
+- ``reject``: keep the current label;
+- a class name: relabel to that class;
+- blank: no decision for that row.
+
+``accept`` and ``reject`` are read case-insensitively and win over a class of that name.
+The valid class names are ``class_names`` when given, else the candidates' class names
+(``summary.json``), else the labels found in the labels file.
+
+:func:`apply_decisions` refuses, listing every offending row in one message: sample ids
+that are not in the labels file, class names that are not valid, and conflicting
+decisions (one id given two different new labels by rows, files or annotators). Agreeing
+duplicates are merged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from labelwatch.candidates import from_csv_safe, to_csv_safe
+from labelwatch.sinks.local import write_atomic
+
+__all__ = [
+    "AUDIT_COLUMNS",
+    "RelabelError",
+    "apply_decisions",
+    "check_wandb_online",
+    "log_corrections_to_wandb",
+    "read_decisions",
+    "read_labels",
+    "write_corrections",
+]
+
+log = logging.getLogger(__name__)
+
+AUDIT_COLUMNS = (
+    "sample_id",
+    "old_label",
+    "new_label",
+    "changed",
+    "decision",
+    "decision_source",
+    "epoch",
+    "run",
+)
+DECISION_COLUMNS = (
+    "sample_id",
+    "action",
+    "label",
+    "decision",
+    "suggested_name",
+    "decision_source",
+    "epoch",
+    "run",
+    "origin",
+)
+CORRECTIONS_ARTIFACT = "label-corrections"
+_SHOWN = 20
+
+
+class RelabelError(ValueError):
+    """Decisions that cannot be applied; the message lists every problem found."""
+
+
+def read_labels(path: str | Path, *, label_column: str = "label") -> pd.DataFrame:
+    """The labels CSV as text, cells exactly as written (ids like ``007`` stay ``007``)."""
+    path = Path(path)
+    labels = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    missing = [c for c in ("sample_id", label_column) if c not in labels.columns]
+    if missing:
+        raise RelabelError(
+            f"{path} lacks the column(s) {missing}; it has {list(labels.columns)}"
+            " (choose the label column with --label-column)"
+        )
+    return labels
+
+
+def read_decisions(path: str | Path) -> pd.DataFrame:
+    """Decisions from a reviewed candidates ``.csv`` or a Label Studio export ``.json``.
+
+    Returns one row per decision with the columns ``sample_id`` (text), ``action``
+    (``accept``, ``reject`` or ``relabel``), ``label`` (the class for ``relabel``),
+    ``decision`` (as written), ``suggested_name``, ``decision_source`` (``csv:<file>`` or
+    ``label-studio:<file>``), ``epoch``, ``run`` and ``origin`` (where in the file).
+    Blank decisions are left out. Only CSV and JSON are read (never pickle).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        from labelwatch.labelstudio import read_export
+
+        return read_export(path)
+    if suffix != ".csv":
+        raise RelabelError(
+            f"decisions must be a reviewed candidates .csv or a Label Studio export .json,"
+            f" got {path.name!r}"
+        )
+    table = from_csv_safe(pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig"))
+    missing = [c for c in ("sample_id", "decision") if c not in table.columns]
+    if missing:
+        raise RelabelError(
+            f"{path} lacks the column(s) {missing}: add a 'decision' column with accept,"
+            " reject or a class name per row (blank = no decision)"
+        )
+    rows = []
+    for line, row in zip(range(2, len(table) + 2), table.to_dict("records"), strict=True):
+        decision = str(row["decision"]).strip()
+        if not decision:
+            continue
+        keyword = decision.lower()
+        action = keyword if keyword in ("accept", "reject") else "relabel"
+        rows.append(
+            {
+                "sample_id": str(row["sample_id"]).strip(),
+                "action": action,
+                "label": decision if action == "relabel" else None,
+                "decision": decision,
+                "suggested_name": row.get("suggested_name") or None,
+                "decision_source": f"csv:{path.name}",
+                "epoch": row.get("epoch") or None,
+                "run": row.get("run") or None,
+                "origin": f"line {line}",
+            }
+        )
+    return pd.DataFrame(rows, columns=list(DECISION_COLUMNS), dtype=object)
+
+
+def apply_decisions(
+    labels: pd.DataFrame,
+    decisions: pd.DataFrame | Sequence[pd.DataFrame],
+    *,
+    class_names: Sequence[str] | None = None,
+    label_column: str = "label",
+    candidates: pd.DataFrame | None = None,
+    epoch: int | None = None,
+    run: str | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Apply decisions to labels; returns ``(corrected labels, audit)``.
+
+    Args:
+        labels: the label table (``sample_id`` and ``label_column``), e.g. from
+            :func:`read_labels`; a copy with the decided labels changed is returned.
+        decisions: one or several tables from :func:`read_decisions`.
+        class_names: the valid classes in index order; needed when ``labels`` holds
+            class indices. Defaults to the labels present in ``labels``.
+        label_column: the column holding the labels.
+        candidates: the candidates the decisions were made on; gives ``suggested_name``
+            for ``accept`` rows that lack it.
+        epoch, run: recorded in the audit for decisions that do not carry their own.
+
+    Returns:
+        The corrected labels (same rows, columns and order as ``labels``) and the audit,
+        one row per decided sample with :data:`AUDIT_COLUMNS` (``changed`` is false for
+        rejects and for choices equal to the current label).
+
+    Raises:
+        RelabelError: listing unknown sample ids, unknown class names and conflicting
+            decisions; also for duplicate ids in ``labels`` and for class indices
+            without ``class_names``.
+    """
+    frames = [decisions] if isinstance(decisions, pd.DataFrame) else list(decisions)
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    table = table.reindex(columns=list(DECISION_COLUMNS)).astype(object)
+    if label_column not in labels.columns or "sample_id" not in labels.columns:
+        raise RelabelError(
+            f"the labels need 'sample_id' and {label_column!r} columns;"
+            f" found {list(labels.columns)}"
+        )
+    ids = labels["sample_id"].astype(str)
+    duplicated = sorted(set(ids[ids.duplicated()]))
+    if duplicated:
+        raise RelabelError(f"the labels hold these sample ids twice or more: {_listed(duplicated)}")
+    current = dict(zip(ids, labels[label_column].astype(str), strict=True))
+    to_name, to_file, valid = _label_codec(list(current.values()), class_names)
+
+    suggested = {}
+    if candidates is not None and "suggested_name" in candidates:
+        suggested = dict(
+            zip(candidates["sample_id"].astype(str), candidates["suggested_name"], strict=True)
+        )
+    unknown_ids, unknown_names, no_suggestion = [], [], []
+    resolved = []
+    for row in table.to_dict("records"):
+        sample_id = str(row["sample_id"])
+        where = f"{sample_id} ({row['decision_source']}, {row['origin']})"
+        if sample_id not in current:
+            unknown_ids.append(where)
+            continue
+        old_name = to_name(current[sample_id])
+        if row["action"] == "reject":
+            new_name = old_name
+        elif row["action"] == "accept":
+            new_name = _present(row["suggested_name"]) or suggested.get(sample_id)
+            if new_name is None:
+                no_suggestion.append(where)
+                continue
+        else:
+            new_name = str(row["label"])
+        if row["action"] != "reject" and new_name not in valid:
+            unknown_names.append(f"{new_name!r} for {where}")
+            continue
+        resolved.append({**row, "sample_id": sample_id, "new_name": new_name})
+
+    conflicts = []
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for row in resolved:
+        by_id.setdefault(row["sample_id"], []).append(row)
+    for sample_id, rows in by_id.items():
+        if len({r["new_name"] for r in rows}) > 1:
+            choices = ", ".join(
+                f"{r['new_name']} ({r['decision']}; {r['decision_source']}, {r['origin']})"
+                for r in rows
+            )
+            conflicts.append(f"{sample_id}: {choices}")
+
+    problems = []
+    if unknown_ids:
+        problems.append(f"unknown sample ids (not in the labels): {_listed(unknown_ids)}")
+    if unknown_names:
+        problems.append(
+            f"unknown class names (valid: {sorted(valid)}; pass --class-names or --candidates"
+            f" to name them all): {_listed(unknown_names)}"
+        )
+    if no_suggestion:
+        problems.append(
+            "'accept' without a suggested_name (add that column or pass --candidates):"
+            f" {_listed(no_suggestion)}"
+        )
+    if conflicts:
+        problems.append(f"conflicting decisions: {_listed(conflicts)}")
+    if problems:
+        raise RelabelError("cannot apply the decisions:\n  " + "\n  ".join(problems))
+
+    corrected = labels.copy()
+    audit_rows = []
+    for sample_id, rows in by_id.items():
+        old = current[sample_id]
+        new_name = rows[0]["new_name"]
+        new = old if new_name == to_name(old) else to_file(new_name)
+        audit_rows.append(
+            {
+                "sample_id": sample_id,
+                "old_label": old,
+                "new_label": new,
+                "changed": new != old,
+                "decision": _joined(r["decision"] for r in rows),
+                "decision_source": _joined(r["decision_source"] for r in rows),
+                "epoch": _joined(_first_present(r["epoch"], epoch) for r in rows),
+                "run": _joined(_first_present(r["run"], run) for r in rows),
+            }
+        )
+    changes = {r["sample_id"]: r["new_label"] for r in audit_rows if r["changed"]}
+    if changes:
+        mask = ids.isin(list(changes)).to_numpy()
+        corrected.loc[mask, label_column] = ids[mask].map(changes).to_numpy()
+    audit = pd.DataFrame(audit_rows, columns=list(AUDIT_COLUMNS))
+    return corrected, audit
+
+
+def _label_codec(values: list[str], class_names: Sequence[str] | None) -> tuple[Any, Any, set]:
+    """(file value -> class name, class name -> file value, valid class names)."""
+    if class_names is None:
+        if values and all(v.isdigit() for v in values):
+            raise RelabelError(
+                "the labels look like class indices; pass the class names (--class-names, or"
+                " --candidates whose summary.json lists them) to map decisions onto indices"
+            )
+        return (lambda v: v), (lambda n: n), {v for v in values if v}
+    names = [str(n) for n in class_names]
+    if len(set(names)) != len(names):
+        raise RelabelError(f"`class_names` must be distinct, got {names}")
+    valid = set(names)
+    present = [v for v in values if v]
+    by_index = bool(present) and not all(v in valid for v in present)
+    by_index = by_index and all(v.isdigit() for v in present)
+    if by_index and max(int(v) for v in present) >= len(names):
+        raise RelabelError(
+            f"the labels look like class indices up to {max(int(v) for v in present)}, but"
+            f" only {len(names)} class names are known: {names}"
+        )
+    if by_index:
+        to_name = lambda v: names[int(v)] if v.isdigit() else v  # noqa: E731
+        return to_name, (lambda n: str(names.index(n))), valid
+    return (lambda v: v), (lambda n: n), valid
+
+
+def _present(value: Any) -> Any:
+    """None for missing values (None, NaN, empty text), else the value."""
+    if value is None or (isinstance(value, float) and value != value) or value == "":
+        return None
+    return value
+
+
+def _first_present(value: Any, default: Any) -> Any:
+    present = _present(value)
+    return default if present is None else present
+
+
+def _joined(values: Any) -> str:
+    seen: list[str] = []
+    for value in values:
+        text = "" if value is None else str(value)
+        if text and text not in seen:
+            seen.append(text)
+    return ";".join(seen)
+
+
+def _listed(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_SHOWN])
+    return shown + (f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else "")
+
+
+def write_corrections(
+    corrected: pd.DataFrame, audit: pd.DataFrame, output: str | Path, audit_path: str | Path
+) -> None:
+    """Write the corrected labels and the audit, each atomically.
+
+    The corrected labels are written cell for cell as read (no formula quoting), so they
+    stay a drop-in replacement for the labels file; the audit, a report for people, is
+    quoted with :func:`labelwatch.candidates.to_csv_safe`.
+    """
+    for path in (Path(output), Path(audit_path)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(output), lambda p: corrected.to_csv(p, index=False))
+    write_atomic(Path(audit_path), lambda p: to_csv_safe(audit).to_csv(p, index=False))
+
+
+def check_wandb_online() -> None:
+    """Raise RelabelError unless W&B is online and logged in (no prompt, no network)."""
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
+        raise RelabelError("--log-wandb needs W&B, but WANDB_DISABLED is set")
+    _refuse_offline(os.environ.get("WANDB_MODE", "online"))
+    try:
+        import wandb
+    except ImportError as err:  # pragma: no cover - wandb is a dependency
+        raise RelabelError("--log-wandb needs the wandb package: pip install wandb") from err
+    _refuse_offline(wandb.setup().settings.mode)  # also reads `wandb offline`'s settings
+    if not wandb.login(prompt=False, verify=False):
+        raise RelabelError("--log-wandb needs a W&B login: run `wandb login` first")
+
+
+def _refuse_offline(mode: str) -> None:
+    mode = "offline" if mode == "dryrun" else mode  # "dryrun": the old name, set by WandbLogger
+    if mode in ("offline", "disabled"):
+        raise RelabelError(
+            f"--log-wandb needs an online W&B (the mode is {mode!r}: unset WANDB_MODE or run"
+            " `wandb online`): the lineage links to the candidates artifact on the server"
+        )
+
+
+def log_corrections_to_wandb(
+    output: str | Path,
+    audit_path: str | Path,
+    *,
+    project: str,
+    candidates_artifact: str,
+    metadata: dict[str, Any] | None = None,
+) -> str:
+    """Log ``label-corrections`` (corrected CSV + audit) with the candidates as its input.
+
+    Starts a run of ``job_type="relabel"`` in ``project`` (``entity/project``), declares
+    ``candidates_artifact`` (``entity/project/relabel-candidates-<run id>:alias``) as its
+    input with ``use_artifact``, and logs an artifact of type ``label-corrections``, so the
+    W&B lineage graph goes candidates -> relabel run -> corrections. Needs an online W&B
+    (``use_artifact`` asks the server); this path is not exercised by the offline tests.
+    Returns the URL of the run.
+    """
+    import wandb
+
+    check_wandb_online()
+    entity, _, name = project.rpartition("/")
+    run = wandb.init(entity=entity or None, project=name, job_type="relabel")
+    try:
+        run.use_artifact(candidates_artifact)
+        artifact = wandb.Artifact(
+            CORRECTIONS_ARTIFACT,
+            type=CORRECTIONS_ARTIFACT,
+            description="Corrected labels and the audit of the relabel decisions.",
+            metadata={"candidates": candidates_artifact, **(metadata or {})},
+        )
+        artifact.add_file(str(output), name=Path(output).name)
+        artifact.add_file(str(audit_path), name=Path(audit_path).name)
+        run.log_artifact(artifact)
+        return str(run.url)
+    finally:
+        run.finish()

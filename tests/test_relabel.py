@@ -1,0 +1,292 @@
+"""From candidates to corrected labels: pull, review (Label Studio or CSV), apply, retrain."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import WandbLogger
+from torch.utils.data import DataLoader, Dataset
+
+from labelwatch import LabelWatch
+from labelwatch.candidates import to_csv_safe
+from labelwatch.cli import main
+from labelwatch.relabel import RelabelError, apply_decisions, read_decisions, read_labels
+from tests.helpers import BlobDataset, TinyClassifier, loaders, trainer_kwargs
+from tests.test_labelstudio import export_task
+
+NAMES = ["a", "b", "c"]
+NUM_VAL, FLIPPED = 60, 8
+
+
+def truth(sample_id: int | str) -> str:
+    """The class BlobDataset drew the sample from (its first FLIPPED labels are wrong)."""
+    return NAMES[(int(sample_id) - 1000) % len(NAMES)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, _wandb_offline):
+    """A 3-epoch fit with flipped labels and paths, logged to an offline W&B run, and labels.csv."""
+    import wandb
+
+    root = tmp_path_factory.mktemp("relabel-fit")
+    train, val = loaders(num_val=NUM_VAL, flip=FLIPPED)
+    callback = LabelWatch(class_names=NAMES, metadata_keys=["path"], projection="pca")
+    logger = WandbLogger(project="p", save_dir=str(root), offline=True)
+    Trainer(**trainer_kwargs(root, logger=logger, callbacks=[callback], max_epochs=3)).fit(
+        TinyClassifier(lr=0.2), train, val
+    )
+    run_id = logger.experiment.id
+    wandb.finish()
+    dataset = val.dataset
+    labels = pd.DataFrame(
+        {
+            "sample_id": [dataset[i]["sample_id"] for i in range(len(dataset))],
+            "label": [NAMES[int(label)] for label in dataset.labels],
+            "path": [dataset[i]["path"] for i in range(len(dataset))],
+        }
+    )
+    labels.to_csv(root / "labels.csv", index=False)
+    return {"root": root, "out": callback.last_output_dir.parent, "run_id": run_id}
+
+
+class RelabelledBlobs(Dataset):
+    """BlobDataset's samples with the labels of a (corrected) labels CSV, by sample id."""
+
+    def __init__(self, base: BlobDataset, labels_csv: Path):
+        table = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
+        by_id = dict(zip(table["sample_id"], table["label"], strict=True))
+        self.base = base
+        self.targets = [NAMES.index(by_id[str(base[i]["sample_id"])]) for i in range(len(base))]
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.base[index], "target": torch.tensor(self.targets[index])}
+
+
+def test_candidates_cli_writes_csv_parquet_and_json(run, tmp_path, capsys):
+    """--format (or the -o suffix) picks csv, parquet or json; --epoch and --top apply."""
+    out = run["out"]
+    assert main(["candidates", str(out), "--top", "3", "-o", str(tmp_path / "c.csv")]) == 0
+    assert main(["candidates", str(out), "--epoch", "1", "-o", str(tmp_path / "c.parquet")]) == 0
+    assert main(["candidates", str(out), "--format", "json", "-o", str(tmp_path / "c.txt")]) == 0
+    capsys.readouterr()
+    local = pd.read_parquet(out / "epoch=2" / "candidates.parquet")
+    as_csv = pd.read_csv(tmp_path / "c.csv", keep_default_na=False)
+    assert as_csv["sample_id"].tolist() == local["sample_id"].head(3).tolist()
+    assert (as_csv["run"] == run["run_id"]).all() and (as_csv["decision"] == "").all()
+    as_parquet = pd.read_parquet(tmp_path / "c.parquet")
+    epoch1 = pd.read_parquet(out / "epoch=1" / "candidates.parquet")
+    pd.testing.assert_frame_equal(as_parquet.drop(columns="run"), epoch1)
+    records = json.loads((tmp_path / "c.txt").read_text())
+    assert [r["sample_id"] for r in records] == local["sample_id"].tolist()
+    assert records[0]["path"].startswith("audio/") and records[0]["run"] == run["run_id"]
+
+
+def test_candidates_cli_refuses_to_write_over_its_input(run, capsys):
+    """-o inside the epoch folder it reads is refused, and the file is left as it was."""
+    target = run["out"] / "epoch=2" / "candidates.csv"
+    before = target.read_bytes()
+    assert main(["candidates", str(run["out"]), "-o", str(target)]) == 2
+    assert "refusing to write" in capsys.readouterr().err
+    assert target.read_bytes() == before
+
+
+def test_round_trip_through_label_studio_and_a_second_training_run(run, tmp_path, capsys):
+    """Tasks -> a Label Studio export -> apply -> corrected labels the next run trains on."""
+    root, out = run["root"], run["out"]
+    tasks_path, config_path = tmp_path / "tasks.json", tmp_path / "config.xml"
+    argv = ["export-label-studio", str(out), "--data-template", "https://host/media/{path}"]
+    assert main([*argv, "-o", str(tasks_path), "--config-out", str(config_path)]) == 0
+    tasks = json.loads(tasks_path.read_text())
+    candidates = pd.read_parquet(out / "epoch=2" / "candidates.parquet")
+    assert [t["data"]["sample_id"] for t in tasks] == candidates["sample_id"].tolist()
+    assert tasks[0]["data"]["audio"] == f"https://host/media/{candidates['path'].iloc[0]}"
+    assert tasks[0]["predictions"][0]["result"][0]["value"]["choices"] == [
+        candidates["suggested_name"].iloc[0]
+    ]
+    assert '<Audio name="audio" value="$audio"/>' in config_path.read_text()
+
+    # The reviewer answers every task but the last with the true class; a cancelled
+    # annotation with a wrong class is ignored.
+    exported = [
+        export_task(task, n, [([truth(task["data"]["sample_id"])], False)])
+        for n, task in enumerate(tasks[:-1], start=1)
+    ]
+    exported[0]["annotations"].append(export_task(tasks[0], 1, [(["a"], True)])["annotations"][0])
+    export_path = tmp_path / "project-1-export.json"
+    export_path.write_text(json.dumps(exported))
+
+    corrected_path = tmp_path / "corrected.csv"
+    argv = ["apply", "--labels", str(root / "labels.csv"), "--decisions", str(export_path)]
+    assert main([*argv, "-o", str(corrected_path), "--candidates", str(out)]) == 0
+    assert "labels changed" in capsys.readouterr().out
+    corrected = pd.read_csv(corrected_path, dtype=str)
+    labels = pd.read_csv(root / "labels.csv", dtype=str)
+    audit = pd.read_csv(tmp_path / "corrected.audit.csv", dtype=str)
+    reviewed = [str(t["data"]["sample_id"]) for t in tasks[:-1]]
+    assert audit["sample_id"].tolist() == reviewed
+    assert audit["new_label"].tolist() == [truth(i) for i in reviewed]
+    assert (audit["decision_source"] == "label-studio:project-1-export.json").all()
+    assert (audit["epoch"] == "2").all() and (audit["run"] == run["run_id"]).all()
+    expected = labels.copy()
+    fixed = expected["sample_id"].isin(reviewed)
+    expected.loc[fixed, "label"] = expected.loc[fixed, "sample_id"].map(truth)
+    pd.testing.assert_frame_equal(corrected, expected)
+    assert (corrected["label"] != labels["label"]).sum() == (audit["changed"] == "True").sum() > 0
+
+    # The next run reads corrected.csv: LabelWatch sees the corrected labels as given.
+    data = RelabelledBlobs(BlobDataset(NUM_VAL, seed=2, flip=FLIPPED), corrected_path)
+    callback = LabelWatch(class_names=NAMES, metadata_keys=["path"], projection="pca")
+    second = tmp_path / "second"
+    Trainer(**trainer_kwargs(second, callbacks=[callback], max_epochs=1)).fit(
+        TinyClassifier(lr=0.2),
+        DataLoader(data, batch_size=16, shuffle=True),
+        DataLoader(data, batch_size=16),
+    )
+    samples = pd.read_parquet(callback.last_output_dir / "samples.parquet")
+    seen = dict(zip(samples["sample_id"].astype(str), samples["given_name"], strict=True))
+    assert seen == dict(zip(corrected["sample_id"], corrected["label"], strict=True))
+    assert all(seen[i] == truth(i) for i in reviewed)
+
+
+def test_round_trip_through_a_reviewed_spreadsheet(run, tmp_path, capsys):
+    """accept takes the suggestion, reject keeps, a class name relabels, blank is no decision."""
+    root = run["root"]
+    review = tmp_path / "review.csv"
+    assert main(["candidates", str(run["out"]), "--top", "4", "-o", str(review)]) == 0
+    table = pd.read_csv(review, dtype=str, keep_default_na=False)
+    table["decision"] = ["accept", "Reject", "a", ""]
+    table.to_csv(review, index=False)
+    corrected_path, audit_path = tmp_path / "out" / "corrected.csv", tmp_path / "audit.csv"
+    argv = ["apply", "--labels", str(root / "labels.csv"), "--decisions", str(review)]
+    assert main([*argv, "-o", str(corrected_path), "--audit", str(audit_path)]) == 0
+    assert "applied 3 decisions: " in capsys.readouterr().out
+    audit = pd.read_csv(audit_path, dtype=str)
+    ids = table["sample_id"].tolist()
+    assert audit["sample_id"].tolist() == ids[:3]
+    assert audit["old_label"].tolist() == table["given_name"].head(3).tolist()
+    assert audit["new_label"].tolist() == [table["suggested_name"][0], table["given_name"][1], "a"]
+    assert audit["decision"].tolist() == ["accept", "Reject", "a"]
+    assert (audit["decision_source"] == "csv:review.csv").all()
+    assert (audit["run"] == run["run_id"]).all() and (audit["epoch"] == "2").all()
+    corrected = read_labels(corrected_path).set_index("sample_id")["label"]
+    assert corrected[ids[0]] == table["suggested_name"][0] and corrected[ids[2]] == "a"
+    assert corrected[ids[3]] == table["given_name"][3]  # blank: untouched
+
+
+def test_apply_refuses_unknown_ids_unknown_classes_and_conflicts(run, tmp_path, capsys):
+    """One exit-2 message lists every unknown id, unknown class and conflict; nothing written."""
+    decisions = tmp_path / "decisions.csv"
+    pd.DataFrame(
+        {
+            "sample_id": ["999999", "1004", "1001", "1001", "1002"],
+            "decision": ["a", "sirne", "a", "b", "c"],
+        }
+    ).to_csv(decisions, index=False)
+    output = tmp_path / "corrected.csv"
+    argv = ["apply", "--labels", str(run["root"] / "labels.csv"), "--decisions", str(decisions)]
+    assert main([*argv, "-o", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown sample ids (not in the labels): 999999 (csv:decisions.csv, line 2)" in err
+    assert "unknown class names (valid: ['a', 'b', 'c']" in err and "'sirne' for 1004" in err
+    assert "conflicting decisions: 1001: a (a; csv:decisions.csv, line 4)" in err
+    assert not output.exists() and not (tmp_path / "corrected.audit.csv").exists()
+
+
+def test_disagreeing_label_studio_annotations_are_refused_as_conflicts(run, tmp_path):
+    """Two submitted annotations of one task that pick different classes conflict."""
+    task = {
+        "data": {"sample_id": 1004, "audio": "x", "epoch": 2},
+        "predictions": [{"result": [{"to_name": "audio"}]}],
+    }
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps([export_task(task, 9, [(["a"], False), (["b"], False)])]))
+    labels = read_labels(run["root"] / "labels.csv")
+    with pytest.raises(RelabelError, match=r"conflicting decisions: 1004: a .*task 9.* b "):
+        apply_decisions(labels, read_decisions(export))
+    agreeing = tmp_path / "agreeing.json"
+    agreeing.write_text(json.dumps([export_task(task, 9, [(["a"], False), (["a"], False)])]))
+    corrected, audit = apply_decisions(labels, read_decisions(agreeing))
+    assert audit["new_label"].tolist() == ["a"] and audit["changed"].tolist() == [True]
+
+
+def test_apply_never_writes_over_its_inputs(run, tmp_path, capsys):
+    """-o or --audit naming the labels, a decisions file or the candidates is refused."""
+    labels = run["root"] / "labels.csv"
+    decisions = tmp_path / "decisions.csv"
+    pd.DataFrame({"sample_id": ["1004"], "decision": ["b"]}).to_csv(decisions, index=False)
+    before = labels.read_bytes(), decisions.read_bytes()
+    base = ["apply", "--labels", str(labels), "--decisions", str(decisions)]
+    for extra in (
+        ["-o", str(labels)],
+        ["-o", str(tmp_path / "ok.csv"), "--audit", str(decisions)],
+        ["-o", str(run["out"] / "epoch=2" / "x.csv"), "--candidates", str(run["out"])],
+    ):
+        assert main([*base, *extra]) == 2
+        assert "refusing to write" in capsys.readouterr().err
+    assert (labels.read_bytes(), decisions.read_bytes()) == before
+
+
+def test_log_wandb_refuses_clearly_when_wandb_is_offline(run, tmp_path, capsys):
+    """--log-wandb in offline mode exits 2 with a message, before writing anything."""
+    decisions = tmp_path / "decisions.csv"
+    pd.DataFrame({"sample_id": ["1004"], "decision": ["b"]}).to_csv(decisions, index=False)
+    output = tmp_path / "corrected.csv"
+    argv = ["apply", "--labels", str(run["root"] / "labels.csv"), "--decisions", str(decisions)]
+    assert (
+        main([*argv, "-o", str(output), "--candidates", str(run["out"]), "--log-wandb", "me/p"])
+        == 2
+    )
+    assert "--log-wandb needs an online W&B (the mode is 'offline'" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_class_indices_are_mapped_through_the_class_names(tmp_path, capsys):
+    """Labels stored as indices stay indices; without class names they are refused."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("sample_id,target\n7,0\n8,2\n")
+    decisions = tmp_path / "decisions.csv"
+    decisions.write_text("sample_id,decision,suggested_name\n7,accept,c\n8,b,\n")
+    argv = ["apply", "--labels", str(labels), "--decisions", str(decisions), "--label-column"]
+    out = tmp_path / "corrected.csv"
+    assert main([*argv, "target", "-o", str(out), "--class-names", *NAMES]) == 0
+    assert out.read_text() == "sample_id,target\n7,2\n8,1\n"
+    assert main([*argv, "target", "-o", str(tmp_path / "x.csv")]) == 2
+    assert "the labels look like class indices; pass the class names" in capsys.readouterr().err
+    assert main([*argv, "target", "-o", str(tmp_path / "x.csv"), "--class-names", "a", "b"]) == 2
+    assert "class indices up to 2, but only 2 class names" in capsys.readouterr().err
+
+
+def test_formula_cells_are_neutralised_in_csv_and_ids_round_trip(tmp_path, capsys):
+    """Ids that look like formulas are quoted in the audit and read back exactly from a review."""
+    labels = tmp_path / "labels.csv"
+    ids = ["=1+2", "-3", "@x", "'q"]
+    pd.DataFrame({"sample_id": ids, "label": ["a", "b", "c", "a"]}).to_csv(labels, index=False)
+    review = tmp_path / "review.csv"  # as `labelwatch candidates` writes it, then reviewed
+    decided = pd.DataFrame({"sample_id": ["=1+2", "-3", "'q"], "decision": ["b", "c", "b"]})
+    to_csv_safe(decided).to_csv(review, index=False)
+    assert "'=1+2" in review.read_text() and "''q" in review.read_text()
+    out = tmp_path / "corrected.csv"
+    assert main(["apply", "--labels", str(labels), "--decisions", str(review), "-o", str(out)]) == 0
+    # The corrected labels are a data file, cell for cell as read; the audit is quoted.
+    assert out.read_text() == "sample_id,label\n=1+2,b\n-3,c\n@x,c\n'q,b\n"
+    audit = pd.read_csv(tmp_path / "corrected.audit.csv", dtype=str)
+    assert audit["sample_id"].tolist() == ["'=1+2", "'-3", "''q"]
+
+
+def test_decisions_other_than_csv_or_label_studio_json_are_refused(run, tmp_path, capsys):
+    """A pickle (or any other file type) is never loaded."""
+    pickled = tmp_path / "decisions.pkl"
+    pickled.write_bytes(b"\x80\x04K\x01.")
+    argv = ["apply", "--labels", str(run["root"] / "labels.csv"), "--decisions", str(pickled)]
+    assert main([*argv, "-o", str(tmp_path / "c.csv")]) == 2
+    assert "decisions must be a reviewed candidates .csv or a Label Studio export .json" in (
+        capsys.readouterr().err
+    )
