@@ -690,8 +690,12 @@ class LabelWatch(LabelWatchLogic, Callback):
             when ``validation_step`` does not return them.
         embedding_layer: dotted name of the submodule whose output is the embedding.
         metadata_keys: batch keys copied into every row (for example a file path).
+        dataloaders: which validation dataloaders to watch, by index or name (None = all).
+            With several, each gets its own folder, W&B keys and artifact, by name.
         every_n_epochs: run every n-th validation epoch (1 = each one).
-        projection: ``"umap"`` (PCA below 16 samples), ``"pca"`` or ``"none"``.
+        projection: ``"umap"`` (PCA below 16 samples), ``"pca"``, ``"none"``, or a picklable
+            callable ``f(embeddings, init) -> (N, 2)``. Maps are warm-started from the
+            previous epoch by sample id; see :mod:`labelwatch.projection`.
         label_quality: ranking in [0, 1], lower = more likely mislabelled; see
             :func:`labelwatch.score_predictions` for the methods and how the default was chosen.
         max_candidates: keep at most this many candidates per epoch (None = all flagged).
@@ -703,6 +707,12 @@ class LabelWatch(LabelWatchLogic, Callback):
             to a ``wandb.Audio`` / ``wandb.Image`` (or None); logged for every candidate
             and for up to ``max_media_rows`` other rows.
         max_media_rows: cap on media for rows that are not candidates.
+        embeddings_dtype: ``"float16"`` stores embeddings at half the memory.
+        offload_to_cpu: copy each batch to (pinned) host memory as it arrives.
+        max_points: map and log to W&B at most this many rows: a class-stratified
+            subsample that includes every candidate (the local files keep every row).
+        map_in_background: compute UMAP maps in a worker process (True), so training does
+            not wait; False computes them in the training process.
         seed: seed of the 2-D map.
 
     Raises:
