@@ -60,6 +60,7 @@ from xml.sax.saxutils import quoteattr
 import pandas as pd
 
 from labelwatch.candidates import CandidateSet, to_records
+from labelwatch.relabel import DECISION_COLUMNS
 
 __all__ = ["MEDIA_TAGS", "fill_template", "labeling_config", "read_export", "to_tasks"]
 
@@ -248,18 +249,7 @@ def read_export(path: str | Path) -> pd.DataFrame:
         )
     if multiple:
         raise ValueError(f"{path}: annotations that pick several classes: {'; '.join(multiple)}")
-    columns = [
-        "sample_id",
-        "action",
-        "label",
-        "decision",
-        "suggested_name",
-        "decision_source",
-        "epoch",
-        "run",
-        "origin",
-    ]
-    return pd.DataFrame(rows, columns=columns, dtype=object)
+    return pd.DataFrame(rows, columns=list(DECISION_COLUMNS), dtype=object)
 
 
 def _choices(result: list[Any]) -> list[str]:
