@@ -266,3 +266,4 @@ class MapWorker:
         for process in processes:
             process.terminate()
             process.join(timeout=10)
+        self._pool.shutdown(wait=True)  # now quick: releases the pool's queues and locks

@@ -73,8 +73,9 @@ class WandbSink:
         metrics = {f"{prefix}/{k}": summary[k] for k in SUMMARY_METRICS}
         run.log(
             {
+                # Media once, in the per-sample table (W&B copies media per table).
                 samples_key: _table(samples, media),
-                candidates_key: _table(candidates, media),
+                candidates_key: _table(candidates, None),
                 **metrics,
                 "epoch": epoch,
                 "trainer/global_step": step,
@@ -89,7 +90,7 @@ class WandbSink:
         )
         for name in ("candidates.parquet", "candidates.csv"):
             artifact.add_file(str(files[name]), name=name)
-        artifact.add(_table(candidates, media), "candidates")
+        artifact.add(_table(candidates, None), "candidates")
         run.log_artifact(artifact, aliases=["latest", f"epoch-{epoch}"])
 
 
