@@ -1,0 +1,181 @@
+"""Label agreement among nearest neighbours in an embedding space: pure torch functions.
+
+A sample whose given label disagrees with the labels of the samples the model embeds next
+to it is a likely label error, whatever the classification head says. These functions
+find each sample's ``k`` nearest neighbours by cosine similarity, in row chunks so memory
+stays ``O(chunk_size x N)`` (never ``N x N``), on the device of the embeddings (the GPU
+when the model is there).
+
+Neighbours are chosen deterministically: the ``k`` most similar samples, and among equal
+similarities the lower index first, so results do not depend on ``chunk_size`` or on the
+order in which a ``topk`` kernel happens to return ties.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["knn_agreement", "knn_label_distribution"]
+
+# Values of the chunk x N similarity block when `chunk_size` is None: 2**24 float32 values
+# (64 MB) plus two boolean masks of the same shape.
+_AUTO_CHUNK_VALUES = 1 << 24
+
+
+def knn_agreement(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    k: int = 10,
+    chunk_size: int | None = None,
+    exclude_self: bool = True,
+) -> torch.Tensor:
+    """Fraction of each sample's ``k`` nearest neighbours that carry its given label.
+
+    Args:
+        embeddings: ``(N, D)`` floating-point embeddings; cosine similarity is used (rows are
+            L2-normalised; an all-zero row is similar to nothing, 0 with every sample).
+        labels: ``(N,)`` integer class indices (the given, possibly noisy labels), ``>= 0``.
+        k: neighbours per sample, ``>= 1``; when ``k`` exceeds the candidates available
+            (``N - 1`` with ``exclude_self``, else ``N``) every candidate is a neighbour.
+        chunk_size: rows whose similarities are computed at once (memory ``chunk_size x N``);
+            None picks it so a block holds about 16M values (64 MB in float32).
+        exclude_self: leave each sample out of its own neighbours (the usual case).
+
+    Returns:
+        ``(N,)`` float32 tensor on the embeddings' device, in [0, 1]; lower = the
+        neighbourhood disagrees with the given label = more likely mislabelled. With no
+        candidate neighbours (``N == 1`` and ``exclude_self``) the agreement is 1.
+
+    Raises:
+        ValueError: for inputs of the wrong shape, dtype or range, or bad ``k``/``chunk_size``.
+    """
+    embeddings, labels, k, chunk_size = _check(embeddings, labels, k, chunk_size)
+    num_classes = int(labels.max()) + 1 if len(labels) else 1
+    if exclude_self and len(labels) < 2:  # no neighbour to contradict the label
+        return torch.ones(len(labels), dtype=torch.float32, device=embeddings.device)
+    distribution = _label_distribution(embeddings, labels, num_classes, k, chunk_size, exclude_self)
+    return distribution.gather(1, labels[:, None]).squeeze(1)
+
+
+def knn_label_distribution(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int | None = None,
+    *,
+    k: int = 10,
+    chunk_size: int | None = None,
+    exclude_self: bool = True,
+) -> torch.Tensor:
+    """Fraction of each sample's ``k`` nearest neighbours in each class.
+
+    Same neighbours as :func:`knn_agreement` (whose value is this distribution at the
+    given label). Rows sum to 1, so the result can be mixed with a model's probabilities.
+
+    Args:
+        embeddings, labels, k, chunk_size, exclude_self: as in :func:`knn_agreement`.
+        num_classes: ``C``, the number of columns; defaults to ``labels.max() + 1``.
+
+    Returns:
+        ``(N, C)`` float32 tensor on the embeddings' device, each entry in [0, 1] and each
+        row summing to 1 (the uniform row when a sample has no candidate neighbours).
+
+    Raises:
+        ValueError: as :func:`knn_agreement`, and when a label is ``>= num_classes``.
+    """
+    embeddings, labels, k, chunk_size = _check(embeddings, labels, k, chunk_size)
+    needed = int(labels.max()) + 1 if len(labels) else 1
+    if num_classes is None:
+        num_classes = needed
+    elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < needed:
+        raise ValueError(
+            f"`num_classes` must be an integer > every label (>= {needed}), got {num_classes!r}"
+        )
+    return _label_distribution(embeddings, labels, num_classes, k, chunk_size, exclude_self)
+
+
+def _check(
+    embeddings: torch.Tensor, labels: torch.Tensor, k: int, chunk_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    if not isinstance(embeddings, torch.Tensor):
+        raise ValueError(
+            f"`embeddings` must be a torch.Tensor of shape (N, D), got {type(embeddings).__name__}"
+        )
+    if embeddings.ndim != 2 or not embeddings.dtype.is_floating_point:
+        raise ValueError(
+            "`embeddings` must be a 2-D floating-point tensor (N samples x D), got dtype"
+            f" {embeddings.dtype} and shape {tuple(embeddings.shape)}"
+        )
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(
+            f"`labels` must be a torch.Tensor of shape (N,), got {type(labels).__name__}"
+        )
+    if labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(
+            "`labels` must be a 1-D tensor of integer class indices, got dtype"
+            f" {labels.dtype} and shape {tuple(labels.shape)}"
+        )
+    if len(labels) != len(embeddings):
+        raise ValueError(
+            f"`labels` has {len(labels)} entries but `embeddings` has {len(embeddings)} rows;"
+            " they must describe the same samples"
+        )
+    if len(labels) and int(labels.min()) < 0:
+        raise ValueError(
+            f"`labels` must be class indices >= 0, got {int(labels.min())}; drop ignored"
+            " samples before computing neighbours"
+        )
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"`k` must be an integer >= 1, got {k!r}")
+    if chunk_size is None:
+        chunk_size = max(1, _AUTO_CHUNK_VALUES // max(len(embeddings), 1))
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be None or an integer >= 1, got {chunk_size!r}")
+    if not bool(torch.isfinite(embeddings).all()):
+        raise ValueError("`embeddings` must be finite; drop rows with NaN or infinite values")
+    return embeddings.detach(), labels.detach().to(embeddings.device, torch.long), k, chunk_size
+
+
+def _label_distribution(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    k: int,
+    chunk_size: int,
+    exclude_self: bool,
+) -> torch.Tensor:
+    """Valid input assumed. One chunk x N similarity block at a time; neighbours are the
+    entries above the k-th largest similarity plus, among those equal to it, the lowest
+    indices: a boolean mask, so ties never depend on the kernel."""
+    num_samples = len(embeddings)
+    device = embeddings.device
+    out = torch.empty(num_samples, num_classes, dtype=torch.float32, device=device)
+    available = num_samples - 1 if exclude_self else num_samples
+    k = min(k, available)
+    if k < 1:
+        return out.fill_(1.0 / num_classes)
+    work_dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    normed = torch.nn.functional.normalize(embeddings.to(work_dtype), dim=1)
+    one_hot = torch.nn.functional.one_hot(labels, num_classes).to(work_dtype)
+    for start in range(0, num_samples, chunk_size):
+        rows = normed[start : start + chunk_size]
+        sim = rows @ normed.T
+        if exclude_self:
+            own = torch.arange(len(rows), device=device)
+            sim[own, own + start] = -torch.inf
+        kth = sim.topk(k, dim=1).values[:, -1:]
+        chosen = sim > kth
+        ties = sim == kth
+        del sim
+        wanted = k - chosen.sum(dim=1, keepdim=True)
+        # Among the entries equal to the k-th value, the first `wanted` ones (lowest index).
+        # Usually only the k-th entry itself ties: the cumulative count is needed only in
+        # rows with more ties than places.
+        crowded = (ties.sum(dim=1, keepdim=True) > wanted).squeeze(1).nonzero().squeeze(1)
+        if len(crowded):
+            ties[crowded] &= ties[crowded].cumsum(dim=1) <= wanted[crowded]
+        chosen |= ties
+        del ties
+        out[start : start + len(rows)] = (chosen.to(work_dtype) @ one_hot).float() / k
+        del chosen
+    return out

@@ -1,0 +1,123 @@
+"""Epoch history (averaged probabilities, flag streaks, save/load) and combined scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from labelwatch.combined import (
+    COMBINED_METHODS,
+    candidate_flags,
+    combined_quality,
+    limit_candidates,
+)
+from labelwatch.history import EpochHistory
+
+
+def _probs(*rows: list[float]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_averages_over_the_window_only():
+    """The average covers the last `window` epochs of each sample, not older ones."""
+    history = EpochHistory(window=2)
+    no_flags = torch.zeros(1, dtype=torch.bool)
+    history.update(0, ["a"], _probs([1.0, 0.0]), no_flags)
+    averaged, _ = history.update(1, ["a"], _probs([0.0, 1.0]), no_flags)
+    assert averaged.tolist() == [[0.5, 0.5]]
+    averaged, _ = history.update(2, ["a"], _probs([0.0, 1.0]), no_flags)
+    assert averaged.tolist() == [[0.0, 1.0]]
+
+
+def test_aligns_by_id_when_order_changes():
+    """Ids arriving in another order are matched by id, and the output follows the new order."""
+    history = EpochHistory(window=3)
+    flags = torch.zeros(2, dtype=torch.bool)
+    history.update(0, [10, 20], _probs([1.0, 0.0], [0.0, 1.0]), flags)
+    averaged, _ = history.update(1, [20, 10], _probs([0.5, 0.5], [0.5, 0.5]), flags)
+    assert averaged.tolist() == [[0.25, 0.75], [0.75, 0.25]]
+
+
+def test_streak_counts_consecutive_flags_and_resets():
+    """The streak grows while a sample stays flagged and drops to 0 when it is not."""
+    history = EpochHistory(window=2)
+    probs = _probs([0.5, 0.5], [0.5, 0.5])
+    streaks = [
+        history.update(epoch, ["a", "b"], probs, torch.tensor(flags))[1].tolist()
+        for epoch, flags in enumerate([[True, False], [True, True], [False, True], [True, True]])
+    ]
+    assert streaks == [[1, 0], [2, 1], [0, 2], [1, 3]]
+
+
+def test_missing_ids_are_skipped_not_reset():
+    """A sample absent from an epoch keeps its window and streak; new ids start fresh."""
+    history = EpochHistory(window=2)
+    history.update(0, ["a"], _probs([1.0, 0.0]), torch.tensor([True]))
+    history.update(1, ["b"], _probs([0.0, 1.0]), torch.tensor([True]))
+    averaged, streak = history.update(
+        2, ["a", "b"], _probs([0.0, 1.0], [0.0, 1.0]), torch.ones(2, dtype=torch.bool)
+    )
+    assert averaged.tolist() == [[0.5, 0.5], [0.0, 1.0]]
+    assert streak.tolist() == [2, 2]
+
+
+def test_save_load_round_trip_continues_like_the_original(tmp_path):
+    """After save/load (the resume case) the next update gives the same result."""
+    generator = torch.Generator().manual_seed(0)
+    ids = ["x", "y", "z"]
+    original = EpochHistory(window=3, dtype=torch.float16)
+    for epoch in range(4):
+        probs = torch.softmax(torch.randn(3, 4, generator=generator), dim=1)
+        original.update(epoch, ids, probs, torch.rand(3, generator=generator) > 0.5)
+    path = original.save(tmp_path / "epoch=3" / "history.parquet")
+    restored = EpochHistory.load(path)
+    assert (restored.window, restored.dtype, restored.last_epoch) == (3, torch.float16, 3)
+    probs = torch.softmax(torch.randn(3, 4, generator=generator), dim=1)
+    flags = torch.tensor([True, False, True])
+    expected = original.update(4, ids[::-1], probs, flags)
+    got = restored.update(4, ids[::-1], probs, flags)
+    assert torch.equal(got[0], expected[0])
+    assert torch.equal(got[1], expected[1])
+    assert not list(path.parent.glob(".*.tmp"))  # the atomic write left no temporary
+
+
+def test_update_rejects_inconsistent_input():
+    """Duplicate ids, a changed class count and a non-increasing epoch are refused."""
+    history = EpochHistory()
+    with pytest.raises(ValueError, match=r"`sample_ids` must be unique"):
+        history.update(0, [1, 1], _probs([1.0, 0.0], [1.0, 0.0]), torch.zeros(2, dtype=torch.bool))
+    history.update(0, [1], _probs([1.0, 0.0]), torch.zeros(1, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"`probs` has 3 classes but the history holds 2"):
+        history.update(1, [1], _probs([1.0, 0.0, 0.0]), torch.zeros(1, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"`epoch` must increase"):
+        history.update(0, [1], _probs([1.0, 0.0]), torch.zeros(1, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"`window` must be an integer >= 1, got 0"):
+        EpochHistory(window=0)
+
+
+@pytest.mark.parametrize("method", COMBINED_METHODS)
+def test_combined_scores_in_unit_interval_lower_for_wrong_labels(method):
+    """Every combined score is in [0, 1] and lower for a label the model and neighbours reject."""
+    probs = _probs([0.9, 0.05, 0.05], [0.9, 0.05, 0.05])
+    knn = _probs([1.0, 0.0, 0.0], [1.0, 0.0, 0.0])
+    quality = combined_quality(probs, torch.tensor([0, 1]), knn, method=method)
+    assert torch.all((quality >= 0) & (quality <= 1))
+    assert quality[1] < quality[0]
+
+
+def test_combined_quality_needs_the_neighbours_for_knn_methods():
+    """A knn_* method without knn_distribution says what to pass."""
+    with pytest.raises(ValueError, match=r"needs `knn_distribution`"):
+        combined_quality(_probs([0.5, 0.5]), torch.tensor([0]), method="knn_mixed_margin")
+
+
+def test_candidate_rule_and_budget():
+    """Few agreeing neighbours flag a sample; the budget keeps the lowest-quality flags."""
+    probs = _probs([0.6, 0.4], [0.6, 0.4], [0.6, 0.4], [0.6, 0.4])
+    labels = torch.tensor([0, 0, 0, 1])
+    knn = _probs([1.0, 0.0], [0.1, 0.9], [1.0, 0.0], [1.0, 0.0])
+    flags = candidate_flags(probs, labels, knn)
+    assert flags.tolist() == [False, True, False, True]
+    quality = combined_quality(probs, labels, knn)
+    assert limit_candidates(flags, quality, 1).tolist() == [False, False, False, True]
+    assert limit_candidates(flags, quality, None).tolist() == flags.tolist()

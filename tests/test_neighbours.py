@@ -1,0 +1,98 @@
+"""kNN label agreement: clusters, chunking, small N and input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from labelwatch.neighbours import knn_agreement, knn_label_distribution
+
+
+def _clusters() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three tight clusters of 20 points on different axes; point 0 is labelled 1, not 0."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.eye(3, 8) * 10
+    labels = torch.arange(3).repeat_interleave(20)
+    points = centres[labels] + 0.1 * torch.randn(60, 8, generator=generator)
+    noisy = labels.clone()
+    noisy[0] = 1
+    return points, noisy
+
+
+def test_mislabelled_point_gets_low_agreement_and_clean_points_one():
+    """A point labelled 1 inside cluster 0 has no agreeing neighbour; others agree fully."""
+    points, noisy = _clusters()
+    agreement = knn_agreement(points, noisy, k=5)
+    assert agreement[0] == 0.0
+    assert torch.all(agreement[20:] == 1.0)
+    # Cluster-0 points may have the mislabelled point among their 5 neighbours.
+    assert torch.all(agreement[1:20] >= 0.8)
+
+
+def test_chunked_equals_unchunked():
+    """Any chunk size gives exactly the result of a single block."""
+    generator = torch.Generator().manual_seed(1)
+    points = torch.randn(300, 16, generator=generator)
+    labels = torch.randint(0, 4, (300,), generator=generator)
+    whole = knn_label_distribution(points, labels, k=7, chunk_size=300)
+    for chunk_size in (1, 17, 128):
+        assert torch.equal(
+            knn_label_distribution(points, labels, k=7, chunk_size=chunk_size), whole
+        )
+
+
+def test_ties_pick_the_lowest_indices():
+    """With equal similarities the first samples are the neighbours, whatever the chunk."""
+    points = torch.tensor([[1.0, 0.0]] * 4 + [[0.0, 1.0]])
+    labels = torch.tensor([0, 1, 1, 1, 0])
+    # Point 4 is orthogonal to all the others: its 2 neighbours are samples 0 and 1.
+    distribution = knn_label_distribution(points, labels, k=2, chunk_size=1)
+    assert distribution[4].tolist() == [0.5, 0.5]
+
+
+def test_k_larger_than_n_uses_every_other_sample():
+    """k >= N takes the N - 1 other samples (or N with the sample itself)."""
+    points = torch.randn(4, 3)
+    labels = torch.tensor([0, 0, 1, 1])
+    assert knn_agreement(points, labels, k=100).tolist() == pytest.approx([1 / 3] * 4)
+    assert knn_agreement(points, labels, k=100, exclude_self=False).tolist() == [0.5] * 4
+
+
+def test_single_sample_agrees_with_itself():
+    """With no other sample the agreement is 1 (nothing contradicts the label)."""
+    assert knn_agreement(torch.ones(1, 3), torch.tensor([2])).tolist() == [1.0]
+
+
+def test_distribution_rows_sum_to_one_with_requested_classes():
+    """The distribution has num_classes columns and rows summing to 1."""
+    points, noisy = _clusters()
+    distribution = knn_label_distribution(points, noisy, 5, k=4)
+    assert distribution.shape == (60, 5)
+    assert torch.allclose(distribution.sum(dim=1), torch.ones(60))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"embeddings": torch.ones(3)}, r"`embeddings` must be a 2-D floating-point"),
+        ({"embeddings": torch.ones(3, 2, dtype=torch.long)}, r"`embeddings` must be a 2-D"),
+        ({"labels": torch.tensor([0.0, 1.0, 0.0])}, r"`labels` must be a 1-D tensor of integer"),
+        ({"labels": torch.tensor([0, 1])}, r"`labels` has 2 entries but `embeddings` has 3"),
+        ({"labels": torch.tensor([0, -1, 0])}, r"`labels` must be class indices >= 0, got -1"),
+        ({"k": 0}, r"`k` must be an integer >= 1, got 0"),
+        ({"chunk_size": 0}, r"`chunk_size` must be None or an integer >= 1, got 0"),
+        ({"embeddings": torch.tensor([[0.0], [float("nan")], [1.0]])}, r"must be finite"),
+    ],
+)
+def test_bad_inputs_raise_value_error(kwargs, match):
+    """Each invalid argument is named in the error message."""
+    arguments = {"embeddings": torch.ones(3, 2), "labels": torch.tensor([0, 1, 0])} | kwargs
+    embeddings, labels = arguments.pop("embeddings"), arguments.pop("labels")
+    with pytest.raises(ValueError, match=match):
+        knn_agreement(embeddings, labels, **arguments)
+
+
+def test_num_classes_must_cover_the_labels():
+    """A num_classes smaller than the largest label + 1 is refused."""
+    with pytest.raises(ValueError, match=r"`num_classes` must be an integer > every label"):
+        knn_label_distribution(torch.ones(3, 2), torch.tensor([0, 1, 2]), 2)
