@@ -128,7 +128,7 @@ def test_fit_without_logger_writes_local_outputs(tmp_path: Path):
         samples = pd.read_parquet(tmp_path / "labelwatch" / f"epoch={epoch}" / "samples.parquet")
         assert len(samples) == 48
         assert samples["sample_id"].str.startswith("clip-").all()
-        assert tuple(samples.columns) == (*SAMPLE_COLUMNS, "moved")
+        assert tuple(samples.columns) == (*SAMPLE_COLUMNS, "moved", "knn_agreement", "flag_streak")
     candidates = pd.read_parquet(tmp_path / "labelwatch/epoch=1/candidates.parquet")
     assert candidates["rank"].tolist() == list(range(1, len(candidates) + 1))
     assert candidates["label_quality"].is_monotonic_increasing
@@ -312,3 +312,28 @@ def test_no_warnings_from_labelwatch_on_a_clean_run(tmp_path: Path):
             **trainer_kwargs(tmp_path, callbacks=[LabelWatch(projection="pca")], max_epochs=1)
         ).fit(TinyClassifier(), train, val)
     assert not [w for w in record if "LabelWatch" in str(w.message)]
+
+
+def test_knn_agreement_and_flag_streaks_are_logged_per_sample(tmp_path: Path):
+    """Each row carries its kNN label agreement and how many epochs in a row it was flagged."""
+    train, val = loaders(num_val=60, flip=10)
+    callback = LabelWatch(projection="none")
+    Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=3)).fit(
+        TinyClassifier(lr=0.2), train, val
+    )
+    epochs = [
+        pd.read_parquet(tmp_path / f"labelwatch/epoch={e}/samples.parquet").set_index("sample_id")
+        for e in range(3)
+    ]
+    last = epochs[-1]
+    assert last["knn_agreement"].between(0, 1).all()
+    # the flipped labels sit inside another class's blob: their neighbours disagree
+    flipped = last.index < 1010
+    assert (
+        last.loc[flipped, "knn_agreement"].mean() < 0.5 < last.loc[~flipped, "knn_agreement"].mean()
+    )
+    expected = pd.Series(0, index=last.index)
+    for frame in epochs:
+        expected = (expected + 1).where(frame["is_confident_mismatch"], 0)
+        pd.testing.assert_series_equal(frame["flag_streak"], expected, check_names=False)
+    assert last["flag_streak"].max() >= 2

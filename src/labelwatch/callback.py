@@ -21,6 +21,7 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 
 from labelwatch.candidates import select_candidates
 from labelwatch.capture import CapturedEpoch, EpochBuffer, LayerTap, find_submodule, merge_ranks
+from labelwatch.neighbours import knn_agreement
 from labelwatch.projection import (
     MapJob,
     MapResult,
@@ -38,6 +39,10 @@ __all__ = ["LabelWatch", "LabelWatchLogic"]
 log = logging.getLogger(__name__)
 
 MediaFn = Callable[[Mapping[str, Any]], Any]
+# kNN label agreement: neighbours per sample, and the largest epoch it is computed for
+# (exact neighbours cost N^2 D at epoch end; beyond this the column is NaN).
+KNN_NEIGHBOURS = 10
+KNN_MAX_SAMPLES = 50_000
 _EMBEDDINGS_DTYPES = {"float32": None, "float16": torch.float16}
 
 
@@ -146,6 +151,7 @@ class LabelWatchLogic:
         self._pending: deque[_PendingEpoch] = deque()
         self._previous_maps: dict[str | None, dict[Any, tuple[float, float]]] = {}
         self._previous_epochs: dict[str | None, int] = {}
+        self._streaks: dict[str | None, dict[Any, int]] = {}
         self._logits_tap: LayerTap | None = None
         self._embedding_tap: LayerTap | None = None
         self._wandb: WandbSink | None = None
@@ -355,7 +361,7 @@ class LabelWatchLogic:
     ) -> None:
         epoch = trainer.current_epoch
         host = captured.to_host() if captured is not None else None
-        samples = self._score(host, epoch) if host is not None else None
+        samples = self._score(host, epoch, name) if host is not None else None
         if host is None or samples is None or len(samples) == 0:
             self._warn_once(
                 f"empty-{name}",
@@ -427,20 +433,27 @@ class LabelWatchLogic:
 
     def _previous_map(self, name: str | None) -> dict[Any, tuple[float, float]]:
         """The last map of this dataloader, from memory or, after a resume, from disk."""
-        if name not in self._previous_maps and self.output_root is not None:
-            root = self.output_root / name if name is not None else self.output_root
-            epochs = sorted(
-                (int(p.name.split("=")[1]), p) for p in root.glob("epoch=*") if p.name[6:].isdigit()
-            )
-            for _, folder in reversed(epochs):
-                if (folder / "samples.parquet").is_file():
-                    frame = pd.read_parquet(folder / "samples.parquet").dropna(subset=["x", "y"])
-                    if len(frame):
-                        xy = zip(frame["x"], frame["y"], strict=True)
-                        self._previous_maps[name] = dict(zip(frame["sample_id"], xy, strict=True))
-                        self._previous_epochs[name] = int(frame["epoch"].iloc[0])
-                        break
+        if name not in self._previous_maps:
+            last = self._last_epoch_samples(name, ["sample_id", "epoch", "x", "y"])
+            if last is not None and last["x"].notna().any():
+                last = last.dropna(subset=["x", "y"])
+                xy = zip(last["x"], last["y"], strict=True)
+                self._previous_maps[name] = dict(zip(last["sample_id"], xy, strict=True))
+                self._previous_epochs[name] = int(last["epoch"].iloc[0])
         return self._previous_maps.get(name, {})
+
+    def _last_epoch_samples(self, name: str | None, columns: list[str]) -> pd.DataFrame | None:
+        """Columns of the newest samples.parquet before now (what a resumed run continues)."""
+        if self.output_root is None or self.last_epoch is None:
+            return None
+        root = self.output_root / name if name is not None else self.output_root
+        path = root / f"epoch={self.last_epoch}" / "samples.parquet"
+        if not path.is_file():
+            return None
+        try:
+            return pd.read_parquet(path, columns=columns)
+        except (OSError, ValueError, KeyError):  # an older or partial file: start afresh
+            return None
 
     def _map_or_warn(self, compute: Callable[[], MapResult], epoch: int) -> MapResult | None:
         try:
@@ -531,7 +544,7 @@ class LabelWatchLogic:
                 pending.out_dir,
             )
 
-    def _score(self, captured: CapturedEpoch, epoch: int) -> pd.DataFrame:
+    def _score(self, captured: CapturedEpoch, epoch: int, name: str | None) -> pd.DataFrame:
         with warnings.catch_warnings():  # warned below, once, with the epoch
             warnings.filterwarnings("ignore", message=".*NaN or infinite", category=RuntimeWarning)
             samples = score_predictions(
@@ -553,8 +566,40 @@ class LabelWatchLogic:
         positions = pd.Index(captured.sample_ids).get_indexer(samples["sample_id"])
         for key, values in captured.metadata.items():
             samples[key] = np.asarray(values, dtype=object)[positions]
-        samples.insert(samples.columns.get_loc("y") + 1, "moved", np.nan)
+        column = samples.columns.get_loc("y")
+        samples.insert(column + 1, "moved", np.nan)
+        samples.insert(column + 2, "knn_agreement", self._knn_agreement(captured, positions))
+        samples.insert(column + 3, "flag_streak", self._flag_streaks(name, samples))
         return samples
+
+    def _knn_agreement(self, captured: CapturedEpoch, positions: np.ndarray) -> np.ndarray:
+        """Share of each sample's 10 nearest neighbours (cosine) with its given label."""
+        if captured.embeddings is None or len(positions) > KNN_MAX_SAMPLES:
+            return np.full(len(positions), np.nan)
+        index = torch.from_numpy(positions)
+        agreement = knn_agreement(
+            captured.embeddings[index].float(), captured.targets[index], k=KNN_NEIGHBOURS
+        )
+        return agreement.cpu().double().numpy()
+
+    def _flag_streaks(self, name: str | None, samples: pd.DataFrame) -> np.ndarray:
+        """Consecutive epochs each sample has been a confident mismatch, this one included.
+
+        A sample missing from an epoch keeps its streak; after a resume the streaks are
+        read back from the last epoch's samples.parquet."""
+        previous = self._streaks.get(name)
+        if previous is None:
+            last = self._last_epoch_samples(name, ["sample_id", "flag_streak"])
+            previous = (
+                dict(zip(last["sample_id"], last["flag_streak"], strict=True))
+                if (last is not None)
+                else {}
+            )
+        flagged = samples["is_confident_mismatch"].to_numpy(bool)
+        before = samples["sample_id"].map(previous).fillna(0).to_numpy(np.int64)
+        streak = np.where(flagged, before + 1, 0)
+        self._streaks[name] = {**previous, **dict(zip(samples["sample_id"], streak, strict=True))}
+        return streak
 
     def _summary(
         self,
