@@ -252,15 +252,21 @@ class MapWorker:
     def __init__(self, warm_up: bool = True, seed: int = 0) -> None:
         context = multiprocessing.get_context("spawn")  # no fork of a threaded trainer
         self._pool = ProcessPoolExecutor(max_workers=1, mp_context=context)
+        self._futures: list[Future] = []
         if warm_up:
-            self._pool.submit(_warm_up, seed)
+            self._futures.append(self._pool.submit(_warm_up, seed))
 
     def submit(self, job: MapJob) -> Future:
-        return self._pool.submit(compute_map, job)
+        future = self._pool.submit(compute_map, job)
+        self._futures.append(future)
+        return future
 
     def shutdown(self) -> None:
         """Stop now. Callers first wait for the maps they need; what remains (at most the
         compilation warm-up) is not worth waiting for."""
+        if all(future.done() for future in self._futures):
+            self._pool.shutdown(wait=True)  # idle: a clean exit
+            return
         processes = list((getattr(self._pool, "_processes", None) or {}).values())
         self._pool.shutdown(wait=False, cancel_futures=True)
         for process in processes:
