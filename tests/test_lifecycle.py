@@ -115,3 +115,51 @@ def test_pytorch_lightning_package_trainer(tmp_path: Path):
     )
     samples = pd.read_parquet(tmp_path / "labelwatch/epoch=1/samples.parquet")
     assert len(samples) == 30 and set(samples["given_name"]) == {"a", "b", "c"}
+
+
+def test_resumed_wandb_run_continues_artifact_aliases(tmp_path: Path):
+    """Resuming the same W&B run id logs the same artifact name with the later epochs' aliases."""
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    from tests.helpers import wandb_records
+
+    train, val = _data()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first_logger = WandbLogger(
+        project="resume", save_dir=str(tmp_path / "a"), offline=True, id="lwresume"
+    )
+    kwargs = trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=True, logger=first_logger)
+    Trainer(**{**kwargs, "callbacks": [LabelWatch(projection="none"), checkpoint]}).fit(
+        TinyClassifier(), train, val
+    )
+    wandb.finish()
+    second_logger = WandbLogger(
+        project="resume", save_dir=str(tmp_path / "b"), offline=True, id="lwresume", resume="allow"
+    )
+    kwargs = trainer_kwargs(tmp_path, max_epochs=4, enable_checkpointing=True, logger=second_logger)
+    Trainer(
+        **{
+            **kwargs,
+            "callbacks": [
+                LabelWatch(projection="none"),
+                ModelCheckpoint(dirpath=tmp_path / "ckpt"),
+            ],
+        }
+    ).fit(TinyClassifier(), train, val, ckpt_path=tmp_path / "ckpt/last.ckpt")
+    wandb.finish()
+    aliases = []
+    for folder in ("a", "b"):
+        (log_file,) = (tmp_path / folder / "wandb").glob("offline-run-*/run-*.wandb")
+        for record in wandb_records(log_file):
+            if (
+                record.WhichOneof("record_type") == "artifact"
+                and record.artifact.type == "relabel-candidates"
+            ):
+                assert record.artifact.name == "relabel-candidates-lwresume"
+                aliases.append(sorted(record.artifact.aliases))
+    assert aliases == [[f"epoch-{e}", "latest"] for e in range(4)]
+    # the resumed run writes on in the first run's output folder
+    assert sorted(p.name for p in (tmp_path / "a/resume/lwresume/labelwatch").iterdir()) == [
+        f"epoch={e}" for e in range(4)
+    ]

@@ -145,3 +145,20 @@ def test_a_projection_callable_with_the_wrong_shape_is_reported():
     points, _ = _clusters(20)
     with pytest.raises(ValueError, match=r"returned shape \(20, 3\); expected \(20, 2\)"):
         project(points, method=lambda e, init: e[:, :3])
+
+
+def test_wandb_table_is_capped_at_max_points_even_without_a_map(tmp_path: Path):
+    """No embeddings map: W&B still gets at most max_points rows, every candidate among them."""
+    train, val = loaders(num_val=60, flip=8)
+    logger = WandbLogger(project="cap", save_dir=str(tmp_path), offline=True)
+    callback = LabelWatch(projection="none", max_points=20, max_candidates=5)
+    Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[callback], max_epochs=1)).fit(
+        TinyClassifier(), train, val
+    )
+    (table,) = (offline_run_dir(tmp_path) / "files/media/table/labelwatch").glob("samples_*")
+    data = json.loads(table.read_text())
+    frame = pd.DataFrame(data["data"], columns=data["columns"])
+    candidates = pd.read_parquet(callback.last_output_dir / "candidates.parquet")
+    assert len(frame) == 20
+    assert set(candidates["sample_id"]) <= set(frame["sample_id"])
+    assert len(pd.read_parquet(callback.last_output_dir / "samples.parquet")) == 60
