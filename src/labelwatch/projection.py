@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -242,6 +243,14 @@ def _warm_up(seed: int) -> None:
     project(points, method="umap", seed=seed, init=np.random.default_rng(seed).random((64, 2)))
 
 
+def _yield_to_training() -> None:
+    """Run the worker at a lower CPU priority: where cores are few, training goes first."""
+    try:
+        os.nice(10)
+    except (AttributeError, OSError):  # not on every platform
+        pass
+
+
 class MapWorker:
     """One background process that computes maps in submission order.
 
@@ -251,7 +260,9 @@ class MapWorker:
 
     def __init__(self, warm_up: bool = True, seed: int = 0) -> None:
         context = multiprocessing.get_context("spawn")  # no fork of a threaded trainer
-        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=context)
+        self._pool = ProcessPoolExecutor(
+            max_workers=1, mp_context=context, initializer=_yield_to_training
+        )
         self._futures: list[Future] = []
         if warm_up:
             self._futures.append(self._pool.submit(_warm_up, seed))
