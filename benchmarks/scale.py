@@ -32,13 +32,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 D = 512
 BATCH = 1024
 
 
-class Features(Dataset):
+class Features:
+    """Precomputed features and labels, served a whole batch at a time by `_loader`."""
+
     def __init__(self, n: int, c: int) -> None:
         generator = torch.Generator().manual_seed(0)
         self.x = torch.randn(n, D, generator=generator)
@@ -46,9 +48,6 @@ class Features(Dataset):
 
     def __len__(self) -> int:
         return len(self.y)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"x": self.x[i], "target": self.y[i], "sample_id": i}
 
 
 def _loader(data: Features) -> DataLoader:
