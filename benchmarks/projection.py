@@ -8,6 +8,11 @@ embeddings with small noise, in shuffled order (ids matched), as a model that ch
 little would give. Targets on 2 cores: 3k points warm <= 0.5 s; 50k cold <= 12 s and
 warm <= 5 s; moved_warm <= moved_cold / 5.
 
+Quality: ``purity_*`` is the fraction of a point's 10 nearest neighbours that share its
+cluster, in the input (``purity_input``) and on each map. ``umap_learn_s`` and
+``umap_learn_purity`` are a cold map from plain, seeded umap-learn on the same points,
+side by side (``--no-reference`` skips them).
+
 With ``--urban-sounds`` it also trains the urban-sounds example for ``--epochs`` epochs
 with LabelWatch(projection="umap") and without it, and prints the wall-time ratio
 (target <= 1.05), compilation included.
@@ -23,23 +28,54 @@ import argparse
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
 
-from labelwatch.projection import MAP_EXTENT, MapJob, _warm_up, compute_map
+from labelwatch.projection import MAP_EXTENT, MapJob, _warm_up, compute_map, reduce_dimensions
 
 
-def clusters(n: int, d: int, seed: int = 0) -> np.ndarray:
+def clusters(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """20 Gaussian clusters that overlap at their edges, as classes in a model's embedding
+    space do (most of a point's nearest neighbours share its cluster, not all): points and
+    cluster labels."""
     rng = np.random.default_rng(seed)
-    centres = rng.normal(scale=4.0, size=(20, d))
+    centres = rng.normal(scale=np.sqrt(0.8 * np.sqrt(8 * d) / d), size=(20, d))
     labels = rng.integers(0, 20, size=n)
-    return (centres[labels] + rng.normal(size=(n, d))).astype(np.float32)
+    return (centres[labels] + rng.normal(size=(n, d))).astype(np.float32), labels
 
 
-def one_size(n: int, d: int) -> dict:
+def purity(coords: np.ndarray, labels: np.ndarray, k: int = 10, sample: int = 2000) -> float:
+    """Map quality: the fraction of a point's k nearest map neighbours in its own cluster."""
+    import torch
+
+    from labelwatch.ann import approximate_knn
+
+    found, _ = approximate_knn(torch.as_tensor(coords, dtype=torch.float32), k)
+    rows = np.random.default_rng(0).choice(len(coords), min(sample, len(coords)), replace=False)
+    return float((labels[found.numpy()[rows]] == labels[rows, None]).mean())
+
+
+def umap_learn_reference(points: np.ndarray, labels: np.ndarray) -> dict:
+    """umap-learn as a user would call it (its own neighbour search and epoch counts),
+    seeded, on the same PCA-reduced points: seconds and purity of a cold map."""
+    import umap
+
+    reduced = reduce_dimensions(points)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        coords = umap.UMAP(random_state=0).fit_transform(reduced)
+    return {
+        "umap_learn_s": time.perf_counter() - start,
+        "umap_learn_purity": purity(coords, labels),
+    }
+
+
+def one_size(n: int, d: int, reference: bool) -> dict:
     ids = list(range(n))
-    first_epoch = clusters(n, d)
+    first_epoch, labels = clusters(n, d)
     rng = np.random.default_rng(1)
     order = rng.permutation(n)
     second_epoch = (first_epoch + rng.normal(scale=0.3, size=first_epoch.shape))[order]
@@ -58,15 +94,19 @@ def one_size(n: int, d: int) -> dict:
     def moved(coords: np.ndarray) -> float:
         return float(np.median(np.linalg.norm(coords - before, axis=1)) / MAP_EXTENT)
 
-    return {
+    row = {
         "N": n,
         "D": d,
         "cold_s": cold_s,
         "warm_s": warm_s,
+        "purity_input": purity(first_epoch, labels),
+        "purity_cold": purity(first.coords, labels),
+        "purity_warm": purity(warm.coords, labels[order]),
         "moved_cold": moved(cold.coords),
         "moved_warm": moved(warm.coords),
         "ratio": moved(cold.coords) / max(moved(warm.coords), 1e-12),
     }
+    return row | (umap_learn_reference(first_epoch, labels) if reference else {})
 
 
 def urban_sounds_ratio(epochs: int) -> pd.DataFrame:
@@ -96,6 +136,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[3_000, 10_000, 50_000])
     parser.add_argument("--dims", type=int, nargs="+", default=[128, 512])
+    parser.add_argument(
+        "--no-reference", action="store_true", help="skip the plain umap-learn columns"
+    )
     parser.add_argument("--urban-sounds", action="store_true")
     parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
@@ -103,7 +146,9 @@ def main() -> None:
     start = time.perf_counter()
     _warm_up(0)
     print(f"numba compilation (once per process): {time.perf_counter() - start:.1f} s")
-    rows = [one_size(n, d) for n in args.sizes for d in args.dims]
+    if not args.no_reference:  # umap-learn's own neighbour search compiles once, here
+        umap_learn_reference(*clusters(300, 8))
+    rows = [one_size(n, d, not args.no_reference) for n in args.sizes for d in args.dims]
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.urban_sounds:
         print(f"\nurban-sounds example, {args.epochs} epochs:")

@@ -162,3 +162,16 @@ def test_wandb_table_is_capped_at_max_points_even_without_a_map(tmp_path: Path):
     assert len(frame) == 20
     assert set(candidates["sample_id"]) <= set(frame["sample_id"])
     assert len(pd.read_parquet(callback.last_output_dir / "samples.parquet")) == 60
+
+
+def test_umaps_compiled_code_is_kept_on_disk():
+    """Compilation is paid once per machine: after a map, numba's cache holds umap-learn's
+    functions (they do not ask for it themselves)."""
+    from numba.core.caching import NullCache
+    from umap.umap_ import smooth_knn_dist
+
+    points, _ = _clusters(64)
+    project(points, method="umap")
+    assert not isinstance(smooth_knn_dist._cache, NullCache)
+    cache_dir = Path(smooth_knn_dist._cache._cache_path)
+    assert any(path.name.startswith("umap_.smooth_knn_dist") for path in cache_dir.glob("*.nbi"))

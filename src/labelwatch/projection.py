@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -46,8 +47,14 @@ PROJECTION_METHODS: tuple[str, ...] = ("umap", "pca", "none")
 MIN_UMAP_POINTS = 16
 # UMAP works on at most this many dimensions; PCA first is faster and loses little.
 PCA_DIMENSIONS = 50
-# Optimisation epochs: a warm start only needs to settle what changed.
-COLD_EPOCHS, WARM_EPOCHS = 200, 50
+# Optimisation epochs: a warm start only needs to settle what changed. Above
+# FULL_EPOCH_POINTS points fewer epochs, down to the floors (see `epochs_for`).
+COLD_EPOCHS, WARM_EPOCHS = 200, 30
+MIN_COLD_EPOCHS, MIN_WARM_EPOCHS = 40, 15
+# Random points pushed away per pull: UMAP's 5 for a fresh map; a warm start is already
+# spread out, so fewer suffice (each costs as much as a pull).
+COLD_NEGATIVE_RATE, WARM_NEGATIVE_RATE = 5, 3
+FULL_EPOCH_POINTS = 10_000
 MAP_EXTENT = 10.0
 # New samples start at the mean position of this many already-placed neighbours.
 INIT_NEIGHBOURS = 5
@@ -125,24 +132,83 @@ def normalise(coords: np.ndarray) -> np.ndarray:
     return scaled
 
 
+def epochs_for(n_points: int, warm: bool) -> int:
+    """Optimisation epochs that fit the size: 200 (cold) / 30 (warm) up to 10k
+    points, then fewer so that the work per map stays about that of 10k points; a warm
+    start only settles what changed."""
+    full = WARM_EPOCHS if warm else COLD_EPOCHS
+    floor = MIN_WARM_EPOCHS if warm else MIN_COLD_EPOCHS
+    return int(np.clip(full * FULL_EPOCH_POINTS // max(n_points, 1), floor, full))
+
+
 def _umap(embeddings: np.ndarray, seed: int, init: np.ndarray | None) -> np.ndarray:
     try:
         import umap
     except ImportError as err:  # pragma: no cover - a core dependency
         raise ImportError("projection='umap' needs umap-learn: pip install umap-learn") from err
+    cache_numba_code()
+    n_neighbors = min(15, len(embeddings) - 1)
     reducer = umap.UMAP(
         n_components=2,
-        n_neighbors=min(15, len(embeddings) - 1),
+        n_neighbors=n_neighbors,
         random_state=seed,
         init=init if init is not None else "spectral",
-        n_epochs=WARM_EPOCHS if init is not None else COLD_EPOCHS,
-        # Approximate neighbours are ~6x faster than the exact path below 4096 points.
-        force_approximation_algorithm=True,
+        n_epochs=epochs_for(len(embeddings), warm=init is not None),
+        negative_sample_rate=WARM_NEGATIVE_RATE if init is not None else COLD_NEGATIVE_RATE,
+        # Neighbours from labelwatch.ann: on all cores, no NN-descent to compile.
+        precomputed_knn=_neighbour_graph(embeddings, n_neighbors, seed),
     )
     with warnings.catch_warnings():
-        # random_state disables parallelism: expected, since we ask for determinism.
+        # random_state disables parallelism: expected, since we ask for determinism;
+        # without NN-descent's search index umap cannot `transform`, which we never call.
         warnings.filterwarnings("ignore", message=".*n_jobs value.*", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*knn_search_index.*", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Cannot cache compiled function")
         return np.asarray(reducer.fit_transform(embeddings), dtype=np.float64)
+
+
+def _neighbour_graph(embeddings: np.ndarray, n_neighbors: int, seed: int) -> tuple:
+    """umap-learn's precomputed_knn: each point first (distance 0), then its neighbours."""
+    import torch
+
+    from labelwatch.ann import approximate_knn
+
+    indices, distances = approximate_knn(torch.from_numpy(embeddings), n_neighbors - 1, seed)
+    own = np.arange(len(embeddings))[:, None]
+    return (
+        np.hstack([own, indices.numpy()]).astype(np.int32),
+        np.hstack([np.zeros_like(own, dtype=np.float32), distances.numpy()]),
+    )
+
+
+_NUMBA_CACHED = False
+
+
+def cache_numba_code() -> None:
+    """Keep umap-learn's compiled numba code on disk, so that compilation (15-50 s of CPU)
+    is paid once per machine and umap-learn version instead of once per process.
+
+    umap-learn does not ask numba to cache; each of its jitted functions is switched to
+    numba's own file cache, which is keyed by source file and signature and rebuilt when
+    umap-learn changes. A function numba cannot cache is compiled as before.
+    """
+    global _NUMBA_CACHED
+    if _NUMBA_CACHED:
+        return
+    import umap  # noqa: F401  (imports the modules whose functions are cached)
+    from numba.core.caching import NullCache
+    from numba.core.registry import CPUDispatcher
+
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] != "umap" or module is None:
+            continue
+        for function in vars(module).values():
+            if isinstance(function, CPUDispatcher) and isinstance(function._cache, NullCache):
+                try:
+                    function.enable_caching()
+                except Exception as err:  # noqa: BLE001 - a cache is only an optimisation
+                    log.debug("numba cannot cache %s: %s", function, err)
+    _NUMBA_CACHED = True
 
 
 def initial_layout(
