@@ -1,8 +1,9 @@
 """2-D maps of the validation embeddings: fast, stable from epoch to epoch, off the training path.
 
-- Speed: embeddings are reduced to at most 50 dimensions with PCA before UMAP, UMAP uses
-  approximate neighbours and fewer optimisation epochs when it starts from a previous map,
-  and numba compiles once per training run, in the background worker.
+- Speed: embeddings are reduced to at most 50 dimensions with PCA before UMAP; neighbours
+  come from :mod:`labelwatch.ann` (torch, all cores, no JIT); optimisation epochs fit the
+  size and are fewer when a map starts from the previous one; umap-learn's numba code is
+  cached on disk (compiled once per machine), and loaded in the background worker.
 - Stability: each map starts from the previous epoch's coordinates matched by sample id;
   samples seen for the first time start at the mean position of their nearest already-placed
   neighbours. Maps are normalised to [0, 10] on both axes (UMAP rescales its initial
@@ -303,7 +304,8 @@ def compute_map(job: MapJob) -> MapResult:
 
 
 def _warm_up(seed: int) -> None:
-    """Compile UMAP's numba code in the worker before the first real map needs it."""
+    """Load (or, the first time on a machine, compile) UMAP's numba code in the worker
+    before the first real map needs it."""
     points = np.random.default_rng(seed).normal(size=(64, 8)).astype(np.float32)
     project(points, method="umap", seed=seed)
     project(points, method="umap", seed=seed, init=np.random.default_rng(seed).random((64, 2)))
@@ -340,10 +342,9 @@ class MapWorker:
 
     def shutdown(self) -> None:
         """Stop now. Callers first wait for the maps they need; what remains (at most the
-        compilation warm-up) is not worth waiting for."""
-        if all(future.done() for future in self._futures):
-            self._pool.shutdown(wait=True)  # idle: a clean exit
-            return
+        warm-up) is not worth waiting for, and the worker holds nothing else: it is
+        terminated, which is quicker than its clean exit (seconds of torch and numba
+        teardown)."""
         processes = list((getattr(self._pool, "_processes", None) or {}).values())
         self._pool.shutdown(wait=False, cancel_futures=True)
         for process in processes:
