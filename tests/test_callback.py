@@ -337,3 +337,38 @@ def test_knn_agreement_and_flag_streaks_are_logged_per_sample(tmp_path: Path):
         expected = (expected + 1).where(frame["is_confident_mismatch"], 0)
         pd.testing.assert_series_equal(frame["flag_streak"], expected, check_names=False)
     assert last["flag_streak"].max() >= 2
+
+
+def test_wandb_logging_runs_beside_training_and_is_complete_when_fit_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Epoch 0's W&B logging blocks until training has reached epoch 1: it can only finish
+    if it runs off the training thread. Every epoch is logged, in order, by fit's end."""
+    import threading
+
+    from lightning.pytorch import Callback
+
+    from labelwatch.sinks.wandb import WandbSink
+
+    training_moved_on = threading.Event()
+    logged = []
+    real_log_epoch = WandbSink.log_epoch
+
+    def slow_log_epoch(self, **kwargs):
+        waited = training_moved_on.wait(timeout=60) if kwargs["epoch"] == 0 else True
+        logged.append((kwargs["epoch"], threading.current_thread().name, waited))
+        real_log_epoch(self, **kwargs)
+
+    class SignalEpochOne(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                training_moved_on.set()
+
+    monkeypatch.setattr(WandbSink, "log_epoch", slow_log_epoch)
+    train, val = loaders()
+    logger = WandbLogger(project="labelwatch-tests", save_dir=str(tmp_path), offline=True)
+    callbacks = [LabelWatch(projection="none"), SignalEpochOne()]
+    trainer = Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=callbacks))
+    trainer.fit(TinyClassifier(), train, val)
+    assert [epoch for epoch, _, _ in logged] == [0, 1]
+    assert all(name.startswith("labelwatch-wandb") and waited for _, name, waited in logged)
