@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -311,12 +312,21 @@ def _warm_up(seed: int) -> None:
     project(points, method="umap", seed=seed, init=np.random.default_rng(seed).random((64, 2)))
 
 
-def _yield_to_training() -> None:
-    """Run the worker at a lower CPU priority: where cores are few, training goes first."""
+def _init_worker() -> None:
+    """Run the worker at a lower CPU priority: where cores are few, training goes first.
+
+    Also give tqdm (umap-learn's progress bars) a thread lock instead of the process-shared
+    one it would create: the worker is stopped with ``os._exit``, and a shared lock left
+    behind makes multiprocessing warn about a leaked semaphore at the trainer's exit."""
     try:
         os.nice(10)
     except (AttributeError, OSError):  # not on every platform
         pass
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - a dependency of umap-learn
+        return
+    tqdm.set_lock(threading.RLock())
 
 
 class MapWorker:
@@ -329,7 +339,7 @@ class MapWorker:
     def __init__(self, warm_up: bool = True, seed: int = 0) -> None:
         context = multiprocessing.get_context("spawn")  # no fork of a threaded trainer
         self._pool = ProcessPoolExecutor(
-            max_workers=1, mp_context=context, initializer=_yield_to_training
+            max_workers=1, mp_context=context, initializer=_init_worker
         )
         self._futures: list[Future] = []
         if warm_up:
@@ -342,12 +352,20 @@ class MapWorker:
 
     def shutdown(self) -> None:
         """Stop now. Callers first wait for the maps they need; what remains (at most the
-        warm-up) is not worth waiting for, and the worker holds nothing else: it is
-        terminated, which is quicker than its clean exit (seconds of torch and numba
-        teardown)."""
+        warm-up) is not worth waiting for, and the worker holds nothing else."""
+        if all(future.done() for future in self._futures):
+            # Idle: the worker leaves at once (`_exit`) instead of spending seconds
+            # tearing down torch and numba, and without holding the pool's queue lock.
+            self._pool.submit(_exit_worker)
+            self._pool.shutdown(wait=True)
+            return
         processes = list((getattr(self._pool, "_processes", None) or {}).values())
         self._pool.shutdown(wait=False, cancel_futures=True)
         for process in processes:
             process.terminate()
             process.join(timeout=10)
         self._pool.shutdown(wait=True)  # now quick: releases the pool's queues and locks
+
+
+def _exit_worker() -> None:
+    os._exit(0)
