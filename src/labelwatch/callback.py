@@ -25,9 +25,9 @@ from labelwatch.combined import (
     COMBINED_METHODS,
     DEFAULT_KNN_WEIGHT,
     DEFAULT_MIN_KNN_AGREEMENT,
+    WITHOUT_NEIGHBOURS,
     CombinedMethod,
-    combined_quality,
-    mix_probabilities,
+    history_scores,
 )
 from labelwatch.history import HISTORY_FILE, EpochHistory
 from labelwatch.neighbours import knn_label_distribution
@@ -43,7 +43,6 @@ from labelwatch.projection import (
 from labelwatch.scoring import (
     LABEL_QUALITY_METHODS,
     LabelQualityMethod,
-    compute_scores,
     score_predictions,
 )
 from labelwatch.sinks import LocalSink, WandbSink, find_wandb_logger
@@ -61,12 +60,6 @@ _EMBEDDINGS_DTYPES = {"float32": None, "float16": torch.float16}
 CANDIDATE_RULES: tuple[str, ...] = ("combined", "confident_mismatch")
 CandidateRule = Literal["combined", "confident_mismatch"]
 ALL_LABEL_QUALITY_METHODS: tuple[str, ...] = (*COMBINED_METHODS, *LABEL_QUALITY_METHODS)
-# Without neighbours (no embeddings, or above KNN_MAX_SAMPLES) a kNN method uses this one.
-_WITHOUT_NEIGHBOURS = {
-    "knn_mixed_margin": "averaged_margin",
-    "knn_mixed_self_confidence": "averaged_self_confidence",
-    "knn_agreement": "averaged_margin",
-}
 
 
 @dataclass
@@ -697,46 +690,39 @@ class LabelWatchLogic:
         history = self._history(name)
         averaged, _ = history.update(epoch, ids, probs, flags)
         del probs
-        mixed = (
-            mix_probabilities(averaged, knn, knn_weight=self.knn_weight)
-            if knn is not None
-            else averaged
+        combined = self.label_quality not in LABEL_QUALITY_METHODS
+        if combined:
+            self._effective_label_quality(knn is not None)  # warns when it must stand in
+        scores = history_scores(
+            averaged,
+            labels,
+            knn,
+            method=self.label_quality if combined else None,
+            knn_weight=self.knn_weight,
+            min_knn_agreement=self.min_knn_agreement,
         )
-        scored = compute_scores(mixed, labels)
-        is_mixed = scored.is_confident_mismatch
+        if scores.quality is not None:
+            samples["label_quality"] = scores.quality.double().numpy()
         if self.candidate_rule == "combined":
-            candidate = is_mixed.clone()
-            if knn is not None:
-                candidate |= knn.gather(1, labels[:, None]).squeeze(1) < self.min_knn_agreement
-            # A candidate's suggestion comes from p_mix: confident learning's guess, else (few
-            # agreeing neighbours only) the most probable other class.
-            others = mixed.scatter(1, labels[:, None], -torch.inf).argmax(dim=1)
-            guess = torch.where(is_mixed, scored.suggested, others)
+            candidate = scores.is_candidate
+            # A candidate's suggestion comes from p_mix, so it never repeats the given label.
             suggested = samples["suggested_label"].to_numpy(np.int64).copy()
             chosen = candidate.numpy()
-            suggested[chosen] = guess.numpy()[chosen]
+            suggested[chosen] = scores.suggested.numpy()[chosen]
             names = np.asarray(samples.attrs["class_names"], dtype=object)
             samples["suggested_label"] = suggested
             samples["suggested_name"] = names[suggested]
         else:
             candidate = flags
-        if self.label_quality not in LABEL_QUALITY_METHODS:
-            method = self._effective_label_quality(knn is not None)
-            quality = combined_quality(
-                averaged, labels, knn, method=method, knn_weight=self.knn_weight
-            )
-            samples["label_quality"] = quality.double().numpy()
-        samples["averaged_self_confidence"] = (
-            averaged.gather(1, labels[:, None]).squeeze(1).double().numpy()
-        )
+        samples["averaged_self_confidence"] = scores.averaged_self_confidence.double().numpy()
         samples["averaged_epochs"] = history.filled(ids).numpy()
-        samples["is_mixed_confident_mismatch"] = is_mixed.numpy()
+        samples["is_mixed_confident_mismatch"] = scores.is_mixed_confident_mismatch.numpy()
         samples["is_candidate"] = candidate.numpy()
 
     def _effective_label_quality(self, have_neighbours: bool) -> str:
         """`label_quality`, or its stand-in when a kNN method has no neighbours this epoch."""
         method = self.label_quality
-        if have_neighbours or method not in _WITHOUT_NEIGHBOURS:
+        if have_neighbours or method not in WITHOUT_NEIGHBOURS:
             return method
         if method == "knn_agreement":
             self._warn_once(
@@ -744,7 +730,7 @@ class LabelWatchLogic:
                 "LabelWatch: `label_quality`='knn_agreement' needs embeddings (and at most"
                 f" {KNN_MAX_SAMPLES} samples); 'averaged_margin' is used instead.",
             )
-        return _WITHOUT_NEIGHBOURS[method]
+        return WITHOUT_NEIGHBOURS[method]
 
     def _history(self, name: str | None) -> EpochHistory:
         """This dataloader's epoch history: in memory, or after a resume read back from the

@@ -50,6 +50,7 @@ same protocol): ``window`` 1/3/5 gave AP 0.866/0.872/0.873, ``k`` 5/10/20 gave
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -59,8 +60,10 @@ from labelwatch.scoring import compute_scores
 __all__ = [
     "COMBINED_METHODS",
     "CombinedMethod",
+    "HistoryScores",
     "candidate_flags",
     "combined_quality",
+    "history_scores",
     "limit_candidates",
     "mix_probabilities",
 ]
@@ -81,6 +84,93 @@ COMBINED_METHODS: tuple[str, ...] = (
 )
 DEFAULT_KNN_WEIGHT = 0.3
 DEFAULT_MIN_KNN_AGREEMENT = 0.2
+# What a kNN method falls back to when there are no neighbours (no embeddings).
+WITHOUT_NEIGHBOURS = {
+    "knn_mixed_margin": "averaged_margin",
+    "knn_mixed_self_confidence": "averaged_self_confidence",
+    "knn_agreement": "averaged_margin",
+}
+
+
+@dataclass
+class HistoryScores:
+    """What LabelWatch adds to each row from the epoch history and the neighbours.
+
+    Attributes:
+        quality: ``(N,)`` the combined ``label_quality`` in [0, 1] (lower = more likely
+            mislabelled), or None when no combined method was asked for.
+        method: the method behind ``quality`` (a ``knn_*`` method's stand-in without
+            neighbours, see ``WITHOUT_NEIGHBOURS``), or None.
+        averaged_self_confidence: ``(N,)`` the averaged probability of the given label.
+        is_mixed_confident_mismatch: ``(N,)`` confident learning on ``p_mix``.
+        is_candidate: ``(N,)`` the default candidate rule (see :func:`candidate_flags`).
+        suggested: ``(N,)`` class guess for the candidates: confident learning's guess on
+            ``p_mix`` where it flags, else the most probable other class in ``p_mix``.
+    """
+
+    quality: torch.Tensor | None
+    method: str | None
+    averaged_self_confidence: torch.Tensor
+    is_mixed_confident_mismatch: torch.Tensor
+    is_candidate: torch.Tensor
+    suggested: torch.Tensor
+
+
+def history_scores(
+    averaged: torch.Tensor,
+    labels: torch.Tensor,
+    knn_distribution: torch.Tensor | None = None,
+    *,
+    method: CombinedMethod | None = "knn_mixed_margin",
+    knn_weight: float = DEFAULT_KNN_WEIGHT,
+    min_knn_agreement: float = DEFAULT_MIN_KNN_AGREEMENT,
+) -> HistoryScores:
+    """Every score LabelWatch derives from the window-averaged probabilities and neighbours.
+
+    The one place the callback's defaults are computed, so ``benchmarks/detection.py``
+    measures exactly what LabelWatch logs. Without ``knn_distribution`` (no embeddings)
+    ``p_mix`` is ``averaged`` and a ``knn_*`` ``method`` uses its stand-in.
+
+    Args:
+        averaged: ``(N, C)`` probabilities averaged over the last epochs.
+        labels: ``(N,)`` given class indices in ``[0, C)``.
+        knn_distribution: ``(N, C)`` neighbours' label fractions, or None.
+        method: a combined ``label_quality`` method, or None to skip ``quality``.
+        knn_weight: weight of the neighbours in ``p_mix``, in [0, 1].
+        min_knn_agreement: see :func:`candidate_flags`.
+    """
+    if method is not None and method not in COMBINED_METHODS:
+        raise ValueError(f"`method` must be None or one of {COMBINED_METHODS}, got {method!r}")
+    _check_probs_labels(averaged, labels)
+    _check_weight(knn_weight)
+    if not 0.0 <= min_knn_agreement <= 1.0:
+        raise ValueError(f"`min_knn_agreement` must be in [0, 1], got {min_knn_agreement!r}")
+    labels = labels.to(averaged.device, torch.long)
+    if knn_distribution is None:
+        mixed = averaged.float()
+        if method is not None:
+            method = WITHOUT_NEIGHBOURS.get(method, method)
+    else:
+        mixed = mix_probabilities(averaged, knn_distribution, knn_weight=knn_weight)
+    scored = compute_scores(mixed, labels)
+    candidate = scored.is_confident_mismatch.clone()
+    if knn_distribution is not None:
+        agreement = knn_distribution.to(averaged.device, torch.float32).gather(1, labels[:, None])
+        candidate |= agreement.squeeze(1) < min_knn_agreement
+    best_other = mixed.scatter(1, labels[:, None], -torch.inf).argmax(dim=1)
+    quality = None
+    if method is not None:
+        quality = combined_quality(
+            averaged, labels, knn_distribution, method=method, knn_weight=knn_weight
+        )
+    return HistoryScores(
+        quality=quality,
+        method=method,
+        averaged_self_confidence=averaged.float().gather(1, labels[:, None]).squeeze(1),
+        is_mixed_confident_mismatch=scored.is_confident_mismatch,
+        is_candidate=candidate,
+        suggested=torch.where(scored.is_confident_mismatch, scored.suggested, best_other),
+    )
 
 
 def mix_probabilities(
