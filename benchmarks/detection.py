@@ -10,7 +10,9 @@ epoch's embeddings (k=10); cleanlab scores the same half from the last epoch's
 probabilities alone. Scores of the two halves are concatenated and compared with the
 ground truth: AUROC and average precision of each ranking (low quality = error) and
 precision/recall/F1 of each flag, in one table, then a per-setting summary of the default
-ranking and flag against cleanlab's best method and best filter.
+ranking and flag against cleanlab's best method and best filter. The ``DEFAULT`` rows are
+LabelWatch's defaults, read from its signature and computed by
+``labelwatch.combined.history_scores``, the function the callback calls.
 
 Noise kinds (rate r):
 
@@ -36,6 +38,7 @@ took 1 ms with one thread and 65-95 ms with two on a 2-core machine under load.
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 
 import numpy as np
@@ -48,7 +51,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
 
 from labelwatch import score_predictions
-from labelwatch.combined import candidate_flags, combined_quality
+from labelwatch.callback import KNN_NEIGHBOURS, LabelWatchLogic
+from labelwatch.combined import candidate_flags, combined_quality, history_scores
 from labelwatch.history import EpochHistory
 from labelwatch.neighbours import knn_label_distribution
 from labelwatch.scoring import LABEL_QUALITY_METHODS
@@ -64,9 +68,14 @@ CLEANLAB_FILTERS = (
     "predicted_neq_given",
 )
 CONFUSABLE = np.array([6, 7, 3, 8, 9, 6, 5, 1, 3, 4])
-DEFAULT_RANKING = "lw knn_mixed_margin"
-DEFAULT_FLAG = "lw cl(p_mix) | knn<0.2"
-WINDOW, K, EPOCHS, BATCH = 3, 10, 20, 32
+# LabelWatch's own defaults, read from its signature: the DEFAULT rows are what it logs.
+DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(LabelWatchLogic.__init__).parameters.items()
+}
+DEFAULT_RANKING = f"DEFAULT label_quality ({DEFAULTS['label_quality']})"
+DEFAULT_FLAG = f"DEFAULT is_candidate ({DEFAULTS['candidate_rule']})"
+WINDOW, K, EPOCHS, BATCH = DEFAULTS["history_window"], KNN_NEIGHBOURS, 20, 32
 
 
 def make_data(
@@ -168,7 +177,17 @@ def score_half(
     for method in LABEL_QUALITY_METHODS:
         frame = score_predictions(probs=last, labels=labels, label_quality=method)
         rankings[f"lw {method} (last epoch)"] = -frame["label_quality"].to_numpy()
-    flags_out["lw confident_mismatch (last epoch)"] = frame["is_confident_mismatch"].to_numpy()
+    # LabelWatch's single-epoch flag (= cleanlab's confident_learning, the old candidate rule)
+    flags_out["lw is_confident_mismatch (last epoch)"] = frame["is_confident_mismatch"].to_numpy()
+    default = history_scores(
+        averaged,
+        labels_t,
+        knn,
+        method=DEFAULTS["label_quality"],
+        knn_weight=DEFAULTS["knn_weight"],
+        min_knn_agreement=DEFAULTS["min_knn_agreement"],
+    )
+    rankings[DEFAULT_RANKING] = -default.quality.double().numpy()
     for method in (
         "averaged_self_confidence",
         "averaged_margin",
@@ -176,8 +195,9 @@ def score_half(
         "knn_mixed_self_confidence",
         "knn_mixed_margin",
     ):
-        quality = combined_quality(averaged, labels_t, knn, method=method)
-        rankings[f"lw {method}"] = -quality.double().numpy()
+        if method != DEFAULTS["label_quality"]:
+            quality = combined_quality(averaged, labels_t, knn, method=method)
+            rankings[f"lw {method}"] = -quality.double().numpy()
     for method in CLEANLAB_METHODS:
         rankings[f"cleanlab {method}"] = -get_label_quality_scores(labels, last, method=method)
     flags_out["lw cl(averaged)"] = candidate_flags(averaged, labels_t).numpy()
@@ -186,7 +206,7 @@ def score_half(
     flags_out["lw cl(averaged) | knn<0.2"] = candidate_flags(
         averaged, labels_t, knn, knn_weight=0.0
     ).numpy()
-    flags_out[DEFAULT_FLAG] = candidate_flags(averaged, labels_t, knn).numpy()
+    flags_out[DEFAULT_FLAG] = default.is_candidate.numpy()
     for filter_by in CLEANLAB_FILTERS:
         flags_out[f"cleanlab {filter_by}"] = find_label_issues(labels, last, filter_by=filter_by)
     return rankings, flags_out

@@ -10,7 +10,9 @@ validation epoch and the embeddings, and combines three signals:
 - the two mixed, ``p_mix = (1 - knn_weight) * probs + knn_weight * knn_distribution``, a
   distribution over classes that both the model and the neighbourhood vote on.
 
-Defaults, chosen by measurement with ``python benchmarks/detection.py`` (digits, a
+LabelWatch's defaults (``label_quality="knn_mixed_margin"``, ``candidate_rule="combined"``,
+``history_window=3``, ``knn_weight=0.3``, ``min_knn_agreement=0.2``; computed by
+:func:`history_scores`), chosen by measurement with ``python benchmarks/detection.py`` (digits, a
 2-fold cross-validated MLP with 20 validation epochs, window 3, k 10, noise 5/20/40% of
 three kinds: uniform, class-conditional, ambiguous mixtures; 3 seeds; mean over the 9
 settings; 74 s on 2 cores), checked on ``--data synthetic --seeds 2`` (a 10-class
