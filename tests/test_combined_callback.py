@@ -170,3 +170,14 @@ def test_other_label_quality_methods_fill_the_column(tmp_path: Path, label_quali
     else:
         expected = (samples["margin"] + 1) / 2
     np.testing.assert_allclose(samples["label_quality"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_second_fit_with_the_same_callback_restarts_the_average(tmp_path: Path):
+    """Reusing one LabelWatch in a new fit (epochs from 0 again) warns and averages afresh."""
+    model, callback = _fit(tmp_path, max_epochs=2)
+    train, val = loaders(num_val=60, flip=FLIPPED)
+    with pytest.warns(UserWarning, match="the averaging window starts again"):
+        Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=1)).fit(
+            model, train, val
+        )
+    assert _read(tmp_path, 0)["averaged_epochs"].eq(1).all()

@@ -688,6 +688,14 @@ class LabelWatchLogic:
         probs = torch.softmax(logits.float(), dim=1)
         flags = torch.tensor(samples["is_confident_mismatch"].to_numpy(bool))
         history = self._history(name)
+        if history.last_epoch is not None and epoch <= history.last_epoch:
+            # Epochs start again (the same callback in a new fit): so does the average.
+            self._warn_once(
+                f"history-restart-{name}",
+                f"LabelWatch: validation epoch {epoch} follows epoch {history.last_epoch} of the"
+                " epoch history; the averaging window starts again.",
+            )
+            history = self._histories[name] = EpochHistory(window=self.history_window)
         averaged, _ = history.update(epoch, ids, probs, flags)
         del probs
         combined = self.label_quality not in LABEL_QUALITY_METHODS
