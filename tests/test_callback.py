@@ -106,9 +106,12 @@ def test_local_outputs_match_what_wandb_got(wandb_fit):
     out = root / "labelwatch-tests" / run_id / "labelwatch"
     for epoch in (0, 1):
         folder = out / f"epoch={epoch}"
+        # the epoch history (for a resume) is kept beside the newest epoch only
+        history = ["history.parquet"] if epoch == 1 else []
         assert sorted(p.name for p in folder.iterdir()) == [
             "candidates.csv",
             "candidates.parquet",
+            *history,
             "samples.parquet",
             "summary.json",
         ]
@@ -128,7 +131,16 @@ def test_fit_without_logger_writes_local_outputs(tmp_path: Path):
         samples = pd.read_parquet(tmp_path / "labelwatch" / f"epoch={epoch}" / "samples.parquet")
         assert len(samples) == 48
         assert samples["sample_id"].str.startswith("clip-").all()
-        assert tuple(samples.columns) == (*SAMPLE_COLUMNS, "moved", "knn_agreement", "flag_streak")
+        assert tuple(samples.columns) == (
+            *SAMPLE_COLUMNS,
+            "moved",
+            "knn_agreement",
+            "flag_streak",
+            "averaged_self_confidence",
+            "averaged_epochs",
+            "is_mixed_confident_mismatch",
+            "is_candidate",
+        )
     candidates = pd.read_parquet(tmp_path / "labelwatch/epoch=1/candidates.parquet")
     assert candidates["rank"].tolist() == list(range(1, len(candidates) + 1))
     assert candidates["label_quality"].is_monotonic_increasing
@@ -293,7 +305,13 @@ def test_wandb_failure_warns_once_and_keeps_training_and_local_results(tmp_path:
         ({"every_n_epochs": 0}, "`every_n_epochs` must be an integer >= 1, got 0"),
         ({"projection": "tsne"}, "`projection` must be one of .* got 'tsne'"),
         ({"label_quality": "margin"}, "`label_quality` must be one of .* got 'margin'"),
-        ({"max_candidates": -1}, "`max_candidates` must be None or >= 0, got -1"),
+        ({"max_candidates": -1}, "`max_candidates` must be None or an integer >= 0, got -1"),
+        ({"max_candidates": 2.5}, "`max_candidates` must be None or an integer >= 0, got 2.5"),
+        ({"candidate_rule": "streak"}, "`candidate_rule` must be one of .* got 'streak'"),
+        ({"history_window": 0}, "`history_window` must be an integer >= 1, got 0"),
+        ({"history_window": 2.0}, "`history_window` must be an integer >= 1, got 2.0"),
+        ({"knn_weight": 1.5}, r"`knn_weight` must be a number in \[0, 1\], got 1.5"),
+        ({"min_knn_agreement": -0.1}, r"`min_knn_agreement` must be a number in \[0, 1\]"),
         ({"table_key": "samples"}, "`table_key` must look like 'prefix/name'"),
     ],
 )

@@ -67,7 +67,10 @@ def test_ddp_launched_from_a_script_equals_a_single_process(tmp_path: Path):
     """strategy='ddp' from a script (Lightning re-launches it): string ids, same results."""
     script = tmp_path / "train_ddp.py"
     script.write_text(textwrap.dedent(SCRIPT))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Keep the caller's PYTHONPATH after the repository root: it may pick the labelwatch
+    # under test (a checkout other than the installed one).
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
     result = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "ddp")],
         cwd=tmp_path,

@@ -60,8 +60,31 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path):
     assert sorted(resumed) == sorted(uninterrupted) == [0, 1, 2, 3]
     for epoch in range(4):
         pd.testing.assert_frame_equal(resumed[epoch], uninterrupted[epoch], check_exact=False)
+    # the 3-epoch averaging window continued from the history saved before the stop
+    assert resumed[2]["averaged_epochs"].eq(3).all()
+    histories = sorted((tmp_path / "resumed/labelwatch").glob("*/history.parquet"))
+    assert [p.parent.name for p in histories] == ["epoch=3"]
     assert not (tmp_path / "elsewhere/labelwatch").exists()
     assert second.last_epoch == 3
+
+
+def test_resume_with_another_history_window_restarts_the_average(tmp_path: Path):
+    """A saved history whose window differs from `history_window` is not reused: a warning,
+    and the averaging starts again at the resumed epoch."""
+    train, val = _data()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    kwargs = trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=True)
+    Trainer(**{**kwargs, "callbacks": [LabelWatch(projection="none"), checkpoint]}).fit(
+        TinyClassifier(), train, val
+    )
+    callback = LabelWatch(projection="none", history_window=2)
+    kwargs = trainer_kwargs(tmp_path, max_epochs=3, enable_checkpointing=True)
+    with pytest.warns(UserWarning, match=r"does not match `history_window`=2 at epoch 1"):
+        Trainer(
+            **{**kwargs, "callbacks": [callback, ModelCheckpoint(dirpath=tmp_path / "ckpt")]}
+        ).fit(TinyClassifier(), train, val, ckpt_path=tmp_path / "ckpt/last.ckpt")
+    resumed = pd.read_parquet(tmp_path / "labelwatch/epoch=2/samples.parquet")
+    assert resumed["averaged_epochs"].eq(1).all()
 
 
 def test_each_validation_dataloader_is_watched_separately(tmp_path: Path):

@@ -246,8 +246,8 @@ def test_demo_trains_through_the_cli_config_and_logs_audio_to_wandb(
     for files in staged:
         frame = _table(files["labelwatch/samples.table.json"])
         assert len(frame) == 24
-        cells = frame.loc[frame["is_confident_mismatch"], "media"].tolist()
-        paths = frame.loc[frame["is_confident_mismatch"], "path"]
+        cells = frame.loc[frame["is_candidate"], "media"].tolist()
+        paths = frame.loc[frame["is_candidate"], "path"]
         for cell, path in zip(cells, paths, strict=True):
             assert isinstance(cell, dict) and cell["_type"] == "audio-file"
             assert cell["path"].endswith(Path(path).name)

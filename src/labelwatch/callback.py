@@ -21,7 +21,16 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 
 from labelwatch.candidates import select_candidates
 from labelwatch.capture import CapturedEpoch, EpochBuffer, LayerTap, find_submodule, merge_ranks
-from labelwatch.neighbours import knn_agreement
+from labelwatch.combined import (
+    COMBINED_METHODS,
+    DEFAULT_KNN_WEIGHT,
+    DEFAULT_MIN_KNN_AGREEMENT,
+    WITHOUT_NEIGHBOURS,
+    CombinedMethod,
+    history_scores,
+)
+from labelwatch.history import HISTORY_FILE, EpochHistory
+from labelwatch.neighbours import knn_label_distribution
 from labelwatch.projection import (
     MapJob,
     MapResult,
@@ -31,7 +40,11 @@ from labelwatch.projection import (
     compute_map,
     stratified_subsample,
 )
-from labelwatch.scoring import LABEL_QUALITY_METHODS, LabelQualityMethod, score_predictions
+from labelwatch.scoring import (
+    LABEL_QUALITY_METHODS,
+    LabelQualityMethod,
+    score_predictions,
+)
 from labelwatch.sinks import LocalSink, WandbSink, find_wandb_logger
 
 __all__ = ["LabelWatch", "LabelWatchLogic"]
@@ -44,6 +57,9 @@ MediaFn = Callable[[Mapping[str, Any]], Any]
 KNN_NEIGHBOURS = 10
 KNN_MAX_SAMPLES = 50_000
 _EMBEDDINGS_DTYPES = {"float32": None, "float16": torch.float16}
+CANDIDATE_RULES: tuple[str, ...] = ("combined", "confident_mismatch")
+CandidateRule = Literal["combined", "confident_mismatch"]
+ALL_LABEL_QUALITY_METHODS: tuple[str, ...] = (*COMBINED_METHODS, *LABEL_QUALITY_METHODS)
 
 
 @dataclass
@@ -81,7 +97,11 @@ class LabelWatchLogic:
         dataloaders: Sequence[int | str] | None = None,
         every_n_epochs: int = 1,
         projection: ProjectionMethod = "umap",
-        label_quality: LabelQualityMethod = "self_confidence",
+        label_quality: CombinedMethod | LabelQualityMethod = "knn_mixed_margin",
+        candidate_rule: CandidateRule = "combined",
+        history_window: int = 3,
+        knn_weight: float = DEFAULT_KNN_WEIGHT,
+        min_knn_agreement: float = DEFAULT_MIN_KNN_AGREEMENT,
         max_candidates: int | None = None,
         ignore_index: int = -100,
         dirpath: str | Path | None = None,
@@ -100,12 +120,36 @@ class LabelWatchLogic:
         check_projection(projection)
         if not isinstance(max_points, int) or max_points < 1:
             raise ValueError(f"`max_points` must be an integer >= 1, got {max_points!r}")
-        if label_quality not in LABEL_QUALITY_METHODS:
+        if label_quality not in ALL_LABEL_QUALITY_METHODS:
             raise ValueError(
-                f"`label_quality` must be one of {LABEL_QUALITY_METHODS}, got {label_quality!r}"
+                f"`label_quality` must be one of {ALL_LABEL_QUALITY_METHODS}, got {label_quality!r}"
             )
-        if max_candidates is not None and max_candidates < 0:
-            raise ValueError(f"`max_candidates` must be None or >= 0, got {max_candidates!r}")
+        if candidate_rule not in CANDIDATE_RULES:
+            raise ValueError(
+                f"`candidate_rule` must be one of {CANDIDATE_RULES}, got {candidate_rule!r}"
+            )
+        if (
+            isinstance(history_window, bool)
+            or not isinstance(history_window, int)
+            or (history_window < 1)
+        ):
+            raise ValueError(f"`history_window` must be an integer >= 1, got {history_window!r}")
+        fractions = (("knn_weight", knn_weight), ("min_knn_agreement", min_knn_agreement))
+        for argument, value in fractions:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (0.0 <= value <= 1.0)
+            ):
+                raise ValueError(f"`{argument}` must be a number in [0, 1], got {value!r}")
+        if max_candidates is not None and (
+            isinstance(max_candidates, bool)
+            or not isinstance(max_candidates, int)
+            or max_candidates < 0
+        ):
+            raise ValueError(
+                f"`max_candidates` must be None or an integer >= 0, got {max_candidates!r}"
+            )
         if max_media_rows < 0:
             raise ValueError(f"`max_media_rows` must be >= 0, got {max_media_rows!r}")
         if embeddings_dtype not in _EMBEDDINGS_DTYPES:
@@ -130,6 +174,10 @@ class LabelWatchLogic:
         self.every_n_epochs = every_n_epochs
         self.projection = projection
         self.label_quality = label_quality
+        self.candidate_rule = candidate_rule
+        self.history_window = history_window
+        self.knn_weight = float(knn_weight)
+        self.min_knn_agreement = float(min_knn_agreement)
         self.max_candidates = max_candidates
         self.ignore_index = ignore_index
         self.dirpath = Path(dirpath) if dirpath is not None else None
@@ -155,6 +203,10 @@ class LabelWatchLogic:
         self._previous_maps: dict[str | None, dict[Any, tuple[float, float]]] = {}
         self._previous_epochs: dict[str | None, int] = {}
         self._streaks: dict[str | None, dict[Any, int]] = {}
+        # Per dataloader: the window of probabilities (rank zero only; on disk, not in the
+        # checkpoint) and where its newest copy was written.
+        self._histories: dict[str | None, EpochHistory] = {}
+        self._history_files: dict[str | None, Path] = {}
         self._logits_tap: LayerTap | None = None
         self._embedding_tap: LayerTap | None = None
         self._wandb: WandbSink | None = None
@@ -381,11 +433,12 @@ class LabelWatchLogic:
                 " or all ignored or non-finite); nothing logged.",
             )
             return
-        candidates = select_candidates(samples, self.max_candidates)
+        candidates = select_candidates(samples, self.max_candidates, flag_column="is_candidate")
         summary = self._summary(samples, candidates, host, epoch, trainer.global_step)
         summary["dataloader"] = name
         # Scores are on disk at once; the map (and W&B, which shows it) follows when ready.
         out_dir = self._write_local(trainer, epoch, name, samples, candidates, summary)
+        self._save_history(name, out_dir)
         pending = _PendingEpoch(epoch, trainer.global_step, name, samples, candidates, summary)
         pending.out_dir = out_dir
         job = self._map_job(samples, candidates, host, name, epoch)
@@ -454,12 +507,19 @@ class LabelWatchLogic:
                 self._previous_epochs[name] = int(last["epoch"].iloc[0])
         return self._previous_maps.get(name, {})
 
-    def _last_epoch_samples(self, name: str | None, columns: list[str]) -> pd.DataFrame | None:
-        """Columns of the newest samples.parquet before now (what a resumed run continues)."""
+    def _last_epoch_dir(self, name: str | None) -> Path | None:
+        """The folder of the newest epoch before now (what a resumed run continues)."""
         if self.output_root is None or self.last_epoch is None:
             return None
         root = self.output_root / name if name is not None else self.output_root
-        path = root / f"epoch={self.last_epoch}" / "samples.parquet"
+        return root / f"epoch={self.last_epoch}"
+
+    def _last_epoch_samples(self, name: str | None, columns: list[str]) -> pd.DataFrame | None:
+        """Columns of the newest samples.parquet before now (what a resumed run continues)."""
+        folder = self._last_epoch_dir(name)
+        if folder is None:
+            return None
+        path = folder / "samples.parquet"
         if not path.is_file():
             return None
         try:
@@ -572,6 +632,7 @@ class LabelWatchLogic:
         return samples.iloc[rows]
 
     def _score(self, captured: CapturedEpoch, epoch: int, name: str | None) -> pd.DataFrame:
+        single_epoch = self.label_quality in LABEL_QUALITY_METHODS
         with warnings.catch_warnings():  # warned below, once, with the epoch
             warnings.filterwarnings("ignore", message=".*NaN or infinite", category=RuntimeWarning)
             samples = score_predictions(
@@ -580,7 +641,7 @@ class LabelWatchLogic:
                 class_names=self.class_names,
                 sample_ids=captured.sample_ids,
                 epoch=epoch,
-                label_quality=self.label_quality,
+                label_quality=self.label_quality if single_epoch else "self_confidence",
                 ignore_index=self.ignore_index,
             )
         skipped = samples.attrs["num_nonfinite"]
@@ -593,21 +654,150 @@ class LabelWatchLogic:
         positions = pd.Index(captured.sample_ids).get_indexer(samples["sample_id"])
         for key, values in captured.metadata.items():
             samples[key] = np.asarray(values, dtype=object)[positions]
+        if len(samples) == 0:
+            return samples
+        index = torch.from_numpy(positions)
+        labels = torch.tensor(samples["given_label"].to_numpy(np.int64))
+        knn = self._knn_distribution(captured, index, labels, len(samples.attrs["class_names"]))
         column = samples.columns.get_loc("y")
         samples.insert(column + 1, "moved", np.nan)
-        samples.insert(column + 2, "knn_agreement", self._knn_agreement(captured, positions))
+        agreement = (
+            knn.gather(1, labels[:, None]).squeeze(1).double().numpy()
+            if (knn is not None)
+            else np.full(len(samples), np.nan)
+        )
+        samples.insert(column + 2, "knn_agreement", agreement)
         samples.insert(column + 3, "flag_streak", self._flag_streaks(name, samples))
+        self._add_history_columns(samples, captured.logits[index], labels, knn, name, epoch)
         return samples
 
-    def _knn_agreement(self, captured: CapturedEpoch, positions: np.ndarray) -> np.ndarray:
-        """Share of each sample's 10 nearest neighbours (cosine) with its given label."""
-        if captured.embeddings is None or len(positions) > KNN_MAX_SAMPLES:
-            return np.full(len(positions), np.nan)
-        index = torch.from_numpy(positions)
-        agreement = knn_agreement(
-            captured.embeddings[index].float(), captured.targets[index], k=KNN_NEIGHBOURS
+    def _knn_distribution(
+        self, captured: CapturedEpoch, index: torch.Tensor, labels: torch.Tensor, classes: int
+    ) -> torch.Tensor | None:
+        """Label fractions among each sample's 10 nearest neighbours (cosine), or None
+        without embeddings or above KNN_MAX_SAMPLES."""
+        if captured.embeddings is None or len(index) > KNN_MAX_SAMPLES:
+            return None
+        embeddings = captured.embeddings[index].float()
+        return knn_label_distribution(embeddings, labels, classes, k=KNN_NEIGHBOURS).cpu()
+
+    def _add_history_columns(
+        self,
+        samples: pd.DataFrame,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        knn: torch.Tensor | None,
+        name: str | None,
+        epoch: int,
+    ) -> None:
+        """Window-averaged scores, the combined `label_quality`, and the candidate flag.
+
+        ``p_mix = (1 - knn_weight) * averaged + knn_weight * knn`` (``averaged`` alone
+        without neighbours). `is_candidate` is confident learning on ``p_mix`` or
+        `knn_agreement` below `min_knn_agreement` (rule "combined"), or the single-epoch
+        `is_confident_mismatch` (rule "confident_mismatch")."""
+        ids = samples["sample_id"].tolist()
+        probs = torch.softmax(logits.float(), dim=1)
+        flags = torch.tensor(samples["is_confident_mismatch"].to_numpy(bool))
+        history = self._history(name)
+        if history.last_epoch is not None and epoch <= history.last_epoch:
+            # Epochs start again (the same callback in a new fit): so does the average.
+            self._warn_once(
+                f"history-restart-{name}",
+                f"LabelWatch: validation epoch {epoch} follows epoch {history.last_epoch} of the"
+                " epoch history; the averaging window starts again.",
+            )
+            history = self._histories[name] = EpochHistory(window=self.history_window)
+        averaged, _ = history.update(epoch, ids, probs, flags)
+        del probs
+        combined = self.label_quality not in LABEL_QUALITY_METHODS
+        if combined:
+            self._effective_label_quality(knn is not None)  # warns when it must stand in
+        scores = history_scores(
+            averaged,
+            labels,
+            knn,
+            method=self.label_quality if combined else None,
+            knn_weight=self.knn_weight,
+            min_knn_agreement=self.min_knn_agreement,
         )
-        return agreement.cpu().double().numpy()
+        if scores.quality is not None:
+            samples["label_quality"] = scores.quality.double().numpy()
+        if self.candidate_rule == "combined":
+            candidate = scores.is_candidate
+            # A candidate's suggestion comes from p_mix, so it never repeats the given label.
+            suggested = samples["suggested_label"].to_numpy(np.int64).copy()
+            chosen = candidate.numpy()
+            suggested[chosen] = scores.suggested.numpy()[chosen]
+            names = np.asarray(samples.attrs["class_names"], dtype=object)
+            samples["suggested_label"] = suggested
+            samples["suggested_name"] = names[suggested]
+        else:
+            candidate = flags
+        samples["averaged_self_confidence"] = scores.averaged_self_confidence.double().numpy()
+        samples["averaged_epochs"] = history.filled(ids).numpy()
+        samples["is_mixed_confident_mismatch"] = scores.is_mixed_confident_mismatch.numpy()
+        samples["is_candidate"] = candidate.numpy()
+
+    def _effective_label_quality(self, have_neighbours: bool) -> str:
+        """`label_quality`, or its stand-in when a kNN method has no neighbours this epoch."""
+        method = self.label_quality
+        if have_neighbours or method not in WITHOUT_NEIGHBOURS:
+            return method
+        if method == "knn_agreement":
+            self._warn_once(
+                "knn-quality",
+                "LabelWatch: `label_quality`='knn_agreement' needs embeddings (and at most"
+                f" {KNN_MAX_SAMPLES} samples); 'averaged_margin' is used instead.",
+            )
+        return WITHOUT_NEIGHBOURS[method]
+
+    def _history(self, name: str | None) -> EpochHistory:
+        """This dataloader's epoch history: in memory, or after a resume read back from the
+        last epoch's history.parquet (a fresh one when that file is missing or differs)."""
+        history = self._histories.get(name)
+        if history is not None:
+            return history
+        history = EpochHistory(window=self.history_window)
+        path = self._last_epoch_dir(name)
+        path = path / HISTORY_FILE if path is not None else None
+        if path is not None:
+            try:
+                loaded = EpochHistory.load(path)
+            except (OSError, ValueError, KeyError) as err:
+                rank_zero_warn(
+                    f"LabelWatch could not read the epoch history {path} ({err}); the averaging"
+                    " window starts again from this epoch."
+                )
+            else:
+                if loaded.window == self.history_window and loaded.last_epoch == self.last_epoch:
+                    history = loaded
+                    self._history_files[name] = path
+                else:
+                    rank_zero_warn(
+                        f"LabelWatch: the epoch history {path} (window {loaded.window}, epoch"
+                        f" {loaded.last_epoch}) does not match `history_window`="
+                        f"{self.history_window} at epoch {self.last_epoch}; the averaging window"
+                        " starts again from this epoch."
+                    )
+        self._histories[name] = history
+        return history
+
+    def _save_history(self, name: str | None, out_dir: Path | None) -> None:
+        """Write the history beside this epoch's samples and drop the previous copy, so the
+        disk holds one (window x N x C values) per dataloader."""
+        history = self._histories.get(name)
+        if out_dir is None or history is None:
+            return
+        try:
+            path = history.save(out_dir / HISTORY_FILE)
+        except OSError as err:
+            rank_zero_warn(f"LabelWatch could not write its epoch history to {out_dir}: {err}")
+            return
+        previous = self._history_files.get(name)
+        if previous is not None and previous != path:
+            previous.unlink(missing_ok=True)
+        self._history_files[name] = path
 
     def _flag_streaks(self, name: str | None, samples: pd.DataFrame) -> np.ndarray:
         """Consecutive epochs each sample has been a confident mismatch, this one included.
@@ -653,7 +843,14 @@ class LabelWatchLogic:
             "mean_entropy": float(samples["entropy"].mean()) if len(samples) else float("nan"),
             "class_names": names,
             "thresholds": dict(zip(names, samples.attrs["thresholds"], strict=True)),
-            "label_quality": self.label_quality,
+            "num_flagged": int(samples["is_candidate"].sum()),
+            "label_quality": self._effective_label_quality(
+                bool(samples["knn_agreement"].notna().any())
+            ),
+            "candidate_rule": self.candidate_rule,
+            "history_window": self.history_window,
+            "knn_weight": self.knn_weight,
+            "min_knn_agreement": self.min_knn_agreement,
             "projection": "pending" if captured.embeddings is not None else "none",
         }
 
@@ -785,9 +982,33 @@ class LabelWatch(LabelWatchLogic, Callback):
         projection: ``"umap"`` (PCA below 16 samples), ``"pca"``, ``"none"``, or a picklable
             callable ``f(embeddings, init) -> (N, 2)``. Maps are warm-started from the
             previous epoch by sample id; see :mod:`labelwatch.projection`.
-        label_quality: ranking in [0, 1], lower = more likely mislabelled; see
-            :func:`labelwatch.score_predictions` for the methods and how the default was chosen.
-        max_candidates: keep at most this many candidates per epoch (None = all flagged).
+        label_quality: ranking in [0, 1], lower = more likely mislabelled. Default
+            ``"knn_mixed_margin"``: the margin ``(p_mix(given) - max p_mix(other) + 1) / 2``
+            of ``p_mix = (1 - knn_weight) * averaged + knn_weight * knn``, where ``averaged``
+            is the sample's probabilities averaged over its last ``history_window``
+            validation epochs and ``knn`` the label distribution of its 10 nearest
+            neighbours (cosine, embeddings). Also ``"knn_mixed_self_confidence"``,
+            ``"averaged_margin"``, ``"averaged_self_confidence"``, ``"knn_agreement"``
+            (see :func:`labelwatch.combined.combined_quality`, whose docstring has the
+            measurements behind the default), and the single-epoch scores of cleanlab
+            ``"self_confidence"``, ``"normalized_margin"``, ``"confidence_weighted_entropy"``
+            (see :func:`labelwatch.score_predictions`). Without embeddings (or above 50k
+            samples) the ``knn_*`` methods use ``averaged`` alone: ``"averaged_margin"``
+            (``"averaged_self_confidence"`` for ``"knn_mixed_self_confidence"``).
+        candidate_rule: which rows become candidates (``is_candidate``). ``"combined"``
+            (default): confident learning (per-class thresholds) on ``p_mix``, or
+            ``knn_agreement < min_knn_agreement``; ``"confident_mismatch"``: this epoch's
+            ``is_confident_mismatch`` alone (the single-epoch rule, equal to cleanlab's
+            ``confident_learning`` filter).
+        history_window: validation epochs averaged per sample (``>= 1``). The window costs
+            ``history_window x N x C`` float32 values in memory on rank zero and on disk
+            (``history.parquet`` beside the newest epoch's outputs, read back on resume; it
+            is not in the checkpoint).
+        knn_weight: weight of the neighbours' labels in ``p_mix``, in [0, 1].
+        min_knn_agreement: in [0, 1]; with ``candidate_rule="combined"`` a sample with a
+            smaller share of neighbours carrying its label is a candidate (0 turns it off).
+        max_candidates: keep at most this many candidates per epoch, those with the lowest
+            ``label_quality`` (None = every flagged row).
         ignore_index: target value of unlabelled samples; skipped and counted.
         dirpath: local output folder; defaults to ``<save_dir>/<name>/<version>/labelwatch``
             of the first logger (like ``ModelCheckpoint``), or ``<default_root_dir>/labelwatch``.

@@ -1,8 +1,10 @@
 """Relabel candidates: which rows they are, how they are ranked, and reading them back.
 
-Candidates are the samples flagged ``is_confident_mismatch``, ranked by ``label_quality``
-ascending (most likely mislabelled first), with ``rank`` (1 = review first) and
-``suggested_label`` / ``suggested_name`` (confident learning's guess of the true class).
+Candidates are the samples flagged ``is_candidate`` by LabelWatch's candidate rule (by
+default confident learning on the window-averaged probabilities mixed with the neighbours'
+labels, or few agreeing neighbours; see :class:`labelwatch.LabelWatch`), ranked by
+``label_quality`` ascending (most likely mislabelled first), with ``rank`` (1 = review
+first) and ``suggested_label`` / ``suggested_name`` (the guess of the true class).
 
 :func:`read_candidates` returns them with where they came from (class names, epoch, the
 W&B run, the artifact version): what the relabel commands need to record provenance.
@@ -79,9 +81,15 @@ def refuse_input_overwrite(output: str | Path, inputs: tuple[Path, ...] | list[P
             )
 
 
-def select_candidates(samples: pd.DataFrame, max_candidates: int | None = None) -> pd.DataFrame:
-    """The flagged rows, most likely mislabelled first, at most ``max_candidates``."""
-    flagged = samples[samples["is_confident_mismatch"].astype(bool)]
+def select_candidates(
+    samples: pd.DataFrame,
+    max_candidates: int | None = None,
+    *,
+    flag_column: str = "is_confident_mismatch",
+) -> pd.DataFrame:
+    """The rows flagged in ``flag_column``, most likely mislabelled first (lowest
+    ``label_quality``), at most ``max_candidates``. LabelWatch passes ``"is_candidate"``."""
+    flagged = samples[samples[flag_column].astype(bool)]
     ranked = flagged.sort_values("label_quality", kind="stable")
     if max_candidates is not None:
         ranked = ranked.head(max_candidates)

@@ -10,7 +10,9 @@ validation epoch and the embeddings, and combines three signals:
 - the two mixed, ``p_mix = (1 - knn_weight) * probs + knn_weight * knn_distribution``, a
   distribution over classes that both the model and the neighbourhood vote on.
 
-Defaults, chosen by measurement with ``python benchmarks/detection.py`` (digits, a
+LabelWatch's defaults (``label_quality="knn_mixed_margin"``, ``candidate_rule="combined"``,
+``history_window=3``, ``knn_weight=0.3``, ``min_knn_agreement=0.2``; computed by
+:func:`history_scores`), chosen by measurement with ``python benchmarks/detection.py`` (digits, a
 2-fold cross-validated MLP with 20 validation epochs, window 3, k 10, noise 5/20/40% of
 three kinds: uniform, class-conditional, ambiguous mixtures; 3 seeds; mean over the 9
 settings; 74 s on 2 cores), checked on ``--data synthetic --seeds 2`` (a 10-class
@@ -45,11 +47,17 @@ best AP averaged over both tasks (0.759 vs 0.743 for ``knn_mixed_self_confidence
 0.727 for cleanlab's best single method). Sensitivity (digits, an exploratory run of the
 same protocol): ``window`` 1/3/5 gave AP 0.866/0.872/0.873, ``k`` 5/10/20 gave
 0.868/0.872/0.871, ``knn_weight`` 0.5 instead of 0.3 gave 0.871; the flag's F1 with
-``k`` 5/10/20 was 0.788/0.807/0.810.
+``k`` 5/10/20 was 0.788/0.807/0.810. Also tried (same runs, gain over cleanlab's best per
+setting, digits / synthetic): ranking by ``p_mix(given)`` -0.021 / +0.004 AP, by the mean of
+it and the margin +0.014 / +0.000, the margin with ``knn_weight`` 0.5 +0.026 / +0.000; as
+the flag, ``prune_by_noise_rate`` on ``p_mix`` or kNN < 0.2 +0.016 / +0.018 F1 (6 and 7 of
+9 settings, against 5 and 8 for the default), ``argmax p_mix != given`` -0.011 / -0.034.
+None was better on both tasks, so the defaults stayed.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -59,8 +67,10 @@ from labelwatch.scoring import compute_scores
 __all__ = [
     "COMBINED_METHODS",
     "CombinedMethod",
+    "HistoryScores",
     "candidate_flags",
     "combined_quality",
+    "history_scores",
     "limit_candidates",
     "mix_probabilities",
 ]
@@ -81,6 +91,93 @@ COMBINED_METHODS: tuple[str, ...] = (
 )
 DEFAULT_KNN_WEIGHT = 0.3
 DEFAULT_MIN_KNN_AGREEMENT = 0.2
+# What a kNN method falls back to when there are no neighbours (no embeddings).
+WITHOUT_NEIGHBOURS = {
+    "knn_mixed_margin": "averaged_margin",
+    "knn_mixed_self_confidence": "averaged_self_confidence",
+    "knn_agreement": "averaged_margin",
+}
+
+
+@dataclass
+class HistoryScores:
+    """What LabelWatch adds to each row from the epoch history and the neighbours.
+
+    Attributes:
+        quality: ``(N,)`` the combined ``label_quality`` in [0, 1] (lower = more likely
+            mislabelled), or None when no combined method was asked for.
+        method: the method behind ``quality`` (a ``knn_*`` method's stand-in without
+            neighbours, see ``WITHOUT_NEIGHBOURS``), or None.
+        averaged_self_confidence: ``(N,)`` the averaged probability of the given label.
+        is_mixed_confident_mismatch: ``(N,)`` confident learning on ``p_mix``.
+        is_candidate: ``(N,)`` the default candidate rule (see :func:`candidate_flags`).
+        suggested: ``(N,)`` class guess for the candidates: confident learning's guess on
+            ``p_mix`` where it flags, else the most probable other class in ``p_mix``.
+    """
+
+    quality: torch.Tensor | None
+    method: str | None
+    averaged_self_confidence: torch.Tensor
+    is_mixed_confident_mismatch: torch.Tensor
+    is_candidate: torch.Tensor
+    suggested: torch.Tensor
+
+
+def history_scores(
+    averaged: torch.Tensor,
+    labels: torch.Tensor,
+    knn_distribution: torch.Tensor | None = None,
+    *,
+    method: CombinedMethod | None = "knn_mixed_margin",
+    knn_weight: float = DEFAULT_KNN_WEIGHT,
+    min_knn_agreement: float = DEFAULT_MIN_KNN_AGREEMENT,
+) -> HistoryScores:
+    """Every score LabelWatch derives from the window-averaged probabilities and neighbours.
+
+    The one place the callback's defaults are computed, so ``benchmarks/detection.py``
+    measures exactly what LabelWatch logs. Without ``knn_distribution`` (no embeddings)
+    ``p_mix`` is ``averaged`` and a ``knn_*`` ``method`` uses its stand-in.
+
+    Args:
+        averaged: ``(N, C)`` probabilities averaged over the last epochs.
+        labels: ``(N,)`` given class indices in ``[0, C)``.
+        knn_distribution: ``(N, C)`` neighbours' label fractions, or None.
+        method: a combined ``label_quality`` method, or None to skip ``quality``.
+        knn_weight: weight of the neighbours in ``p_mix``, in [0, 1].
+        min_knn_agreement: see :func:`candidate_flags`.
+    """
+    if method is not None and method not in COMBINED_METHODS:
+        raise ValueError(f"`method` must be None or one of {COMBINED_METHODS}, got {method!r}")
+    _check_probs_labels(averaged, labels)
+    _check_weight(knn_weight)
+    if not 0.0 <= min_knn_agreement <= 1.0:
+        raise ValueError(f"`min_knn_agreement` must be in [0, 1], got {min_knn_agreement!r}")
+    labels = labels.to(averaged.device, torch.long)
+    if knn_distribution is None:
+        mixed = averaged.float()
+        if method is not None:
+            method = WITHOUT_NEIGHBOURS.get(method, method)
+    else:
+        mixed = mix_probabilities(averaged, knn_distribution, knn_weight=knn_weight)
+    scored = compute_scores(mixed, labels)
+    candidate = scored.is_confident_mismatch.clone()
+    if knn_distribution is not None:
+        agreement = knn_distribution.to(averaged.device, torch.float32).gather(1, labels[:, None])
+        candidate |= agreement.squeeze(1) < min_knn_agreement
+    best_other = mixed.scatter(1, labels[:, None], -torch.inf).argmax(dim=1)
+    quality = None
+    if method is not None:
+        quality = combined_quality(
+            averaged, labels, knn_distribution, method=method, knn_weight=knn_weight
+        )
+    return HistoryScores(
+        quality=quality,
+        method=method,
+        averaged_self_confidence=averaged.float().gather(1, labels[:, None]).squeeze(1),
+        is_mixed_confident_mismatch=scored.is_confident_mismatch,
+        is_candidate=candidate,
+        suggested=torch.where(scored.is_confident_mismatch, scored.suggested, best_other),
+    )
 
 
 def mix_probabilities(

@@ -147,6 +147,10 @@ class EpochHistory:
         window = self._probs[rows].float() * slots[:, :, None]
         return window.sum(dim=1) / filled[:, None].float()
 
+    def filled(self, sample_ids: Sequence[Any]) -> torch.Tensor:
+        """``(N,)`` int64 number of epochs in each id's window (``1..window``; must be known)."""
+        return self._count[self._known_rows(sample_ids)].clamp(max=self.window)
+
     def streak(self, sample_ids: Sequence[Any]) -> torch.Tensor:
         """``(N,)`` int64 flag streak of each id (must be known)."""
         return self._streak[self._known_rows(sample_ids)].clone()

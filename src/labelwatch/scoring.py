@@ -107,6 +107,8 @@ def score_predictions(
             probabilities on scikit-learn's digits, labels flipped at 5/20/40%, 3 seeds);
             mean AUROC / average precision: self_confidence 0.986 / 0.899,
             normalized_margin 0.984 / 0.884, confidence_weighted_entropy 0.983 / 0.901.
+            These are single-epoch scores; the callback's default ranking also uses the
+            epoch history and the embeddings (:mod:`labelwatch.combined`).
         ignore_index: label value that marks unlabelled samples.
 
     Returns:

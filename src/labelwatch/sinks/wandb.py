@@ -85,7 +85,7 @@ class WandbSink:
         artifact = wandb.Artifact(
             artifact_name(run.id, dataloader),
             type=ARTIFACT_TYPE,
-            description="Validation samples whose given label the model confidently disputes.",
+            description="Validation samples whose given label the model or its neighbours dispute.",
             metadata={k: summary[k] for k in _ARTIFACT_METADATA if k in summary},
         )
         for name in ("candidates.parquet", "candidates.csv"):
@@ -104,6 +104,9 @@ _ARTIFACT_METADATA = (
     "num_ignored",
     "num_nonfinite",
     "label_quality",
+    "candidate_rule",
+    "num_flagged",
+    "history_window",
     "dataloader",
 )
 

@@ -1,0 +1,183 @@
+"""LabelWatch's defaults in real Trainer runs: window-averaged probabilities, the combined
+`label_quality` (knn_mixed_margin) and the candidate rule (confident learning on p_mix, or
+few agreeing neighbours)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from labelwatch import LabelWatch
+from labelwatch.combined import combined_quality, mix_probabilities
+from labelwatch.history import EpochHistory
+from labelwatch.neighbours import knn_label_distribution
+from labelwatch.scoring import compute_scores
+from tests.helpers import BlobDataset, TinyClassifier, loaders, trainer_kwargs
+
+FLIPPED = 10  # the first FLIPPED validation samples (ids 1000..1009) carry a wrong label
+
+
+def _fit(tmp_path: Path, max_epochs: int = 3, **arguments) -> tuple[TinyClassifier, LabelWatch]:
+    torch.manual_seed(0)
+    train, val = loaders(num_val=60, flip=FLIPPED)
+    model = TinyClassifier(lr=0.2)
+    callback = LabelWatch(projection="none", **arguments)
+    Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=max_epochs)).fit(
+        model, train, val
+    )
+    return model, callback
+
+
+def _read(tmp_path: Path, epoch: int, name: str = "samples") -> pd.DataFrame:
+    return pd.read_parquet(tmp_path / f"labelwatch/epoch={epoch}/{name}.parquet")
+
+
+def test_averaged_self_confidence_is_the_mean_over_the_last_window_epochs(tmp_path: Path):
+    """With history_window=2, each epoch's averaged p(given) is the mean of its last 2 epochs."""
+    _fit(tmp_path, max_epochs=4, history_window=2)
+    epochs = [_read(tmp_path, e).set_index("sample_id") for e in range(4)]
+    pd.testing.assert_series_equal(
+        epochs[0]["averaged_self_confidence"], epochs[0]["self_confidence"], check_names=False
+    )
+    for before, now in zip(epochs[:-1], epochs[1:], strict=True):
+        expected = (before["self_confidence"] + now["self_confidence"]) / 2
+        np.testing.assert_allclose(now["averaged_self_confidence"], expected, rtol=1e-5)
+        assert now["averaged_epochs"].eq(2).all()
+    assert epochs[0]["averaged_epochs"].eq(1).all()
+    # the history for a resume sits beside the newest epoch only
+    assert [p.parent.name for p in (tmp_path / "labelwatch").glob("*/history.parquet")] == [
+        "epoch=3"
+    ]
+
+
+def test_default_label_quality_is_knn_mixed_margin_of_the_averaged_probabilities(
+    tmp_path: Path,
+):
+    """label_quality = (p_mix(given) - max p_mix(other) + 1) / 2 with p_mix = 0.7 x the
+    3-epoch average + 0.3 x the neighbours' labels, recomputed here from the saved history
+    and the final model's embeddings; flipped labels rank first."""
+    model, callback = _fit(tmp_path)
+    assert (callback.label_quality, callback.history_window, callback.knn_weight) == (
+        "knn_mixed_margin",
+        3,
+        0.3,
+    )
+    samples = _read(tmp_path, 2)
+    ids = samples["sample_id"].tolist()
+    labels = torch.tensor(samples["given_label"].to_numpy())
+    averaged = EpochHistory.load(tmp_path / "labelwatch/epoch=2/history.parquet").averaged(ids)
+    val = BlobDataset(60, seed=2, flip=FLIPPED)
+    with torch.no_grad():
+        embeddings = model.backbone(val.x[[i - 1000 for i in ids]])
+    knn = knn_label_distribution(embeddings, labels, 3, k=10)
+    expected = combined_quality(averaged, labels, knn, method="knn_mixed_margin", knn_weight=0.3)
+    np.testing.assert_allclose(samples["label_quality"], expected.double(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        samples["knn_agreement"], knn.gather(1, labels[:, None]).squeeze(1), atol=1e-6
+    )
+    assert samples["averaged_epochs"].eq(3).all()
+    flipped = samples["sample_id"] < 1000 + FLIPPED
+    assert (
+        samples.loc[flipped, "label_quality"].max() < samples.loc[~flipped, "label_quality"].min()
+    )
+    summary = json.loads((tmp_path / "labelwatch/epoch=2/summary.json").read_text())
+    assert (summary["label_quality"], summary["candidate_rule"]) == ("knn_mixed_margin", "combined")
+
+    # the candidate rule, recomputed: confident learning on p_mix, or knn agreement < 0.2
+    mixed = compute_scores(mix_probabilities(averaged, knn, knn_weight=0.3), labels)
+    np.testing.assert_array_equal(
+        samples["is_mixed_confident_mismatch"], mixed.is_confident_mismatch.numpy()
+    )
+    expected_flags = mixed.is_confident_mismatch.numpy() | (samples["knn_agreement"] < 0.2)
+    np.testing.assert_array_equal(samples["is_candidate"], expected_flags)
+
+
+def test_candidates_are_the_flagged_rows_ranked_and_capped(tmp_path: Path):
+    """Candidates: is_candidate rows, lowest label_quality first, at most max_candidates,
+    each suggesting a class other than its given one; the single-epoch confident-mismatch
+    flag keeps its own meaning beside them."""
+    _fit(tmp_path, max_candidates=6)
+    samples, candidates = _read(tmp_path, 2), _read(tmp_path, 2, "candidates")
+    flagged = samples[samples["is_candidate"]].sort_values("label_quality", kind="stable")
+    assert len(flagged) > 6  # the cap is what limits the list
+    assert candidates["sample_id"].tolist() == flagged["sample_id"].head(6).tolist()
+    assert candidates["rank"].tolist() == list(range(1, 7))
+    assert (candidates["suggested_label"] != candidates["given_label"]).all()
+    assert (candidates["sample_id"] < 1000 + FLIPPED).all()  # all six are real errors
+    for column in ("knn_agreement", "averaged_self_confidence", "is_mixed_confident_mismatch"):
+        assert column in candidates.columns
+    summary = json.loads((tmp_path / "labelwatch/epoch=2/summary.json").read_text())
+    assert (summary["num_flagged"], summary["num_candidates"]) == (len(flagged), 6)
+
+
+def test_old_rule_and_single_epoch_ranking_stay_selectable(tmp_path: Path):
+    """candidate_rule='confident_mismatch' with label_quality='self_confidence' gives the
+    single-epoch behaviour: candidates are the is_confident_mismatch rows ranked by p(given)."""
+    _fit(tmp_path, candidate_rule="confident_mismatch", label_quality="self_confidence")
+    samples, candidates = _read(tmp_path, 2), _read(tmp_path, 2, "candidates")
+    pd.testing.assert_series_equal(
+        samples["label_quality"], samples["self_confidence"], check_names=False
+    )
+    pd.testing.assert_series_equal(
+        samples["is_candidate"], samples["is_confident_mismatch"], check_names=False
+    )
+    expected = samples[samples["is_confident_mismatch"]].sort_values("label_quality", kind="stable")
+    assert len(expected) > 0
+    assert candidates["sample_id"].tolist() == expected["sample_id"].tolist()
+    pd.testing.assert_series_equal(
+        candidates["suggested_label"],
+        expected["suggested_label"].reset_index(drop=True),
+        check_names=False,
+    )
+
+
+def test_without_embeddings_the_default_uses_the_averaged_probabilities(tmp_path: Path):
+    """No embeddings: no neighbours, so label_quality is the averaged margin and candidates
+    are confident learning on the averaged probabilities (no warning: it is documented)."""
+    torch.manual_seed(0)
+    train, val = loaders(num_val=60, flip=FLIPPED)
+    callback = LabelWatch(logits_layer="head", projection="none")
+    Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=2)).fit(
+        TinyClassifier(lr=0.2, return_outputs=False), train, val
+    )
+    samples = _read(tmp_path, 1)
+    ids = samples["sample_id"].tolist()
+    labels = torch.tensor(samples["given_label"].to_numpy())
+    averaged = EpochHistory.load(tmp_path / "labelwatch/epoch=1/history.parquet").averaged(ids)
+    expected = combined_quality(averaged, labels, method="averaged_margin")
+    np.testing.assert_allclose(samples["label_quality"], expected.double(), rtol=1e-5, atol=1e-6)
+    assert samples["knn_agreement"].isna().all()
+    pd.testing.assert_series_equal(
+        samples["is_candidate"], samples["is_mixed_confident_mismatch"], check_names=False
+    )
+    summary = json.loads((tmp_path / "labelwatch/epoch=1/summary.json").read_text())
+    assert summary["label_quality"] == "averaged_margin"
+
+
+@pytest.mark.parametrize("label_quality", ["averaged_self_confidence", "normalized_margin"])
+def test_other_label_quality_methods_fill_the_column(tmp_path: Path, label_quality: str):
+    """A named method is what label_quality holds: here the averaged or single-epoch score."""
+    _fit(tmp_path, max_epochs=2, label_quality=label_quality)
+    samples = _read(tmp_path, 1)
+    if label_quality == "averaged_self_confidence":
+        expected = samples["averaged_self_confidence"]
+    else:
+        expected = (samples["margin"] + 1) / 2
+    np.testing.assert_allclose(samples["label_quality"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_second_fit_with_the_same_callback_restarts_the_average(tmp_path: Path):
+    """Reusing one LabelWatch in a new fit (epochs from 0 again) warns and averages afresh."""
+    model, callback = _fit(tmp_path, max_epochs=2)
+    train, val = loaders(num_val=60, flip=FLIPPED)
+    with pytest.warns(UserWarning, match="the averaging window starts again"):
+        Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=1)).fit(
+            model, train, val
+        )
+    assert _read(tmp_path, 0)["averaged_epochs"].eq(1).all()
