@@ -1,11 +1,19 @@
 """LabelWatch at scale: capture overhead, epoch-end time, peak memory, W&B table cost.
 
-Prints one table, one row per (N samples, C classes) with D = 512 embeddings:
+Prints one table, one row per (model, N samples, C classes) with D = 512 embeddings:
 
 - ``loop_s`` / ``loop_lw_s``: validation-loop time of a real ``Trainer`` without and with
-  LabelWatch (first batch start to last batch end, best of ``--repeats``); ``overhead``
-  is their ratio (target <= 1.03). The model is a cheap 2-layer head on precomputed
-  512-d features, the worst case for relative overhead.
+  LabelWatch, from the first ``on_validation_epoch_start`` hook (before LabelWatch's) to
+  the end of the last batch, best over ``--repeats`` fits of ``--epochs`` validation
+  epochs. ``overhead`` is their ratio in the steady state (epochs after the first; target
+  <= 1.03), ``overhead_first`` the first epoch's (capture memory is fresh then), and
+  ``overhead_fresh`` the steady state when the capture slabs are not kept between epochs
+  (how LabelWatch captured before: every epoch pays the page faults of fresh memory).
+  ``overhead_cpu`` / ``overhead_fresh_cpu``: the same ratios of process CPU time, steadier
+  than wall time when other work shares the cores.
+  Models: ``head``, a 2-layer head on precomputed 512-d features (about 3 ms a batch of
+  1024 on 2 cores, the worst case for relative overhead); ``mlp``, a wider 4-layer MLP
+  (a validation step that costs more, as real models do).
 - ``score_s``: ``score_predictions`` on the N x C logits (target: 100k x 1000 <= 2 s);
   ``epoch_end_s``: LabelWatch's whole epoch end without W&B (gather, score, parquet files).
 - ``peak_mem``: peak resident memory added by capture + collect + scoring, in a fresh
@@ -14,8 +22,10 @@ Prints one table, one row per (N samples, C classes) with D = 512 embeddings:
 - ``table_build_s`` / ``table_log_s``: building the per-sample ``wandb.Table`` and logging
   it to an offline run (depends on N only; measured at C = 10).
 
-    python benchmarks/scale.py                      # the full grid (about 5 minutes on 2 cores)
-    python benchmarks/scale.py --sizes 10000 --classes 10
+Timings on a shared machine are noisy: compare columns of one run, not runs.
+
+    python benchmarks/scale.py                      # the full grid (about 10 minutes on 2 cores)
+    python benchmarks/scale.py --sizes 10000 --classes 10 --models head
 """
 
 from __future__ import annotations
@@ -61,13 +71,23 @@ def _loader(data: Features) -> DataLoader:
     return DataLoader(batches, batch_size=None, collate_fn=fetch)
 
 
-def _model(c: int):
+def _model(c: int, kind: str = "head"):
     from lightning.pytorch import LightningModule
 
-    class Head(LightningModule):
+    width = {"head": D, "mlp": 2048}[kind]
+
+    class Net(LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.embed = nn.Sequential(nn.Linear(D, D), nn.ReLU())
+            if kind == "head":
+                self.embed = nn.Sequential(nn.Linear(D, D), nn.ReLU())
+            else:
+                self.embed = nn.Sequential(
+                    nn.Linear(D, width), nn.ReLU(),
+                    nn.Linear(width, width), nn.ReLU(),
+                    nn.Linear(width, width), nn.ReLU(),
+                    nn.Linear(width, D), nn.ReLU(),
+                )  # fmt: skip
             self.head = nn.Linear(D, c)
 
         def training_step(self, batch: dict, _: int) -> torch.Tensor:
@@ -80,39 +100,60 @@ def _model(c: int):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
-    return Head()
+    return Net()
 
 
-def _timed_fit(n: int, c: int, with_labelwatch: bool, out: Path) -> tuple[float, float]:
+def _timed_fit(
+    n: int, c: int, variant: str, out: Path, epochs: int, model: str
+) -> tuple[list[float], list[float]]:
+    """Per validation epoch: (loop seconds, epoch-end seconds). variant: none, lw, lw_fresh."""
     from lightning.pytorch import Callback, Trainer
 
     from labelwatch import LabelWatch
 
-    class Clock(Callback):
+    class Start(Callback):  # runs before LabelWatch's hooks
         def on_validation_epoch_start(self, *args) -> None:
             self.start = time.perf_counter()
+            self.start_cpu = time.process_time()
+
+    class End(Callback):  # runs after LabelWatch's hooks
+        def __init__(self) -> None:
+            self.loops: list[float] = []
+            self.loops_cpu: list[float] = []
+            self.ends: list[float] = []
 
         def on_validation_batch_end(self, *args, **kwargs) -> None:
             self.last_batch = time.perf_counter()
+            self.last_batch_cpu = time.process_time()
 
         def on_validation_epoch_end(self, *args) -> None:
-            self.end = time.perf_counter()
+            self.loops.append(self.last_batch - start.start)
+            self.loops_cpu.append(self.last_batch_cpu - start.start_cpu)
+            self.ends.append(time.perf_counter() - self.last_batch)
 
-    clock = Clock()
-    callbacks = [LabelWatch(projection="none", dirpath=out)] if with_labelwatch else []
+    class FreshSlabs(LabelWatch):
+        """LabelWatch as it captured before: fresh slabs every epoch."""
+
+        def on_validation_epoch_end(self, trainer, pl_module) -> None:
+            super().on_validation_epoch_end(trainer, pl_module)
+            self._spare_slabs = {}
+
+    start, end = Start(), End()
+    watch = {"none": [], "lw": [LabelWatch], "lw_fresh": [FreshSlabs]}[variant]
+    callbacks = [start, *(cls(projection="none", dirpath=out) for cls in watch), end]
     data = Features(n, c)
     trainer = Trainer(
-        max_epochs=1,
+        max_epochs=epochs,
         limit_train_batches=1,
         num_sanity_val_steps=0,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[*callbacks, clock],  # the clock's hooks run after LabelWatch's
+        callbacks=callbacks,
     )
-    trainer.fit(_model(c), _loader(data), _loader(data))
-    return clock.last_batch - clock.start, clock.end - clock.last_batch
+    trainer.fit(_model(c, model), _loader(data), _loader(data))
+    return end.loops, end.loops_cpu, end.ends
 
 
 def _scoring_time(n: int, c: int) -> float:
@@ -193,42 +234,67 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 300_000])
     parser.add_argument("--classes", type=int, nargs="+", default=[10, 1000])
+    parser.add_argument("--models", nargs="+", default=["head", "mlp"], choices=["head", "mlp"])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3, help="validation epochs per fit (>= 2)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     args = parser.parse_args()
     os.environ.setdefault("WANDB_SILENT", "true")
     torch.manual_seed(0)
 
     rows = []
     table_cost: dict[int, tuple[float, float, int]] = {}
+    variants = ("none", "lw", "lw_fresh")
     with tempfile.TemporaryDirectory() as tmp:
-        for n in args.sizes:
-            for c in args.classes:
-                without, with_lw, epoch_end = [], [], []
-                for _ in range(args.repeats):  # alternate, so drift hits both alike
-                    without.append(_timed_fit(n, c, False, Path(tmp))[0])
-                    loop, end = _timed_fit(n, c, True, Path(tmp))
-                    with_lw.append(loop)
-                    epoch_end.append(end)
-                if n not in table_cost:
-                    table_cost[n] = _wandb_table_times(n)
-                build, log, logged_rows = table_cost[n]
-                rows.append(
-                    {
-                        "N": n,
-                        "C": c,
-                        "loop_s": min(without),
-                        "loop_lw_s": min(with_lw),
-                        "overhead": min(with_lw) / min(without),
-                        "score_s": _scoring_time(n, c),
-                        "epoch_end_s": min(epoch_end),
-                        "peak_mem": _peak_memory_ratio(n, c, "float32"),
-                        "peak_mem_f16": _peak_memory_ratio(n, c, "float16"),
-                        "table_build_s": build,
-                        "table_log_s": log,
-                        "table_rows_written": logged_rows,
-                    }
-                )
-                print(f"done N={n} C={c}", file=sys.stderr, flush=True)
+        for model in args.models:
+            for n in args.sizes:
+                for c in args.classes:
+                    loops: dict[str, list[list[float]]] = {v: [] for v in variants}
+                    cpu: dict[str, list[list[float]]] = {v: [] for v in variants}
+                    epoch_end = []
+                    for _ in range(args.repeats):  # interleaved, so drift hits all alike
+                        for variant in variants:
+                            loop, loop_cpu, end = _timed_fit(
+                                n, c, variant, Path(tmp), args.epochs, model
+                            )
+                            loops[variant].append(loop)
+                            cpu[variant].append(loop_cpu)
+                            if variant == "lw":
+                                epoch_end += end
+
+                    first = {v: min(fit[0] for fit in loops[v]) for v in variants}
+                    steady = {v: min(t for fit in loops[v] for t in fit[1:]) for v in variants}
+                    steady_cpu = {v: min(t for fit in cpu[v] for t in fit[1:]) for v in variants}
+                    if n not in table_cost:
+                        table_cost[n] = _wandb_table_times(n)
+                    build, log, logged_rows = table_cost[n]
+                    memory = {}
+                    if not args.no_memory:
+                        memory = {
+                            "peak_mem": _peak_memory_ratio(n, c, "float32"),
+                            "peak_mem_f16": _peak_memory_ratio(n, c, "float16"),
+                        }
+                    rows.append(
+                        {
+                            "model": model,
+                            "N": n,
+                            "C": c,
+                            "loop_s": steady["none"],
+                            "loop_lw_s": steady["lw"],
+                            "overhead": steady["lw"] / steady["none"],
+                            "overhead_first": first["lw"] / first["none"],
+                            "overhead_fresh": steady["lw_fresh"] / steady["none"],
+                            "overhead_cpu": steady_cpu["lw"] / steady_cpu["none"],
+                            "overhead_fresh_cpu": steady_cpu["lw_fresh"] / steady_cpu["none"],
+                            "score_s": _scoring_time(n, c),
+                            "epoch_end_s": min(epoch_end),
+                            **memory,
+                            "table_build_s": build,
+                            "table_log_s": log,
+                            "table_rows_written": logged_rows,
+                        }
+                    )
+                    print(f"done {model} N={n} C={c}", file=sys.stderr, flush=True)
     print(f"torch threads: {torch.get_num_threads()}, D = {D}, batch = {BATCH}")
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 

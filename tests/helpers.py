@@ -107,13 +107,34 @@ _BLOCK = 32 * 1024
 _RECORD_HEADER = 7
 
 
+def finish_wandb() -> None:
+    """Finish the current W&B run and wait until the service has written its record log.
+
+    ``wandb.finish()`` returns before the ``.wandb`` file is on disk (wandb 0.31): the
+    wandb-core service keeps the run's records in memory and writes them when it closes
+    the run's stream, on a message that ``finish()`` sends without waiting for an answer.
+    A test that reads the file right after ``finish()`` races the service, and on a busy
+    machine it reads a truncated log (often the 7-byte header alone). ``wandb.teardown()``
+    waits until the service has closed every stream and exited; the next ``wandb.init``
+    starts a fresh service.
+    """
+    import wandb
+
+    wandb.finish()
+    wandb.teardown()
+
+
 def wandb_records(path: Path) -> Iterator[object]:
-    """Every protobuf Record in a run's .wandb file, in order."""
+    """Every protobuf Record in a run's .wandb file, in order; the log must be complete.
+
+    A complete log ends with the run's exit record. Anything else means the W&B service
+    has not written it yet: read it after ``finish_wandb()``, not after ``wandb.finish()``.
+    """
     from wandb.proto import wandb_internal_pb2
 
     data = path.read_bytes()
     assert data[:4] == b":W&B", f"{path} is not a W&B record log"
-    pos, pending = _HEADER, b""
+    pos, pending, last = _HEADER, b"", None
     while pos + _RECORD_HEADER <= len(data):
         left_in_block = _BLOCK - pos % _BLOCK  # blocks count from the start of the file
         if left_in_block < _RECORD_HEADER:  # block trailer padding
@@ -131,11 +152,39 @@ def wandb_records(path: Path) -> Iterator[object]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             pending = b""
+            last = record.WhichOneof("record_type")
             yield record
+    assert last == "exit", (
+        f"{path} is incomplete ({len(data)} bytes, last record {last!r}): the W&B service has"
+        " not written the whole run yet; read it after tests.helpers.finish_wandb()"
+    )
+
+
+def offline_run_dirs(save_dir: Path, run_id: str | None = None) -> list[Path]:
+    """The offline run folders under ``save_dir/wandb`` (of one run id), oldest first.
+
+    One folder per ``wandb.init``: a resumed run gets a new folder, and a second one
+    started in the same second gets a ``-1`` suffix (wandb 0.31).
+    """
+    folders = [
+        p.parent
+        for p in (save_dir / "wandb").glob("offline-run-*/run-*.wandb")
+        if run_id is None or p.stem == f"run-{run_id}"
+    ]
+    return sorted(folders, key=_start_and_suffix)
+
+
+def _start_and_suffix(run_dir: Path) -> tuple[str, int]:
+    """offline-run-<YYYYmmdd_HHMMSS>-<id>[-<n>] -> (start time, n or 0)."""
+    (log_file,) = run_dir.glob("run-*.wandb")
+    run_id = log_file.stem.removeprefix("run-")
+    _, _, start, rest = run_dir.name.split("-", 3)
+    suffix = rest.removeprefix(run_id).removeprefix("-")
+    return start, int(suffix or 0)
 
 
 def offline_run_dir(save_dir: Path) -> Path:
-    (run_dir,) = sorted((save_dir / "wandb").glob("offline-run-*"))
+    (run_dir,) = offline_run_dirs(save_dir)
     return run_dir
 
 

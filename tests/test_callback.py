@@ -18,6 +18,7 @@ from labelwatch.scoring import SAMPLE_COLUMNS
 from tests.helpers import (
     BlobDataset,
     TinyClassifier,
+    finish_wandb,
     loaders,
     offline_run_dir,
     trainer_kwargs,
@@ -30,8 +31,6 @@ CLASS_NAMES = ["dog_bark", "siren", "drilling"]
 @pytest.fixture(scope="module")
 def wandb_fit(tmp_path_factory: pytest.TempPathFactory, _wandb_offline):
     """One 2-epoch fit with a WandbLogger in offline mode and the default UMAP map."""
-    import wandb
-
     root = tmp_path_factory.mktemp("wandb-fit")
     train, val = loaders(num_val=60, flip=6)
     callback = LabelWatch(class_names=CLASS_NAMES, metadata_keys=["path"])
@@ -39,7 +38,7 @@ def wandb_fit(tmp_path_factory: pytest.TempPathFactory, _wandb_offline):
     trainer = Trainer(**trainer_kwargs(root, logger=logger, callbacks=[callback]))
     trainer.fit(TinyClassifier(), train, val)
     run_id = logger.experiment.id
-    wandb.finish()
+    finish_wandb()
     return root, callback, run_id
 
 

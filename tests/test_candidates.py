@@ -8,7 +8,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import WandbLogger
 
 from labelwatch import LabelWatch, load_candidates
-from labelwatch.candidates import select_candidates, to_csv_safe
+from labelwatch.candidates import read_candidates, select_candidates, to_csv_safe
 from labelwatch.cli import main
 from tests.helpers import TinyClassifier, loaders, offline_run_dir, trainer_kwargs
 
@@ -55,6 +55,18 @@ def test_offline_wandb_run_folder_gives_the_same_candidates(fit):
     assert from_run["sample_id"].tolist() == local["sample_id"].tolist()
     assert from_run["suggested_name"].tolist() == local["suggested_name"].tolist()
     assert (load_candidates(offline_run_dir(root), epoch=1)["epoch"] == 1).all()
+
+
+def test_run_folder_with_a_suffix_keeps_its_run_id(fit, tmp_path):
+    """offline-run-<time>-<id>-1 (a same-second relaunch of a run id) reads as run <id>."""
+    import shutil
+
+    root, _ = fit
+    run_dir = offline_run_dir(root)
+    copy = tmp_path / "wandb" / f"{run_dir.name}-1"
+    shutil.copytree(run_dir, copy)
+    run_id = run_dir.name.split("-", 3)[3]
+    assert read_candidates(copy).wandb_run_id == run_id
 
 
 def test_missing_sources_are_clear_errors(tmp_path):

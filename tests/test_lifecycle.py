@@ -12,7 +12,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from labelwatch import LabelWatch
-from tests.helpers import BlobDataset, ClassifierSteps, TinyClassifier, trainer_kwargs
+from tests.helpers import (
+    BlobDataset,
+    ClassifierSteps,
+    TinyClassifier,
+    finish_wandb,
+    offline_run_dirs,
+    trainer_kwargs,
+    wandb_records,
+)
 
 
 def _data() -> tuple[DataLoader, DataLoader]:
@@ -138,3 +146,87 @@ def test_pytorch_lightning_package_trainer(tmp_path: Path):
     )
     samples = pd.read_parquet(tmp_path / "labelwatch/epoch=1/samples.parquet")
     assert len(samples) == 30 and set(samples["given_name"]) == {"a", "b", "c"}
+
+
+def _candidate_artifacts(run_dir: Path) -> list[dict]:
+    """Name, aliases, metadata and file digests of each relabel-candidates artifact record."""
+    import json
+
+    (log_file,) = run_dir.glob("run-*.wandb")
+    return [
+        {
+            "name": r.artifact.name,
+            "aliases": sorted(r.artifact.aliases),
+            "metadata": json.loads(r.artifact.metadata),
+            "digests": {e.path: e.digest for e in r.artifact.manifest.contents},
+        }
+        for r in wandb_records(log_file)
+        if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "relabel-candidates"
+    ]
+
+
+def _md5(path: Path) -> str:
+    import base64
+    import hashlib
+
+    return base64.b64encode(hashlib.md5(path.read_bytes()).digest()).decode()
+
+
+def test_resumed_wandb_run_continues_the_artifact_aliases(tmp_path: Path):
+    """Stop after epoch 1 and resume the same W&B run id: the artifact goes on with epoch-2
+    and epoch-3, and artifacts and local outputs match one uninterrupted run's."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    train, val = _data()
+    torch.manual_seed(0)
+    full_dir = tmp_path / "full"
+    logger = WandbLogger(project="resume", save_dir=str(full_dir), offline=True, id="lwfull")
+    kwargs = trainer_kwargs(full_dir, max_epochs=4, logger=logger)
+    Trainer(**{**kwargs, "callbacks": [LabelWatch(projection="none")]}).fit(
+        TinyClassifier(), train, val
+    )
+    finish_wandb()  # the record log is complete only once the W&B service has closed it
+
+    # The same logger settings twice, as a user relaunching the script: same folder, same id.
+    torch.manual_seed(0)
+    save_dir, ckpt = tmp_path / "resumed", tmp_path / "ckpt"
+    for max_epochs, ckpt_path in ((2, None), (4, ckpt / "last.ckpt")):
+        logger = WandbLogger(
+            project="resume", save_dir=str(save_dir), offline=True, id="lwresume", resume="allow"
+        )
+        kwargs = trainer_kwargs(save_dir, max_epochs=max_epochs, enable_checkpointing=True)
+        callbacks = [LabelWatch(projection="none"), ModelCheckpoint(dirpath=ckpt, save_last=True)]
+        Trainer(**{**kwargs, "logger": logger, "callbacks": callbacks}).fit(
+            TinyClassifier(), train, val, ckpt_path=ckpt_path
+        )
+        finish_wandb()
+
+    # One offline folder per launch; the second holds only the epochs it ran.
+    (full_run,) = offline_run_dirs(full_dir, "lwfull")
+    runs = offline_run_dirs(save_dir, "lwresume")
+    assert len(runs) == 2
+    per_run = [_candidate_artifacts(run) for run in runs]
+    assert [[a["aliases"] for a in artifacts] for artifacts in per_run] == [
+        [["epoch-0", "latest"], ["epoch-1", "latest"]],
+        [["epoch-2", "latest"], ["epoch-3", "latest"]],
+    ]
+    resumed = per_run[0] + per_run[1]
+    uninterrupted = _candidate_artifacts(full_run)
+    assert {a["name"] for a in resumed} == {"relabel-candidates-lwresume"}
+    assert [a["aliases"] for a in uninterrupted] == [a["aliases"] for a in resumed]
+    for epoch, (mine, reference) in enumerate(zip(resumed, uninterrupted, strict=True)):
+        assert mine["metadata"]["epoch"] == epoch
+        for key in ("num_samples", "num_candidates", "num_mismatches", "class_names"):
+            assert mine["metadata"][key] == reference["metadata"][key]
+        assert mine["metadata"]["thresholds"] == pytest.approx(reference["metadata"]["thresholds"])
+        # W&B got the very files written locally for that epoch.
+        local = save_dir / f"resume/lwresume/labelwatch/epoch={epoch}"
+        for name in ("candidates.parquet", "candidates.csv"):
+            assert mine["digests"][name] == _md5(local / name)
+
+    # The local outputs continue in the first launch's folder and equal the uninterrupted run's.
+    resumed_epochs = _epochs(save_dir / "resume/lwresume/labelwatch")
+    full_epochs = _epochs(full_dir / "resume/lwfull/labelwatch")
+    assert sorted(resumed_epochs) == sorted(full_epochs) == [0, 1, 2, 3]
+    for epoch in range(4):
+        pd.testing.assert_frame_equal(resumed_epochs[epoch], full_epochs[epoch], check_exact=False)

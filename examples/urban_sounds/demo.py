@@ -128,7 +128,10 @@ def _fit(cli_args: list[str]) -> dict[str, Any]:
         run = logger.experiment
         where["run_dir"] = Path(run.settings.sync_dir)
         where["run_id"] = run.id
-        wandb.finish()  # flush the offline run before reading or syncing it
+        # finish() returns before the W&B service has written the run's .wandb log;
+        # teardown() waits for it, so the run can be read or synced at once.
+        wandb.finish()
+        wandb.teardown()
     return where
 
 

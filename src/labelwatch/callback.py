@@ -194,6 +194,9 @@ class LabelWatchLogic:
         self.output_root: Path | None = None  # resolved once, kept across a resume
         self.last_output_dir: Path | None = None
         self._buffers: dict[int, EpochBuffer] | None = None
+        # Capture slabs kept between epochs (per dataloader), so their pages are touched
+        # once per fit, not every epoch; released when fitting ends.
+        self._spare_slabs: dict[int, dict[str, torch.Tensor]] = {}
         self._watched: dict[int, str | None] = {}
         self._worker: MapWorker | None = None
         # W&B tables are built and logged on this thread, in epoch order, so that their
@@ -273,6 +276,7 @@ class LabelWatchLogic:
                 expected_rows=expected,
                 embeddings_dtype=_EMBEDDINGS_DTYPES[self.embeddings_dtype],
                 offload_to_cpu=self.offload_to_cpu,
+                reuse=self._spare_slabs.pop(dataloader_idx, None),
             )
         self._buffers[dataloader_idx].add(
             logits,
@@ -293,6 +297,9 @@ class LabelWatchLogic:
             captured = merge_ranks(buffer.collect() if buffer is not None else None)
             if trainer.is_global_zero:
                 self._run_epoch_end(trainer, captured, name)
+            del captured  # scored and copied where kept: its slabs can be written over
+            if buffer is not None:
+                self._spare_slabs[index] = buffer.slabs()
         if trainer.is_global_zero:
             self.last_epoch = trainer.current_epoch
 
@@ -317,6 +324,7 @@ class LabelWatchLogic:
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._remove_taps()
         self._buffers = None
+        self._spare_slabs = {}
         self._finish_maps(wait=True)
         self._stop_worker()
         self._wait_for_logging()

@@ -298,7 +298,9 @@ def _from_wandb_run(run_dir: Path, epoch: int | None) -> CandidateSet:
             raise FileNotFoundError(f"No candidates for epoch {epoch} in the W&B run {run_dir}.")
         chosen = matching[-1]
     frame = chosen.drop(columns=["media"], errors="ignore").reset_index(drop=True)
-    run_id = run_dir.name.rsplit("-", 1)[-1]
+    # The id from run-<id>.wandb: the folder name may end in a suffix (a second run with
+    # the same id started in the same second is offline-run-<time>-<id>-1).
+    run_id = next(run_dir.glob("run-*.wandb")).stem.removeprefix("run-")
     found_epoch = int(frame["epoch"].iloc[0]) if len(frame) else epoch
     # The WandbLogger's local outputs sit beside the run: <save_dir>/<project>/<run id>/.
     summary, project = {}, None

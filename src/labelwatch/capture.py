@@ -50,14 +50,26 @@ class _Rows:
     The first slab is sized from the expected number of rows (batches x first batch
     size); further slabs, needed only when the guess was short, grow geometrically.
     Copies stay on the device and are asynchronous, like the forward pass itself.
+
+    ``reuse`` is a slab from an earlier epoch: taken as the first slab when it fits, so
+    its memory pages are touched once per fit rather than once per epoch (the page
+    faults of fresh memory cost about as much as the copies themselves on a CPU).
     """
 
-    def __init__(self, expected_rows: int | None, dtype: torch.dtype | None, device: Any) -> None:
+    def __init__(
+        self,
+        expected_rows: int | None,
+        dtype: torch.dtype | None,
+        device: Any,
+        reuse: torch.Tensor | None = None,
+    ) -> None:
         self._slabs: list[torch.Tensor] = []
         self._used = 0  # rows filled in the last slab
         self._expected = expected_rows
         self._dtype = dtype
         self._device = device  # None: the batch's own device
+        self._reuse = reuse
+        self.first_slab: torch.Tensor | None = None  # whole, for the next epoch to reuse
 
     def append(self, batch: torch.Tensor) -> None:
         batch = batch.detach()
@@ -70,18 +82,28 @@ class _Rows:
         if self._slabs:
             self._slabs[-1] = self._slabs[-1][: self._used]
             rows = max(len(batch), sum(len(s) for s in self._slabs))
+            self.first_slab = None  # the guess was short: concat frees the slabs, keep none
         else:
             rows = max(len(batch), self._expected or 0)
         device = self._device or batch.device
-        pin = device == torch.device("cpu") and batch.device.type == "cuda"
-        self._slabs.append(
-            torch.empty(
-                (rows, *batch.shape[1:]),
-                dtype=self._dtype or batch.dtype,
-                device=device,
-                pin_memory=pin,
-            )
-        )
+        dtype = self._dtype or batch.dtype
+        reuse, self._reuse = self._reuse, None
+        if (
+            not self._slabs
+            and reuse is not None
+            and reuse.dtype == dtype
+            and reuse.device == torch.device(device)
+            and reuse.shape[1:] == batch.shape[1:]
+            and len(reuse) >= rows
+        ):
+            slab = reuse
+        else:
+            pin = torch.device(device) == torch.device("cpu") and batch.device.type == "cuda"
+            shape = (rows, *batch.shape[1:])
+            slab = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+        if not self._slabs:
+            self.first_slab = slab
+        self._slabs.append(slab)
         self._used = 0
 
     def concat(self) -> torch.Tensor:
@@ -99,6 +121,8 @@ class EpochBuffer:
         embeddings_dtype: store embeddings in this dtype (float16 halves their memory).
         offload_to_cpu: copy each batch to (pinned) host memory as it arrives, so the
             accelerator keeps no copy; scoring happens on the host either way.
+        reuse: the ``slabs()`` of an earlier epoch's buffer, whose tensors that epoch no
+            longer uses: they are written over when they fit.
     """
 
     def __init__(
@@ -107,12 +131,14 @@ class EpochBuffer:
         expected_rows: int | None = None,
         embeddings_dtype: torch.dtype | None = None,
         offload_to_cpu: bool = False,
+        reuse: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         device = torch.device("cpu") if offload_to_cpu else None
-        self._logits = _Rows(expected_rows, None, device)
-        self._targets = _Rows(expected_rows, torch.long, device)
-        self._embeddings = _Rows(expected_rows, embeddings_dtype, device)
-        self._tensor_ids = _Rows(expected_rows, torch.long, device)
+        reuse = reuse or {}
+        self._logits = _Rows(expected_rows, None, device, reuse.get("logits"))
+        self._targets = _Rows(expected_rows, torch.long, device, reuse.get("targets"))
+        self._embeddings = _Rows(expected_rows, embeddings_dtype, device, reuse.get("embeddings"))
+        self._tensor_ids = _Rows(expected_rows, torch.long, device, reuse.get("ids"))
         self._ids: list[Any] = []  # ids that are not tensors (strings, lists)
         self._metadata: dict[str, list[Any]] = {}
         self._num_embedded = 0
@@ -168,6 +194,19 @@ class EpochBuffer:
             self._metadata.setdefault(key, []).append(value)
         self.num_batches += 1
         self.num_samples += batch_size
+
+    def slabs(self) -> dict[str, torch.Tensor]:
+        """The first slab of each column, whole: what a later epoch's buffer can reuse.
+
+        Only once this epoch's captured tensors are no longer used (they are views of them).
+        """
+        rows = {
+            "logits": self._logits,
+            "targets": self._targets,
+            "embeddings": self._embeddings,
+            "ids": self._tensor_ids,
+        }
+        return {k: r.first_slab for k, r in rows.items() if r.first_slab is not None}
 
     def collect(self) -> CapturedEpoch | None:
         """The epoch's rows, on the device they were captured on; None when empty."""

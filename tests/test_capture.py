@@ -1,0 +1,89 @@
+"""Capture buffers: slabs reused across epochs without changing what an epoch captures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+from lightning.pytorch import Trainer
+
+from labelwatch import LabelWatch
+from labelwatch.capture import EpochBuffer
+from tests.helpers import TinyClassifier, loaders, trainer_kwargs
+
+
+def _fill(buffer: EpochBuffer, seed: int, classes: int = 3, batches: int = 3) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    logits = [torch.randn(4, classes, generator=generator) for _ in range(batches)]
+    for i, batch in enumerate(logits):
+        buffer.add(
+            batch,
+            torch.arange(4) % classes,
+            torch.arange(4 * i, 4 * i + 4),
+            embeddings=torch.randn(4, 5, generator=generator),
+        )
+    return logits
+
+
+def test_a_later_epoch_writes_into_the_earlier_epochs_slabs():
+    """Reused slabs hold the new epoch's values, in the same memory."""
+    first = EpochBuffer(expected_rows=12)
+    _fill(first, seed=0)
+    first.collect()
+    slabs = first.slabs()
+    assert set(slabs) == {"logits", "targets", "embeddings", "ids"}
+    second = EpochBuffer(expected_rows=12, reuse=slabs)
+    logits = _fill(second, seed=1)
+    captured = second.collect()
+    assert captured.logits.data_ptr() == slabs["logits"].data_ptr()
+    assert captured.embeddings.data_ptr() == slabs["embeddings"].data_ptr()
+    torch.testing.assert_close(captured.logits, torch.cat(logits))
+    assert captured.sample_ids.tolist() == list(range(12))
+
+
+def test_slabs_that_do_not_fit_are_not_reused():
+    """Another width or too few rows allocate afresh; a short guess offers no slab."""
+    first = EpochBuffer(expected_rows=12)
+    _fill(first, seed=0)
+    first.collect()
+    slabs = first.slabs()
+    wider = EpochBuffer(expected_rows=12, reuse=slabs)
+    logits = _fill(wider, seed=1, classes=4)
+    captured = wider.collect()
+    assert captured.logits.data_ptr() != slabs["logits"].data_ptr()
+    torch.testing.assert_close(captured.logits, torch.cat(logits))
+    longer = EpochBuffer(expected_rows=16, reuse=slabs)
+    _fill(longer, seed=1, batches=4)
+    assert longer.collect().logits.data_ptr() != slabs["logits"].data_ptr()
+    short = EpochBuffer(expected_rows=4)
+    logits = _fill(short, seed=2)
+    torch.testing.assert_close(short.collect().logits, torch.cat(logits))
+    assert "logits" not in short.slabs()
+
+
+class _FreshSlabs(LabelWatch):
+    """Captures every epoch into fresh memory."""
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        super().on_validation_epoch_end(trainer, pl_module)
+        self._spare_slabs = {}
+
+
+def test_reusing_slabs_across_epochs_gives_the_same_outputs(tmp_path: Path):
+    """Three epochs with reused slabs write what fresh slabs write, epoch by epoch."""
+    outputs = {}
+    for kind, cls in (("reused", LabelWatch), ("fresh", _FreshSlabs)):
+        torch.manual_seed(0)
+        train, val = loaders(num_val=40, flip=4)
+        callback = cls(projection="pca")
+        Trainer(**trainer_kwargs(tmp_path / kind, callbacks=[callback], max_epochs=3)).fit(
+            TinyClassifier(), train, val
+        )
+        assert callback._spare_slabs == {}  # released when fitting ends
+        outputs[kind] = [
+            pd.read_parquet(tmp_path / kind / f"labelwatch/epoch={e}/samples.parquet")
+            for e in range(3)
+        ]
+    for reused, fresh in zip(outputs["reused"], outputs["fresh"], strict=True):
+        pd.testing.assert_frame_equal(reused, fresh)
