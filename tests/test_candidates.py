@@ -10,14 +10,12 @@ from lightning.pytorch.loggers import WandbLogger
 from labelwatch import LabelWatch, load_candidates
 from labelwatch.candidates import read_candidates, select_candidates, to_csv_safe
 from labelwatch.cli import main
-from tests.helpers import TinyClassifier, loaders, offline_run_dir, trainer_kwargs
+from tests.helpers import TinyClassifier, finish_wandb, loaders, offline_run_dir, trainer_kwargs
 
 
 @pytest.fixture(scope="module")
 def fit(tmp_path_factory: pytest.TempPathFactory, _wandb_offline):
     """A 2-epoch fit with 8 flipped labels, logged to an offline W&B run."""
-    import wandb
-
     root = tmp_path_factory.mktemp("candidates-fit")
     train, val = loaders(num_val=60, flip=8)
     callback = LabelWatch(class_names=["a", "b", "c"], projection="pca")
@@ -25,7 +23,7 @@ def fit(tmp_path_factory: pytest.TempPathFactory, _wandb_offline):
     Trainer(**trainer_kwargs(root, logger=logger, callbacks=[callback], max_epochs=3)).fit(
         TinyClassifier(lr=0.2), train, val
     )
-    wandb.finish()
+    finish_wandb()  # the run's log is complete once this returns
     return root, callback.last_output_dir.parent
 
 

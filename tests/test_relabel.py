@@ -16,7 +16,7 @@ from labelwatch import LabelWatch
 from labelwatch.candidates import to_csv_safe
 from labelwatch.cli import main
 from labelwatch.relabel import RelabelError, apply_decisions, read_decisions, read_labels
-from tests.helpers import BlobDataset, TinyClassifier, loaders, trainer_kwargs
+from tests.helpers import BlobDataset, TinyClassifier, finish_wandb, loaders, trainer_kwargs
 from tests.test_labelstudio import export_task
 
 NAMES = ["a", "b", "c"]
@@ -31,8 +31,6 @@ def truth(sample_id: int | str) -> str:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, _wandb_offline):
     """A 3-epoch fit with flipped labels and paths, logged to an offline W&B run, and labels.csv."""
-    import wandb
-
     root = tmp_path_factory.mktemp("relabel-fit")
     train, val = loaders(num_val=NUM_VAL, flip=FLIPPED)
     callback = LabelWatch(class_names=NAMES, metadata_keys=["path"], projection="pca")
@@ -41,7 +39,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, _wandb_offline):
         TinyClassifier(lr=0.2), train, val
     )
     run_id = logger.experiment.id
-    wandb.finish()
+    finish_wandb()  # the run's log is complete once this returns
     dataset = val.dataset
     labels = pd.DataFrame(
         {
