@@ -334,9 +334,7 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--data", choices=("digits", "synthetic", "urban_sounds"), default="digits"
-    )
+    parser.add_argument("--data", choices=("digits", "synthetic", "urban_sounds"), default="digits")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument(
         "--root", default="data/urban_sounds", help="urban-sounds clips (made when missing)"

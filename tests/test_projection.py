@@ -103,18 +103,20 @@ class _InterruptAfterFirstEpoch(Callback):
 
 
 def test_background_maps_land_with_their_epoch_and_fit_end_flushes(tmp_path: Path):
-    """Slow background maps: each epoch's table and files get their own map by fit end."""
+    """Slow background maps: each epoch's table and files get their own map by fit end.
+
+    Two epochs: the second map waits behind the first, which the worker's bound allows."""
     train, val = loaders()
     logger = WandbLogger(project="maps", save_dir=str(tmp_path), offline=True)
     callback = LabelWatch(projection=slow_projection, map_in_background=True)
-    trainer = Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[callback], max_epochs=3))
+    trainer = Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[callback], max_epochs=2))
     trainer.fit(TinyClassifier(), train, val)
-    for epoch in range(3):
+    for epoch in range(2):
         folder = callback.output_root / f"epoch={epoch}"
         summary = json.loads((folder / "summary.json").read_text())
         assert summary["projection"] == "slow_projection"
         assert pd.read_parquet(folder / "samples.parquet")["x"].notna().all()
-    assert json.loads((callback.output_root / "epoch=2/summary.json").read_text())[
+    assert json.loads((callback.output_root / "epoch=1/summary.json").read_text())[
         "map_warm_started"
     ]
     tables = sorted(
@@ -122,7 +124,7 @@ def test_background_maps_land_with_their_epoch_and_fit_end_flushes(tmp_path: Pat
         key=lambda p: int(p.name.split("_")[1]),
     )
     epochs = [json.loads(p.read_text())["data"][0][1] for p in tables]
-    assert epochs == [0, 1, 2]
+    assert epochs == [0, 1]
 
 
 def test_an_interrupt_logs_outstanding_epochs_without_coordinates(tmp_path: Path):
@@ -175,3 +177,57 @@ def test_umaps_compiled_code_is_kept_on_disk():
     assert not isinstance(smooth_knn_dist._cache, NullCache)
     cache_dir = Path(smooth_knn_dist._cache._cache_path)
     assert any(path.name.startswith("umap_.smooth_knn_dist") for path in cache_dir.glob("*.nbi"))
+
+
+WORKER_SCRIPT = """
+import pathlib, sys
+import numpy as np
+from lightning.pytorch import Trainer
+from labelwatch import LabelWatch
+from tests.helpers import TinyClassifier, loaders, trainer_kwargs
+
+if __name__ == "__mp_main__":  # imported by a spawned child process
+    pathlib.Path(sys.argv[1], "imported-by-a-child").touch()
+
+
+def flat_map(embeddings, init):
+    return np.stack([embeddings[:, 0], embeddings[:, 1]], axis=1)
+
+
+if __name__ == "__main__":
+    out = pathlib.Path(sys.argv[1])
+    projection = flat_map if sys.argv[2] == "script" else sys.argv[2]
+    callback = LabelWatch(projection=projection, dirpath=out / "labelwatch")
+    train, val = loaders()
+    Trainer(**trainer_kwargs(out, callbacks=[callback], max_epochs=1)).fit(
+        TinyClassifier(), train, val
+    )
+"""
+
+
+@pytest.mark.parametrize(("projection", "imports_script"), [("umap", False), ("script", True)])
+def test_the_worker_imports_the_training_script_only_for_a_function_defined_there(
+    tmp_path: Path, projection: str, imports_script: bool
+):
+    """Importing the user's script costs the worker seconds of CPU; it is needed only to
+    find a projection function defined in it, which then maps as usual."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(WORKER_SCRIPT)
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), projection],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "imported-by-a-child").exists() == imports_script
+    samples = pd.read_parquet(tmp_path / "labelwatch" / "epoch=0" / "samples.parquet")
+    assert samples["x"].notna().all() and samples["y"].notna().all()

@@ -232,7 +232,12 @@ class LabelWatchLogic:
         self._wandb = WandbSink(logger, table_key=self.table_key) if logger is not None else None
         if stage == "fit" and trainer.is_global_zero and self._wants_worker():
             # Started now so numba compiles while the first epoch trains.
-            self._worker = MapWorker(warm_up=self.projection == "umap", seed=self.seed)
+            self._worker = MapWorker(
+                warm_up=self.projection == "umap",
+                seed=self.seed,
+                # A projection function defined in the training script is found there.
+                import_main=getattr(self.projection, "__module__", None) == "__main__",
+            )
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self._should_skip(trainer):

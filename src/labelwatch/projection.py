@@ -16,13 +16,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import sys
 import threading
+import types
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -336,14 +338,16 @@ class MapWorker:
     stretches, which would stall the training loop.
     """
 
-    def __init__(self, warm_up: bool = True, seed: int = 0) -> None:
+    def __init__(self, warm_up: bool = True, seed: int = 0, import_main: bool = False) -> None:
+        """``import_main``: let the worker import the training script, which it needs only
+        to run a projection function defined there."""
         context = multiprocessing.get_context("spawn")  # no fork of a threaded trainer
         self._pool = ProcessPoolExecutor(
             max_workers=1, mp_context=context, initializer=_init_worker
         )
-        self._futures: list[Future] = []
-        if warm_up:
-            self._futures.append(self._pool.submit(_warm_up, seed))
+        # The pool starts its process on the first submit: start it now, off the epoch path.
+        with contextlib.nullcontext() if import_main else _training_script_hidden():
+            self._futures = [self._pool.submit(_warm_up if warm_up else _ready, seed)]
 
     def submit(self, job: MapJob) -> Future:
         future = self._pool.submit(compute_map, job)
@@ -365,6 +369,23 @@ class MapWorker:
             process.terminate()
             process.join(timeout=10)
         self._pool.shutdown(wait=True)  # now quick: releases the pool's queues and locks
+
+
+@contextlib.contextmanager
+def _training_script_hidden() -> Iterator[None]:
+    """A spawned process imports its parent's ``__main__``: here the user's training script,
+    which costs seconds of CPU that training needs (and would run the script's top level
+    again were it not guarded). While the worker starts, ``__main__`` is an empty module."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def _ready(seed: int) -> None:
+    """The first job when there is nothing to warm up: it only starts the process."""
 
 
 def _exit_worker() -> None:
