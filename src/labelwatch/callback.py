@@ -614,7 +614,8 @@ class LabelWatchLogic:
         if pending.out_dir is not None and was_pending:
             self._write_files(pending.out_dir, samples, candidates, summary)
         if pending.out_dir is not None and self._wandb is not None:
-            self._log_wandb(
+            self._in_logging_thread(
+                self._log_wandb,
                 pending.epoch,
                 pending.step,
                 pending.name,
@@ -906,24 +907,14 @@ class LabelWatchLogic:
             return Path(save_dir, str(logger.name), version, "labelwatch")
         return Path(trainer.default_root_dir, "labelwatch")
 
-    def _log_wandb(
-        self,
-        epoch: int,
-        step: int,
-        name: str | None,
-        samples: pd.DataFrame,
-        candidates: pd.DataFrame,
-        summary: dict[str, Any],
-        out_dir: Path,
-    ) -> None:
-        """Hand the epoch to the W&B thread; the frames are not changed after this."""
+    def _in_logging_thread(self, function: Callable[..., None], *args: Any) -> None:
+        """Run ``function(*args)`` on the W&B thread, after what was handed to it before;
+        the frames passed are not changed after this."""
         if self._logging is None:
             self._logging = ThreadPoolExecutor(1, thread_name_prefix="labelwatch-wandb")
-        self._logging.submit(
-            self._log_wandb_now, epoch, step, name, samples, candidates, summary, out_dir
-        )
+        self._logging.submit(function, *args)
 
-    def _log_wandb_now(
+    def _log_wandb(
         self,
         epoch: int,
         step: int,
