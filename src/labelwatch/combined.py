@@ -150,8 +150,7 @@ def history_scores(
         raise ValueError(f"`method` must be None or one of {COMBINED_METHODS}, got {method!r}")
     _check_probs_labels(averaged, labels)
     _check_weight(knn_weight)
-    if not 0.0 <= min_knn_agreement <= 1.0:
-        raise ValueError(f"`min_knn_agreement` must be in [0, 1], got {min_knn_agreement!r}")
+    _check_min_agreement(min_knn_agreement)
     labels = labels.to(averaged.device, torch.long)
     if knn_distribution is None:
         mixed = averaged.float()
@@ -160,10 +159,9 @@ def history_scores(
     else:
         mixed = mix_probabilities(averaged, knn_distribution, knn_weight=knn_weight)
     scored = compute_scores(mixed, labels)
-    candidate = scored.is_confident_mismatch.clone()
+    candidate = scored.is_confident_mismatch
     if knn_distribution is not None:
-        agreement = knn_distribution.to(averaged.device, torch.float32).gather(1, labels[:, None])
-        candidate |= agreement.squeeze(1) < min_knn_agreement
+        candidate = candidate | _neighbours_disagree(knn_distribution, labels, min_knn_agreement)
     best_other = mixed.scatter(1, labels[:, None], -torch.inf).argmax(dim=1)
     quality = None
     if method is not None:
@@ -282,15 +280,26 @@ def candidate_flags(
     """
     _check_probs_labels(probs, labels)
     _check_weight(knn_weight)
-    if not 0.0 <= min_knn_agreement <= 1.0:
-        raise ValueError(f"`min_knn_agreement` must be in [0, 1], got {min_knn_agreement!r}")
+    _check_min_agreement(min_knn_agreement)
     labels = labels.to(probs.device, torch.long)
     if knn_distribution is None:
         return compute_scores(probs.float(), labels).is_confident_mismatch
     mixed = mix_probabilities(probs, knn_distribution, knn_weight=knn_weight)
     flags = compute_scores(mixed, labels).is_confident_mismatch
-    agreement = knn_distribution.to(probs.device, torch.float32).gather(1, labels[:, None])
-    return flags | (agreement.squeeze(1) < min_knn_agreement)
+    return flags | _neighbours_disagree(knn_distribution, labels, min_knn_agreement)
+
+
+def _neighbours_disagree(
+    knn_distribution: torch.Tensor, labels: torch.Tensor, min_knn_agreement: float
+) -> torch.Tensor:
+    """The candidate rule's neighbourhood clause: kNN agreement below the minimum."""
+    agreement = knn_distribution.to(labels.device, torch.float32).gather(1, labels[:, None])
+    return agreement.squeeze(1) < min_knn_agreement
+
+
+def _check_min_agreement(min_knn_agreement: float) -> None:
+    if not 0.0 <= min_knn_agreement <= 1.0:
+        raise ValueError(f"`min_knn_agreement` must be in [0, 1], got {min_knn_agreement!r}")
 
 
 def limit_candidates(
