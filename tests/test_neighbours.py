@@ -50,6 +50,26 @@ def test_ties_pick_the_lowest_indices():
     assert distribution[4].tolist() == [0.5, 0.5]
 
 
+def test_matches_a_brute_force_reference_with_repeated_points():
+    """Each sample's neighbours are the k most similar others, lower index first among
+    equals: checked against sorting every row, on data where many similarities tie."""
+    generator = torch.Generator().manual_seed(2)
+    distinct = torch.randn(40, 6, generator=generator)
+    points = distinct[torch.randint(0, 40, (150,), generator=generator)]  # many repeats
+    labels = torch.randint(0, 5, (150,), generator=generator)
+    k = 6
+    normed = torch.nn.functional.normalize(points, dim=1)
+    sim = (normed @ normed.T).fill_diagonal_(-torch.inf).tolist()
+    expected = torch.zeros(150, 5)
+    for i, row in enumerate(sim):
+        nearest = sorted(range(150), key=lambda j: (-row[j], j))[:k]
+        for j in nearest:
+            expected[i, labels[j]] += 1 / k
+    for chunk_size in (7, None):
+        got = knn_label_distribution(points, labels, k=k, chunk_size=chunk_size)
+        torch.testing.assert_close(got, expected)
+
+
 def test_k_larger_than_n_uses_every_other_sample():
     """k >= N takes the N - 1 other samples (or N with the sample itself)."""
     points = torch.randn(4, 3)

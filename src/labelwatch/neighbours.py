@@ -144,9 +144,10 @@ def _label_distribution(
     chunk_size: int,
     exclude_self: bool,
 ) -> torch.Tensor:
-    """Valid input assumed. One chunk x N similarity block at a time; neighbours are the
-    entries above the k-th largest similarity plus, among those equal to it, the lowest
-    indices: a boolean mask, so ties never depend on the kernel."""
+    """Valid input assumed. One chunk x N similarity block at a time. ``topk(k + 1)`` finds
+    the neighbours; only a row whose k-th and (k+1)-th similarities tie (rare with real
+    embeddings) needs a full mask to pick the lowest indices among the tied, so ties never
+    depend on the kernel."""
     num_samples = len(embeddings)
     device = embeddings.device
     out = torch.empty(num_samples, num_classes, dtype=torch.float32, device=device)
@@ -156,26 +157,32 @@ def _label_distribution(
         return out.fill_(1.0 / num_classes)
     work_dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     normed = torch.nn.functional.normalize(embeddings.to(work_dtype), dim=1)
-    one_hot = torch.nn.functional.one_hot(labels, num_classes).to(work_dtype)
+    width = min(k + 1, num_samples)  # one more than needed, to see ties at the boundary
     for start in range(0, num_samples, chunk_size):
         rows = normed[start : start + chunk_size]
         sim = rows @ normed.T
         if exclude_self:
             own = torch.arange(len(rows), device=device)
             sim[own, own + start] = -torch.inf
-        kth = sim.topk(k, dim=1).values[:, -1:]
-        chosen = sim > kth
-        ties = sim == kth
+        values, neighbours = sim.topk(width, dim=1)
+        neighbours = neighbours[:, :k]
+        if width > k:
+            tied = (values[:, k - 1] == values[:, k]).nonzero().squeeze(1)
+            if len(tied):
+                neighbours[tied] = _lowest_index_neighbours(sim[tied], values[tied, k - 1 :], k)
         del sim
-        wanted = k - chosen.sum(dim=1, keepdim=True)
-        # Among the entries equal to the k-th value, the first `wanted` ones (lowest index).
-        # Usually only the k-th entry itself ties: the cumulative count is needed only in
-        # rows with more ties than places.
-        crowded = (ties.sum(dim=1, keepdim=True) > wanted).squeeze(1).nonzero().squeeze(1)
-        if len(crowded):
-            ties[crowded] &= ties[crowded].cumsum(dim=1) <= wanted[crowded]
-        chosen |= ties
-        del ties
-        out[start : start + len(rows)] = (chosen.to(work_dtype) @ one_hot).float() / k
-        del chosen
+        counts = torch.zeros(len(rows), num_classes, dtype=torch.float32, device=device)
+        counts.scatter_add_(1, labels[neighbours], torch.ones(neighbours.shape, device=device))
+        out[start : start + len(rows)] = counts / k
     return out
+
+
+def _lowest_index_neighbours(sim: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows of ``sim`` whose k-th largest value ``kth[:, :1]`` ties with others: the
+    entries above it plus, among those equal to it, the lowest indices, ``k`` per row."""
+    kth = kth[:, :1]
+    chosen = sim > kth
+    ties = sim == kth
+    wanted = k - chosen.sum(dim=1, keepdim=True)
+    chosen |= ties & (ties.cumsum(dim=1) <= wanted)
+    return chosen.nonzero()[:, 1].reshape(len(sim), k)
