@@ -73,6 +73,7 @@ class _PendingEpoch:
     candidates: pd.DataFrame
     summary: dict[str, Any]
     out_dir: Path | None = None
+    written: bool = False
     map: Future | None = None
 
 
@@ -449,21 +450,24 @@ class LabelWatchLogic:
         candidates = select_candidates(samples, self.max_candidates, flag_column="is_candidate")
         summary = self._summary(samples, candidates, host, epoch, trainer.global_step)
         summary["dataloader"] = name
-        # Scores are on disk at once; the map (and W&B, which shows it) follows when ready.
-        out_dir = self._write_local(trainer, epoch, name, samples, candidates, summary)
-        self._save_history(name, out_dir)
+        if self.output_root is None:
+            self.output_root = self._output_root(trainer)
+        root = self.output_root / name if name is not None else self.output_root
         pending = _PendingEpoch(epoch, trainer.global_step, name, samples, candidates, summary)
-        pending.out_dir = out_dir
+        pending.out_dir = root / f"epoch={epoch}"
         job = self._map_job(samples, candidates, host, name, epoch)
-        if job is None:
-            self._finish_epoch(pending, None)
-        elif self._worker is None:
-            self._finish_epoch(pending, self._map_or_warn(lambda: compute_map(job), epoch))
-        else:
-            pending.map = self._worker.submit(job)
-            self._pending.append(pending)
-            self._drop_stale_maps()
-            self._finish_maps(wait=False)
+        if job is None or self._worker is None:  # no map, or a synchronous one: one write
+            result = self._map_or_warn(lambda: compute_map(job), epoch) if job else None
+            self._finish_epoch(pending, result)
+            self._save_history(name, pending.out_dir)
+            return
+        # Scores are on disk at once; the map (and W&B, which shows it) follows when ready.
+        self._write_local(pending)
+        self._save_history(name, pending.out_dir)
+        pending.map = self._worker.submit(job)
+        self._pending.append(pending)
+        self._drop_stale_maps()
+        self._finish_maps(wait=False)
 
     def _wants_worker(self) -> bool:
         if not self.map_in_background or self.projection in ("none", "pca"):
@@ -611,8 +615,8 @@ class LabelWatchLogic:
             summary["median_moved"] = (
                 float(np.nanmedian(samples["moved"])) if samples["moved"].notna().any() else None
             )
-        if pending.out_dir is not None and was_pending:
-            self._write_files(pending.out_dir, samples, candidates, summary)
+        if pending.out_dir is not None and (was_pending or not pending.written):
+            self._write_local(pending)
         if pending.out_dir is not None and self._wandb is not None:
             self._in_logging_thread(
                 self._log_wandb,
@@ -865,36 +869,30 @@ class LabelWatchLogic:
             "history_window": self.history_window,
             "knn_weight": self.knn_weight,
             "min_knn_agreement": self.min_knn_agreement,
-            "projection": "pending" if captured.embeddings is not None else "none",
+            "projection": (
+                "pending"
+                if captured.embeddings is not None and self.projection != "none"
+                else "none"
+            ),
         }
 
-    def _write_local(
-        self,
-        trainer: Any,
-        epoch: int,
-        name: str | None,
-        samples: pd.DataFrame,
-        candidates: pd.DataFrame,
-        summary: dict[str, Any],
-    ) -> Path | None:
-        if self.output_root is None:
-            self.output_root = self._output_root(trainer)
-        root = self.output_root / name if name is not None else self.output_root
-        out_dir = self._write_files(root / f"epoch={epoch}", samples, candidates, summary)
-        if out_dir is not None:
-            self.last_output_dir = out_dir
-        return out_dir
-
-    def _write_files(
-        self, out_dir: Path, samples: pd.DataFrame, candidates: pd.DataFrame, summary: dict
-    ) -> Path | None:
+    def _write_local(self, pending: _PendingEpoch) -> None:
+        """(Re)write the epoch's files; ``out_dir`` becomes None when none could be written
+        (a failed rewrite keeps the first, complete files)."""
+        assert pending.out_dir is not None
         try:
-            return LocalSink(out_dir.parent).write(
-                int(out_dir.name.split("=")[1]), samples, candidates, summary
+            LocalSink(pending.out_dir.parent).write(
+                pending.epoch, pending.samples, pending.candidates, pending.summary
             )
         except OSError as err:
-            rank_zero_warn(f"LabelWatch could not write its local outputs to {out_dir}: {err}")
-            return None
+            rank_zero_warn(
+                f"LabelWatch could not write its local outputs to {pending.out_dir}: {err}"
+            )
+            if not pending.written:
+                pending.out_dir = None
+            return
+        pending.written = True
+        self.last_output_dir = pending.out_dir
 
     def _output_root(self, trainer: Any) -> Path:
         if self.dirpath is not None:
