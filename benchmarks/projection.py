@@ -49,13 +49,11 @@ def clusters(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def purity(coords: np.ndarray, labels: np.ndarray, k: int = 10, sample: int = 2000) -> float:
     """Map quality: the fraction of a point's k nearest map neighbours in its own cluster."""
-    import torch
-
     from labelwatch.ann import approximate_knn
 
-    found, _ = approximate_knn(torch.as_tensor(coords, dtype=torch.float32), k)
+    found, _ = approximate_knn(coords, k)
     rows = np.random.default_rng(0).choice(len(coords), min(sample, len(coords)), replace=False)
-    return float((labels[found.numpy()[rows]] == labels[rows, None]).mean())
+    return float((labels[found[rows]] == labels[rows, None]).mean())
 
 
 def umap_learn_reference(points: np.ndarray, labels: np.ndarray) -> dict:

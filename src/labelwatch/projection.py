@@ -1,7 +1,7 @@
 """2-D maps of the validation embeddings: fast, stable from epoch to epoch, off the training path.
 
 - Speed: embeddings are reduced to at most 50 dimensions with PCA before UMAP; neighbours
-  come from :mod:`labelwatch.ann` (torch, all cores, no JIT); optimisation epochs fit the
+  come from :mod:`labelwatch.ann` (numpy, all cores, no JIT); optimisation epochs fit the
   size and are fewer when a map starts from the previous one; umap-learn's numba code is
   cached on disk (compiled once per machine), and loaded in the background worker.
 - Stability: each map starts from the previous epoch's coordinates matched by sample id;
@@ -173,15 +173,13 @@ def _umap(embeddings: np.ndarray, seed: int, init: np.ndarray | None) -> np.ndar
 
 def _neighbour_graph(embeddings: np.ndarray, n_neighbors: int, seed: int) -> tuple:
     """umap-learn's precomputed_knn: each point first (distance 0), then its neighbours."""
-    import torch
-
     from labelwatch.ann import approximate_knn
 
-    indices, distances = approximate_knn(torch.from_numpy(embeddings), n_neighbors - 1, seed)
+    indices, distances = approximate_knn(embeddings, n_neighbors - 1, seed)
     own = np.arange(len(embeddings))[:, None]
     return (
-        np.hstack([own, indices.numpy()]).astype(np.int32),
-        np.hstack([np.zeros_like(own, dtype=np.float32), distances.numpy()]),
+        np.hstack([own, indices]).astype(np.int32),
+        np.hstack([np.zeros_like(own, dtype=np.float32), distances]),
     )
 
 
