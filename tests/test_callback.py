@@ -106,7 +106,7 @@ def test_local_outputs_match_what_wandb_got(wandb_fit):
     for epoch in (0, 1):
         folder = out / f"epoch={epoch}"
         # the epoch history (for a resume) is kept beside the newest epoch only
-        history = ["history.parquet"] if epoch == 1 else []
+        history = ["history.arrow"] if epoch == 1 else []
         assert sorted(p.name for p in folder.iterdir()) == [
             "candidates.csv",
             "candidates.parquet",

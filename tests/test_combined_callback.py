@@ -51,7 +51,7 @@ def test_averaged_self_confidence_is_the_mean_over_the_last_window_epochs(tmp_pa
         assert now["averaged_epochs"].eq(2).all()
     assert epochs[0]["averaged_epochs"].eq(1).all()
     # the history for a resume sits beside the newest epoch only
-    assert [p.parent.name for p in (tmp_path / "labelwatch").glob("*/history.parquet")] == [
+    assert [p.parent.name for p in (tmp_path / "labelwatch").glob("*/history.arrow")] == [
         "epoch=3"
     ]
 
@@ -71,7 +71,7 @@ def test_default_label_quality_is_knn_mixed_margin_of_the_averaged_probabilities
     samples = _read(tmp_path, 2)
     ids = samples["sample_id"].tolist()
     labels = torch.tensor(samples["given_label"].to_numpy())
-    averaged = EpochHistory.load(tmp_path / "labelwatch/epoch=2/history.parquet").averaged(ids)
+    averaged = EpochHistory.load(tmp_path / "labelwatch/epoch=2/history.arrow").averaged(ids)
     val = BlobDataset(60, seed=2, flip=FLIPPED)
     with torch.no_grad():
         embeddings = model.backbone(val.x[[i - 1000 for i in ids]])
@@ -149,7 +149,7 @@ def test_without_embeddings_the_default_uses_the_averaged_probabilities(tmp_path
     samples = _read(tmp_path, 1)
     ids = samples["sample_id"].tolist()
     labels = torch.tensor(samples["given_label"].to_numpy())
-    averaged = EpochHistory.load(tmp_path / "labelwatch/epoch=1/history.parquet").averaged(ids)
+    averaged = EpochHistory.load(tmp_path / "labelwatch/epoch=1/history.arrow").averaged(ids)
     expected = combined_quality(averaged, labels, method="averaged_margin")
     np.testing.assert_allclose(samples["label_quality"], expected.double(), rtol=1e-5, atol=1e-6)
     assert samples["knn_agreement"].isna().all()

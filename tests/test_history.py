@@ -69,7 +69,7 @@ def test_save_load_round_trip_continues_like_the_original(tmp_path):
     for epoch in range(4):
         probs = torch.softmax(torch.randn(3, 4, generator=generator), dim=1)
         original.update(epoch, ids, probs, torch.rand(3, generator=generator) > 0.5)
-    path = original.save(tmp_path / "epoch=3" / "history.parquet")
+    path = original.save(tmp_path / "epoch=3" / "history.arrow")
     restored = EpochHistory.load(path)
     assert (restored.window, restored.dtype, restored.last_epoch) == (3, torch.float16, 3)
     probs = torch.softmax(torch.randn(3, 4, generator=generator), dim=1)
@@ -79,6 +79,35 @@ def test_save_load_round_trip_continues_like_the_original(tmp_path):
     assert torch.equal(got[0], expected[0])
     assert torch.equal(got[1], expected[1])
     assert not list(path.parent.glob(".*.tmp"))  # the atomic write left no temporary
+
+
+def test_matches_a_per_id_reference_as_ids_come_and_go(tmp_path):
+    """Random subsets of ids in random orders (and, once, all ids in row order) average the
+    same as a plain per-id list of the last `window` vectors, before and after a save/load."""
+    generator = torch.Generator().manual_seed(1)
+    history, reference = EpochHistory(window=3), {}
+    every_id = [f"s{i}" for i in range(12)]
+    for epoch in range(8):
+        if epoch == 5:  # every id known, in row order: the fast path without a gather
+            ids = list(history._rows)
+        else:
+            keep = torch.randperm(12, generator=generator)[: 4 + epoch]
+            ids = [every_id[i] for i in keep.tolist()]
+        probs = torch.softmax(torch.randn(len(ids), 5, generator=generator), dim=1)
+        averaged, _ = history.update(epoch, ids, probs, torch.zeros(len(ids), dtype=torch.bool))
+        for sample_id, row in zip(ids, probs, strict=True):
+            reference[sample_id] = ([*reference.get(sample_id, []), row])[-3:]
+        expected = torch.stack([torch.stack(reference[i]).mean(0) for i in ids])
+        torch.testing.assert_close(averaged, expected)
+        if epoch == 3:
+            history = EpochHistory.load(history.save(tmp_path / "history.arrow"))
+
+
+def test_load_rejects_a_file_that_is_not_a_history(tmp_path):
+    path = tmp_path / "history.arrow"
+    path.write_bytes(b"PAR1 not an arrow file")
+    with pytest.raises(ValueError, match="not a labelwatch history file"):
+        EpochHistory.load(path)
 
 
 def test_update_rejects_inconsistent_input():

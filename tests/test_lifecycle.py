@@ -70,7 +70,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path):
         pd.testing.assert_frame_equal(resumed[epoch], uninterrupted[epoch], check_exact=False)
     # the 3-epoch averaging window continued from the history saved before the stop
     assert resumed[2]["averaged_epochs"].eq(3).all()
-    histories = sorted((tmp_path / "resumed/labelwatch").glob("*/history.parquet"))
+    histories = sorted((tmp_path / "resumed/labelwatch").glob("*/history.arrow"))
     assert [p.parent.name for p in histories] == ["epoch=3"]
     assert not (tmp_path / "elsewhere/labelwatch").exists()
     assert second.last_epoch == 3

@@ -772,7 +772,7 @@ class LabelWatchLogic:
 
     def _history(self, name: str | None) -> EpochHistory:
         """This dataloader's epoch history: in memory, or after a resume read back from the
-        last epoch's history.parquet (a fresh one when that file is missing or differs)."""
+        last epoch's history.arrow (a fresh one when that file is missing or differs)."""
         history = self._histories.get(name)
         if history is not None:
             return history
@@ -859,7 +859,7 @@ class LabelWatchLogic:
             "confident_mismatch_rate": float(samples["is_confident_mismatch"].sum() / scored),
             "num_candidates": len(candidates),
             "mean_entropy": float(samples["entropy"].mean()) if len(samples) else float("nan"),
-            "class_names": names,
+            "class_names": list(names),
             "thresholds": dict(zip(names, samples.attrs["thresholds"], strict=True)),
             "num_flagged": int(samples["is_candidate"].sum()),
             "label_quality": self._effective_label_quality(
@@ -1004,7 +1004,7 @@ class LabelWatch(LabelWatchLogic, Callback):
             ``confident_learning`` filter).
         history_window: validation epochs averaged per sample (``>= 1``). The window costs
             ``history_window x N x C`` float32 values in memory on rank zero and on disk
-            (``history.parquet`` beside the newest epoch's outputs, read back on resume; it
+            (``history.arrow`` beside the newest epoch's outputs, read back on resume; it
             is not in the checkpoint).
         knn_weight: weight of the neighbours' labels in ``p_mix``, in [0, 1].
         min_knn_agreement: in [0, 1]; with ``candidate_rule="combined"`` a sample with a

@@ -114,7 +114,8 @@ def score_predictions(
     Returns:
         One row per scored sample with the columns of :data:`SAMPLE_COLUMNS`
         (``x`` and ``y`` are NaN: the map is added by the callback). ``df.attrs`` holds
-        ``thresholds`` (per class), ``num_ignored`` and ``num_nonfinite``.
+        ``thresholds`` (per class), ``num_ignored``, ``num_nonfinite`` and
+        ``class_names`` (the sequences as tuples).
 
     Raises:
         ValueError: when shapes, lengths, labels, class names or ids are inconsistent.
@@ -203,12 +204,20 @@ def score_predictions(
         }
     )
     frame.attrs.update(
-        thresholds=scores.thresholds.cpu().double().tolist(),
+        thresholds=_Shared(scores.thresholds.cpu().double().tolist()),
         num_ignored=int(ignored.sum()),
         num_nonfinite=num_nonfinite,
-        class_names=list(names),
+        class_names=_Shared(names),
     )
     return frame
+
+
+class _Shared(tuple):
+    """A tuple that ``copy.deepcopy`` returns as it is. pandas deep-copies ``attrs`` after
+    every operation on a frame: for 1000 class names and thresholds that was 0.5 s an epoch."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Shared:
+        return self
 
 
 def compute_scores(
