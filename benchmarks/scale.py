@@ -16,9 +16,11 @@ Prints one table, one row per (model, N samples, C classes) with D = 512 embeddi
   (a validation step that costs more, as real models do).
 - ``score_s``: ``score_predictions`` on the N x C logits (target: 100k x 1000 <= 2 s);
   ``epoch_end_s``: LabelWatch's whole epoch end without W&B (gather, score, parquet files).
-- ``peak_mem``: peak resident memory added by capture + collect + scoring, in a fresh
-  process, over the raw tensors N x (C + D) x 4 bytes (target <= 1.5); ``peak_mem_f16``
-  the same with ``embeddings_dtype="float16"``.
+- ``peak_mem``: peak resident memory added by capture + collect + scoring + the epoch
+  history (``history_window=3`` probability vectors per sample, allocated whole at the
+  first epoch), in a fresh process, over the raw tensors N x (C + D) x 4 bytes (target
+  <= 1.5); ``peak_mem_f16`` the same with ``embeddings_dtype="float16"`` and
+  ``history_dtype="float16"``.
 - ``table_build_s`` / ``table_log_s``: building the per-sample ``wandb.Table`` and logging
   it to an offline run (depends on N only; measured at C = 10).
 
@@ -172,6 +174,7 @@ def _scoring_time(n: int, c: int) -> float:
 MEMORY_PROBE = """
 import sys, threading, time, torch
 from labelwatch.capture import EpochBuffer, merge_ranks
+from labelwatch.history import EpochHistory
 from labelwatch.scoring import score_predictions
 n, c, d, dtype = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 page = __import__("os").sysconf("SC_PAGE_SIZE")
@@ -195,6 +198,9 @@ for start in range(0, n, 1024):
 captured = merge_ranks(buffer.collect()).to_host()
 frame = score_predictions(logits=captured.logits, labels=captured.targets,
                           sample_ids=captured.sample_ids)
+history = EpochHistory(window=3, dtype=torch.float16 if dtype == "float16" else torch.float32)
+history.update(0, captured.sample_ids, torch.softmax(captured.logits.float(), dim=1),
+               torch.zeros(len(captured.logits), dtype=torch.bool))
 time.sleep(0.05)
 print((max(peak[0], rss()) - base) / (n * (c + d) * 4))
 """

@@ -312,6 +312,8 @@ def test_wandb_failure_warns_once_and_keeps_training_and_local_results(tmp_path:
         ({"knn_weight": 1.5}, r"`knn_weight` must be a number in \[0, 1\], got 1.5"),
         ({"min_knn_agreement": -0.1}, r"`min_knn_agreement` must be a number in \[0, 1\]"),
         ({"table_key": "samples"}, "`table_key` must look like 'prefix/name'"),
+        ({"embeddings_dtype": "bf16"}, "`embeddings_dtype` must be one of .* got 'bf16'"),
+        ({"history_dtype": "float64"}, "`history_dtype` must be one of .* got 'float64'"),
     ],
 )
 def test_bad_arguments_are_rejected_in_init(kwargs, message):

@@ -56,6 +56,23 @@ def test_averaged_self_confidence_is_the_mean_over_the_last_window_epochs(tmp_pa
     ]
 
 
+def test_float16_history_keeps_the_scores_and_candidates(tmp_path: Path):
+    """history_dtype="float16" stores the window in half precision: the scores move by
+    less than 1e-3 and the candidates stay the same as with float32."""
+    results = {}
+    for dtype in ("float32", "float16"):
+        _fit(tmp_path / dtype, history_dtype=dtype)
+        history = EpochHistory.load(tmp_path / dtype / "labelwatch/epoch=2/history.arrow")
+        results[dtype] = (_read(tmp_path / dtype, 2), history)
+    (full, full_history), (half, half_history) = results["float32"], results["float16"]
+    assert (full_history.dtype, half_history.dtype) == (torch.float32, torch.float16)
+    for column in ("label_quality", "averaged_self_confidence"):
+        np.testing.assert_allclose(half[column], full[column], atol=1e-3)
+    assert half.loc[half["is_candidate"], "sample_id"].tolist() == (
+        full.loc[full["is_candidate"], "sample_id"].tolist()
+    )
+
+
 def test_default_label_quality_is_knn_mixed_margin_of_the_averaged_probabilities(
     tmp_path: Path,
 ):

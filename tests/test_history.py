@@ -103,6 +103,19 @@ def test_matches_a_per_id_reference_as_ids_come_and_go(tmp_path):
             history = EpochHistory.load(history.save(tmp_path / "history.arrow"))
 
 
+def test_to_changes_the_storage_dtype_and_keeps_the_window():
+    """A history read back in float32 and switched to float16 (a resumed run that asks for
+    half precision) keeps averaging the same window."""
+    history = EpochHistory(window=2)
+    no_flags = torch.zeros(1, dtype=torch.bool)
+    history.update(0, ["a"], _probs([0.25, 0.75]), no_flags)
+    assert history.to(torch.float16) is history and history.dtype == torch.float16
+    averaged, _ = history.update(1, ["a"], _probs([0.75, 0.25]), no_flags)
+    assert averaged.tolist() == [[0.5, 0.5]]
+    with pytest.raises(ValueError, match="`dtype` must be one of"):
+        history.to(torch.int8)
+
+
 def test_load_rejects_a_file_that_is_not_a_history(tmp_path):
     path = tmp_path / "history.arrow"
     path.write_bytes(b"PAR1 not an arrow file")

@@ -57,6 +57,7 @@ MediaFn = Callable[[Mapping[str, Any]], Any]
 KNN_NEIGHBOURS = 10
 KNN_MAX_SAMPLES = 50_000
 _EMBEDDINGS_DTYPES = {"float32": None, "float16": torch.float16}
+_HISTORY_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 CANDIDATE_RULES: tuple[str, ...] = ("combined", "confident_mismatch")
 CandidateRule = Literal["combined", "confident_mismatch"]
 ALL_LABEL_QUALITY_METHODS: tuple[str, ...] = (*COMBINED_METHODS, *LABEL_QUALITY_METHODS)
@@ -110,6 +111,7 @@ class LabelWatchLogic:
         media_fn: MediaFn | None = None,
         max_media_rows: int = 200,
         embeddings_dtype: Literal["float32", "float16"] = "float32",
+        history_dtype: Literal["float32", "float16"] = "float32",
         offload_to_cpu: bool = False,
         max_points: int = 10_000,
         map_in_background: bool = True,
@@ -158,6 +160,11 @@ class LabelWatchLogic:
                 f"`embeddings_dtype` must be one of {tuple(_EMBEDDINGS_DTYPES)},"
                 f" got {embeddings_dtype!r}"
             )
+        if history_dtype not in _HISTORY_DTYPES:
+            raise ValueError(
+                f"`history_dtype` must be one of {tuple(_HISTORY_DTYPES)},"
+                f" got {history_dtype!r}"
+            )
         if "/" not in table_key:
             raise ValueError(
                 "`table_key` must look like 'prefix/name' (e.g. 'labelwatch/samples'),"
@@ -186,6 +193,7 @@ class LabelWatchLogic:
         self.media_fn = media_fn
         self.max_media_rows = max_media_rows
         self.embeddings_dtype = embeddings_dtype
+        self.history_dtype = history_dtype
         self.offload_to_cpu = offload_to_cpu
         self.max_points = max_points
         self.map_in_background = map_in_background
@@ -725,7 +733,7 @@ class LabelWatchLogic:
                 f"LabelWatch: validation epoch {epoch} follows epoch {history.last_epoch} of the"
                 " epoch history; the averaging window starts again.",
             )
-            history = self._histories[name] = EpochHistory(window=self.history_window)
+            history = self._histories[name] = self._new_history()
         averaged, _ = history.update(epoch, ids, probs, flags)
         del probs
         combined = self.label_quality not in LABEL_QUALITY_METHODS
@@ -770,13 +778,16 @@ class LabelWatchLogic:
             )
         return WITHOUT_NEIGHBOURS[method]
 
+    def _new_history(self) -> EpochHistory:
+        return EpochHistory(window=self.history_window, dtype=_HISTORY_DTYPES[self.history_dtype])
+
     def _history(self, name: str | None) -> EpochHistory:
         """This dataloader's epoch history: in memory, or after a resume read back from the
         last epoch's history.arrow (a fresh one when that file is missing or differs)."""
         history = self._histories.get(name)
         if history is not None:
             return history
-        history = EpochHistory(window=self.history_window)
+        history = self._new_history()
         path = self._last_epoch_dir(name)
         path = path / HISTORY_FILE if path is not None else None
         if path is not None:
@@ -789,7 +800,7 @@ class LabelWatchLogic:
                 )
             else:
                 if loaded.window == self.history_window and loaded.last_epoch == self.last_epoch:
-                    history = loaded
+                    history = loaded.to(_HISTORY_DTYPES[self.history_dtype])
                     self._history_files[name] = path
                 else:
                     rank_zero_warn(
@@ -1003,7 +1014,7 @@ class LabelWatch(LabelWatchLogic, Callback):
             ``is_confident_mismatch`` alone (the single-epoch rule, equal to cleanlab's
             ``confident_learning`` filter).
         history_window: validation epochs averaged per sample (``>= 1``). The window costs
-            ``history_window x N x C`` float32 values in memory on rank zero and on disk
+            ``history_window x N x C`` values in memory on rank zero and on disk
             (``history.arrow`` beside the newest epoch's outputs, read back on resume; it
             is not in the checkpoint).
         knn_weight: weight of the neighbours' labels in ``p_mix``, in [0, 1].
@@ -1020,6 +1031,8 @@ class LabelWatch(LabelWatchLogic, Callback):
             and for up to ``max_media_rows`` other rows.
         max_media_rows: cap on media for rows that are not candidates.
         embeddings_dtype: ``"float16"`` stores embeddings at half the memory.
+        history_dtype: ``"float16"`` stores the epoch history's probabilities at half the
+            memory and disk (about 3 significant digits: rankings do not change measurably).
         offload_to_cpu: copy each batch to (pinned) host memory as it arrives.
         max_points: map and log to W&B at most this many rows: a class-stratified
             subsample that includes every candidate (the local files keep every row).

@@ -164,6 +164,13 @@ class EpochHistory:
         """``(N,)`` int64 flag streak of each id (must be known)."""
         return self._streak[self._known_rows(sample_ids)].clone()
 
+    def to(self, dtype: torch.dtype) -> EpochHistory:
+        """Store the probability vectors in ``dtype`` from now on; returns ``self``."""
+        if dtype not in _DTYPES:
+            raise ValueError(f"`dtype` must be one of torch.float32, torch.float16, got {dtype!r}")
+        self._probs, self.dtype = self._probs.to(dtype), dtype
+        return self
+
     # ------------------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
         """Write the whole state to one Arrow IPC file, atomically; returns the path."""
