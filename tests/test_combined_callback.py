@@ -177,6 +177,17 @@ def test_without_embeddings_the_default_uses_the_averaged_probabilities(tmp_path
     assert summary["label_quality"] == "averaged_margin"
 
 
+def test_above_the_cpu_cap_there_are_no_neighbours(tmp_path: Path, monkeypatch):
+    """Embeddings on a CPU and more samples than KNN_MAX_SAMPLES: knn_agreement is NaN and
+    the default ranking falls back to the averaged margin, as without embeddings."""
+    monkeypatch.setattr("labelwatch.callback.KNN_MAX_SAMPLES", 59)
+    _fit(tmp_path, max_epochs=1)
+    samples = _read(tmp_path, 0)
+    assert len(samples) == 60 and samples["knn_agreement"].isna().all()
+    summary = json.loads((tmp_path / "labelwatch/epoch=0/summary.json").read_text())
+    assert summary["label_quality"] == "averaged_margin"
+
+
 @pytest.mark.parametrize("label_quality", ["averaged_self_confidence", "normalized_margin"])
 def test_other_label_quality_methods_fill_the_column(tmp_path: Path, label_quality: str):
     """A named method is what label_quality holds: here the averaged or single-epoch score."""

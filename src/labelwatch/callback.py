@@ -52,8 +52,9 @@ __all__ = ["LabelWatch", "LabelWatchLogic"]
 log = logging.getLogger(__name__)
 
 MediaFn = Callable[[Mapping[str, Any]], Any]
-# kNN label agreement: neighbours per sample, and the largest epoch it is computed for
-# (exact neighbours cost N^2 D at epoch end; beyond this the column is NaN).
+# kNN label agreement: neighbours per sample, and the largest epoch it is computed for on
+# a CPU (exact neighbours cost N^2 D at epoch end; beyond this the column is NaN there).
+# Embeddings on an accelerator have no such cap: 300k x 512 is a few TFLOP.
 KNN_NEIGHBOURS = 10
 KNN_MAX_SAMPLES = 50_000
 _EMBEDDINGS_DTYPES = {"float32": None, "float16": torch.float16}
@@ -447,7 +448,8 @@ class LabelWatchLogic:
     ) -> None:
         epoch = trainer.current_epoch
         host = captured.to_host() if captured is not None else None
-        samples = self._score(host, epoch, name) if host is not None else None
+        device_embeddings = captured.embeddings if captured is not None else None
+        samples = self._score(host, epoch, name, device_embeddings) if host is not None else None
         if host is None or samples is None or len(samples) == 0:
             self._warn_once(
                 f"empty-{name}",
@@ -657,7 +659,15 @@ class LabelWatchLogic:
         )
         return samples.iloc[rows]
 
-    def _score(self, captured: CapturedEpoch, epoch: int, name: str | None) -> pd.DataFrame:
+    def _score(
+        self,
+        captured: CapturedEpoch,
+        epoch: int,
+        name: str | None,
+        device_embeddings: torch.Tensor | None = None,
+    ) -> pd.DataFrame:
+        """Scores of the host copy ``captured``; neighbours are searched where the embeddings
+        were captured (``device_embeddings``, the GPU when the model is there)."""
         single_epoch = self.label_quality in LABEL_QUALITY_METHODS
         with warnings.catch_warnings():  # warned below, once, with the epoch
             warnings.filterwarnings("ignore", message=".*NaN or infinite", category=RuntimeWarning)
@@ -684,7 +694,8 @@ class LabelWatchLogic:
             return samples
         index = torch.from_numpy(positions)
         labels = torch.tensor(samples["given_label"].to_numpy(np.int64))
-        knn = self._knn_distribution(captured, index, labels, len(samples.attrs["class_names"]))
+        embeddings = device_embeddings if device_embeddings is not None else captured.embeddings
+        knn = self._knn_distribution(embeddings, index, labels, len(samples.attrs["class_names"]))
         column = samples.columns.get_loc("y")
         samples.insert(column + 1, "moved", np.nan)
         agreement = (
@@ -698,14 +709,21 @@ class LabelWatchLogic:
         return samples
 
     def _knn_distribution(
-        self, captured: CapturedEpoch, index: torch.Tensor, labels: torch.Tensor, classes: int
+        self,
+        embeddings: torch.Tensor | None,
+        index: torch.Tensor,
+        labels: torch.Tensor,
+        classes: int,
     ) -> torch.Tensor | None:
-        """Label fractions among each sample's 10 nearest neighbours (cosine), or None
-        without embeddings or above KNN_MAX_SAMPLES."""
-        if captured.embeddings is None or len(index) > KNN_MAX_SAMPLES:
+        """Label fractions among each sample's 10 nearest neighbours (cosine), computed on
+        the embeddings' device; None without embeddings, or on a CPU above KNN_MAX_SAMPLES."""
+        if embeddings is None:
             return None
-        embeddings = captured.embeddings[index].float()
-        return knn_label_distribution(embeddings, labels, classes, k=KNN_NEIGHBOURS).cpu()
+        if embeddings.device.type == "cpu" and len(index) > KNN_MAX_SAMPLES:
+            return None
+        device = embeddings.device
+        rows = embeddings[index.to(device)].float()
+        return knn_label_distribution(rows, labels.to(device), classes, k=KNN_NEIGHBOURS).cpu()
 
     def _add_history_columns(
         self,
@@ -774,7 +792,7 @@ class LabelWatchLogic:
             self._warn_once(
                 "knn-quality",
                 "LabelWatch: `label_quality`='knn_agreement' needs embeddings (and at most"
-                f" {KNN_MAX_SAMPLES} samples); 'averaged_margin' is used instead.",
+                f" {KNN_MAX_SAMPLES} samples on a CPU); 'averaged_margin' is used instead.",
             )
         return WITHOUT_NEIGHBOURS[method]
 
@@ -1006,8 +1024,9 @@ class LabelWatch(LabelWatchLogic, Callback):
             measurements behind the default), and the single-epoch scores of cleanlab
             ``"self_confidence"``, ``"normalized_margin"``, ``"confidence_weighted_entropy"``
             (see :func:`labelwatch.score_predictions`). Without embeddings (or above 50k
-            samples) the ``knn_*`` methods use ``averaged`` alone: ``"averaged_margin"``
-            (``"averaged_self_confidence"`` for ``"knn_mixed_self_confidence"``).
+            samples held on a CPU) the ``knn_*`` methods use ``averaged`` alone:
+            ``"averaged_margin"`` (``"averaged_self_confidence"`` for
+            ``"knn_mixed_self_confidence"``).
         candidate_rule: which rows become candidates (``is_candidate``). ``"combined"``
             (default): confident learning (per-class thresholds) on ``p_mix``, or
             ``knn_agreement < min_knn_agreement``; ``"confident_mismatch"``: this epoch's
