@@ -114,3 +114,15 @@ def test_csv_cells_that_look_like_formulas_are_neutralised():
     safe = to_csv_safe(frame)
     assert safe["path"].tolist() == ["'=HYPERLINK(1)", "'+1", "'-x", "'@a", "ok.wav"]
     assert safe["n"].tolist() == [-1] * 5
+
+
+def test_csv_neutralising_is_the_same_for_text_and_object_columns():
+    """A text column (tested at once) and an object column (cell by cell) are neutralised
+    alike, missing values and non-text objects kept as they are."""
+    cells = ["\tx", "\rx", "'q", None, "fine", "=1"]
+    text = pd.Series(cells, dtype="string")
+    mixed = pd.Series([*cells, 7], dtype=object)
+    expected = ["'\tx", "'\rx", "''q", None, "fine", "'=1"]
+    safe_text = to_csv_safe(pd.DataFrame({"c": text}))["c"]
+    assert [None if pd.isna(v) else v for v in safe_text] == expected
+    assert to_csv_safe(pd.DataFrame({"c": mixed}))["c"].tolist() == [*expected, 7]

@@ -5,6 +5,7 @@ few agreeing neighbours)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,40 @@ def test_averaged_self_confidence_is_the_mean_over_the_last_window_epochs(tmp_pa
     assert [p.parent.name for p in (tmp_path / "labelwatch").glob("*/history.arrow")] == [
         "epoch=3"
     ]
+
+
+def test_history_is_saved_off_the_training_thread(tmp_path: Path, monkeypatch):
+    """Each epoch's history file is written on the history thread; the next epoch's update
+    waits for it (each save sees its own epoch), and fit ends with the last one on disk."""
+    import threading
+
+    saves = []
+    original = EpochHistory.save
+
+    def slow_save(self, path):
+        time.sleep(0.5)  # still writing when the next epoch's scores are computed
+        saves.append((threading.current_thread().name, self.last_epoch))
+        return original(self, path)
+
+    monkeypatch.setattr(EpochHistory, "save", slow_save)
+    _fit(tmp_path, max_epochs=3)
+    assert [epoch for _, epoch in saves] == [0, 1, 2]
+    assert all(thread.startswith("labelwatch-history") for thread, _ in saves)
+    history = EpochHistory.load(tmp_path / "labelwatch/epoch=2/history.arrow")
+    assert history.last_epoch == 2 and history.window == 3
+
+
+def test_a_failed_history_save_warns_and_training_goes_on(tmp_path: Path, monkeypatch):
+    """Any error while saving the history is a warning; the samples are all written."""
+
+    def broken_save(self, path):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(EpochHistory, "save", broken_save)
+    with pytest.warns(UserWarning, match="could not write its epoch history.*disk on fire"):
+        _fit(tmp_path, max_epochs=2)
+    assert len(_read(tmp_path, 1)) == 60
+    assert not list((tmp_path / "labelwatch").glob("*/history.arrow"))
 
 
 def test_float16_history_keeps_the_scores_and_candidates(tmp_path: Path):

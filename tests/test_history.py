@@ -9,9 +9,12 @@ from labelwatch.combined import (
     COMBINED_METHODS,
     candidate_flags,
     combined_quality,
+    history_scores,
     limit_candidates,
+    mix_probabilities,
 )
 from labelwatch.history import EpochHistory
+from labelwatch.scoring import compute_scores
 
 
 def _probs(*rows: list[float]) -> torch.Tensor:
@@ -145,6 +148,55 @@ def test_combined_scores_in_unit_interval_lower_for_wrong_labels(method):
     quality = combined_quality(probs, torch.tensor([0, 1]), knn, method=method)
     assert torch.all((quality >= 0) & (quality <= 1))
     assert quality[1] < quality[0]
+
+
+@pytest.mark.parametrize("with_neighbours", [True, False])
+@pytest.mark.parametrize("method", COMBINED_METHODS)
+def test_history_scores_equal_the_standalone_functions(method, with_neighbours):
+    """history_scores reuses one pass over p_mix for quality and suggestion: the results
+    are exactly those of combined_quality and of a plain argmax over the other classes."""
+    generator = torch.Generator().manual_seed(0)
+    averaged = torch.softmax(3 * torch.randn(500, 7, generator=generator), dim=1)
+    averaged[:50] = averaged[50:100]  # repeated rows give ties in the neighbours' mix
+    labels = torch.randint(0, 7, (500,), generator=generator)
+    knn = None
+    if with_neighbours:
+        votes = torch.randint(0, 7, (500, 10), generator=generator)
+        knn = torch.nn.functional.one_hot(votes, 7).float().mean(dim=1)
+    scores = history_scores(averaged, labels, knn, method=method)
+    written = averaged.clone()
+    again = history_scores(written, labels, knn, method=method, writable=True)
+    assert torch.equal(written, averaged) and torch.equal(again.quality, scores.quality)
+    if knn is None and method.startswith("knn"):
+        method = "averaged_self_confidence" if "self_confidence" in method else "averaged_margin"
+    assert scores.method == method
+    assert torch.equal(scores.quality, combined_quality(averaged, labels, knn, method=method))
+    mixed = averaged if knn is None else mix_probabilities(averaged, knn)
+    best_other = mixed.scatter(1, labels[:, None], -torch.inf).argmax(dim=1)
+    flagged = compute_scores(mixed, labels)
+    expected = torch.where(flagged.is_confident_mismatch, flagged.suggested, best_other)
+    assert torch.equal(scores.suggested, expected)
+    assert torch.equal(scores.is_mixed_confident_mismatch, flagged.is_confident_mismatch)
+
+
+def test_compute_scores_without_entropy():
+    """with_entropy=False leaves the entropy out and changes nothing else (the method that
+    needs it is refused); writable=True gives the same scores and leaves the input as it was."""
+    probs = torch.softmax(torch.randn(300, 5, generator=torch.Generator().manual_seed(1)), 1)
+    labels = torch.arange(300) % 5
+    full, lean = compute_scores(probs, labels), compute_scores(probs, labels, with_entropy=False)
+    assert lean.entropy is None and full.entropy is not None
+    for field in ("predicted", "self_confidence", "margin", "best_other", "suggested"):
+        assert torch.equal(getattr(full, field), getattr(lean, field))
+    copy = probs.clone()
+    written = compute_scores(copy, labels, writable=True)  # may write to `copy`, restores it
+    assert torch.equal(copy, probs)
+    for field in ("predicted", "self_confidence", "margin", "entropy", "suggested"):
+        assert torch.equal(getattr(full, field), getattr(written, field))
+    with pytest.raises(ValueError, match="with_entropy"):
+        compute_scores(
+            probs, labels, with_entropy=False, label_quality="confidence_weighted_entropy"
+        )
 
 
 def test_combined_quality_needs_the_neighbours_for_knn_methods():

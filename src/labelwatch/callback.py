@@ -220,6 +220,10 @@ class LabelWatchLogic:
         # checkpoint) and where its newest copy was written.
         self._histories: dict[str | None, EpochHistory] = {}
         self._history_files: dict[str | None, Path] = {}
+        # The history file (window x N x C floats, 1.2 GB at 100k x 1000) is written on its
+        # own thread; a history is not updated again until its previous save is done.
+        self._history_saver: ThreadPoolExecutor | None = None
+        self._history_saves: dict[str | None, Future] = {}
         self._logits_tap: LayerTap | None = None
         self._embedding_tap: LayerTap | None = None
         self._wandb: WandbSink | None = None
@@ -328,12 +332,14 @@ class LabelWatchLogic:
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._finish_maps(wait=True)
+        self._wait_for_history_saves()
         self._wait_for_logging()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # Interrupted: log what is outstanding now, without coordinates, rather than lose it.
         self._finish_maps(wait=False, give_up=True)
         self._stop_worker()
+        self._wait_for_history_saves()
         self._wait_for_logging()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -342,7 +348,15 @@ class LabelWatchLogic:
         self._spare_slabs = {}
         self._finish_maps(wait=True)
         self._stop_worker()
+        self._wait_for_history_saves()
         self._wait_for_logging()
+
+    def _wait_for_history_saves(self) -> None:
+        """Block until every history handed to the saving thread is on disk."""
+        if self._history_saver is not None:
+            self._history_saver.shutdown(wait=True)
+            self._history_saver = None
+        self._history_saves.clear()
 
     def _wait_for_logging(self) -> None:
         """Block until every epoch handed to the W&B thread is logged."""
@@ -743,6 +757,7 @@ class LabelWatchLogic:
         ids = samples["sample_id"].tolist()
         probs = torch.softmax(logits.float(), dim=1)
         flags = torch.tensor(samples["is_confident_mismatch"].to_numpy(bool))
+        self._wait_for_history_save(name)
         history = self._history(name)
         if history.last_epoch is not None and epoch <= history.last_epoch:
             # Epochs start again (the same callback in a new fit): so does the average.
@@ -764,6 +779,7 @@ class LabelWatchLogic:
             method=self.label_quality if combined else None,
             knn_weight=self.knn_weight,
             min_knn_agreement=self.min_knn_agreement,
+            writable=True,  # a new tensor from the history
         )
         if scores.quality is not None:
             samples["label_quality"] = scores.quality.double().numpy()
@@ -831,14 +847,29 @@ class LabelWatchLogic:
         return history
 
     def _save_history(self, name: str | None, out_dir: Path | None) -> None:
-        """Write the history beside this epoch's samples and drop the previous copy, so the
-        disk holds one (window x N x C values) per dataloader."""
+        """Hand the history to the saving thread, off the training path."""
         history = self._histories.get(name)
         if out_dir is None or history is None:
             return
+        if self._history_saver is None:
+            self._history_saver = ThreadPoolExecutor(1, thread_name_prefix="labelwatch-history")
+        self._history_saves[name] = self._history_saver.submit(
+            self._write_history, name, history, out_dir
+        )
+
+    def _wait_for_history_save(self, name: str | None) -> None:
+        """Wait until ``name``'s history is saved, before it changes again."""
+        save = self._history_saves.pop(name, None)
+        if save is not None:
+            save.result()
+
+    def _write_history(self, name: str | None, history: EpochHistory, out_dir: Path) -> None:
+        """Write the history beside this epoch's samples and drop the previous copy, so the
+        disk holds one (window x N x C values) per dataloader. A failure warns: the history
+        only lets a resumed run continue its average."""
         try:
             path = history.save(out_dir / HISTORY_FILE)
-        except OSError as err:
+        except Exception as err:  # on its own thread: nothing must escape into training
             rank_zero_warn(f"LabelWatch could not write its epoch history to {out_dir}: {err}")
             return
         previous = self._history_files.get(name)

@@ -107,8 +107,13 @@ def to_csv_safe(frame: pd.DataFrame) -> pd.DataFrame:
     """
     safe = frame.copy()
     for column in safe.columns:
-        if safe[column].dtype == object or pd.api.types.is_string_dtype(safe[column]):
-            safe[column] = safe[column].map(_neutralise)
+        values = safe[column]
+        if values.dtype == object:  # may mix text with other objects: cell by cell
+            safe[column] = values.map(_neutralise)
+        elif pd.api.types.is_string_dtype(values):  # text only: one vectorised test
+            risky = values.str.startswith(_ESCAPED_PREFIXES).fillna(False).to_numpy(bool)
+            if risky.any():
+                safe[column] = values.where(~risky, "'" + values)
     return safe
 
 

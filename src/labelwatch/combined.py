@@ -131,6 +131,7 @@ def history_scores(
     method: CombinedMethod | None = "knn_mixed_margin",
     knn_weight: float = DEFAULT_KNN_WEIGHT,
     min_knn_agreement: float = DEFAULT_MIN_KNN_AGREEMENT,
+    writable: bool = False,
 ) -> HistoryScores:
     """Every score LabelWatch derives from the window-averaged probabilities and neighbours.
 
@@ -145,6 +146,8 @@ def history_scores(
         method: a combined ``label_quality`` method, or None to skip ``quality``.
         knn_weight: weight of the neighbours in ``p_mix``, in [0, 1].
         min_knn_agreement: see :func:`candidate_flags`.
+        writable: ``averaged`` may be changed during the call (it is restored), which saves
+            copies; for a tensor nobody else reads meanwhile.
     """
     if method is not None and method not in COMBINED_METHODS:
         raise ValueError(f"`method` must be None or one of {COMBINED_METHODS}, got {method!r}")
@@ -158,13 +161,20 @@ def history_scores(
             method = WITHOUT_NEIGHBOURS.get(method, method)
     else:
         mixed = mix_probabilities(averaged, knn_distribution, knn_weight=knn_weight)
-    scored = compute_scores(mixed, labels)
+    private = writable or mixed is not averaged  # a new tensor can be written to
+    scored = compute_scores(mixed, labels, with_entropy=False, writable=private)
     candidate = scored.is_confident_mismatch
     if knn_distribution is not None:
         candidate = candidate | _neighbours_disagree(knn_distribution, labels, min_knn_agreement)
-    best_other = mixed.scatter(1, labels[:, None], -torch.inf).argmax(dim=1)
     quality = None
-    if method is not None:
+    if method is not None and (method.startswith("knn_mixed") or knn_distribution is None):
+        # `mixed` is what the method ranks on: its scores are already in `scored`, computed
+        # with the same float operations as combined_quality's.
+        if method.endswith("margin"):
+            quality = ((scored.margin + 1) / 2).clamp(0.0, 1.0)
+        else:
+            quality = scored.self_confidence.clamp(0.0, 1.0)
+    elif method is not None:
         quality = combined_quality(
             averaged, labels, knn_distribution, method=method, knn_weight=knn_weight
         )
@@ -174,7 +184,7 @@ def history_scores(
         averaged_self_confidence=averaged.float().gather(1, labels[:, None]).squeeze(1),
         is_mixed_confident_mismatch=scored.is_confident_mismatch,
         is_candidate=candidate,
-        suggested=torch.where(scored.is_confident_mismatch, scored.suggested, best_other),
+        suggested=torch.where(scored.is_confident_mismatch, scored.suggested, scored.best_other),
     )
 
 

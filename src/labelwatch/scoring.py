@@ -71,7 +71,8 @@ class Scores:
     confidence: torch.Tensor
     self_confidence: torch.Tensor
     margin: torch.Tensor
-    entropy: torch.Tensor
+    best_other: torch.Tensor  # the most probable class other than the given one
+    entropy: torch.Tensor | None  # None when not asked for
     is_confident_mismatch: torch.Tensor
     suggested: torch.Tensor
     label_quality: torch.Tensor
@@ -226,13 +227,20 @@ def compute_scores(
     *,
     from_logits: bool = False,
     label_quality: str = "self_confidence",
+    with_entropy: bool = True,
+    writable: bool = False,
 ) -> Scores:
     """Scores for valid input: ``values`` (N, C) finite logits, or probabilities whose rows
-    sum to 1; ``labels`` in [0, C).
+    sum to 1; ``labels`` in [0, C). ``with_entropy=False`` skips the entropy (an N x C pass
+    over probabilities), which ``label_quality="confidence_weighted_entropy"`` needs.
+    ``writable=True`` lets probabilities be changed while scoring (they are restored), which
+    saves a copy of every chunk; leave it False for tensors others may read meanwhile.
 
     Works through row chunks, softmaxing logits chunk by chunk, so no N x C temporary is
     ever made: peak memory is the input plus a few chunks.
     """
+    if not with_entropy and label_quality == "confidence_weighted_entropy":
+        raise ValueError("label_quality='confidence_weighted_entropy' needs with_entropy=True")
     num_samples, num_classes = values.shape
     chunk_rows = max(256, _CHUNK_VALUES // num_classes)
 
@@ -256,26 +264,32 @@ def compute_scores(
         "predicted": torch.empty(num_samples, dtype=torch.long, device=device),
         "confidence": torch.empty(num_samples, dtype=prob_dtype, device=device),
         "max_other": torch.empty(num_samples, dtype=prob_dtype, device=device),
-        "entropy": torch.empty(num_samples, dtype=prob_dtype, device=device),
+        "best_other": torch.empty(num_samples, dtype=torch.long, device=device),
         "flag": torch.empty(num_samples, dtype=torch.bool, device=device),
         "suggested": torch.empty(num_samples, dtype=torch.long, device=device),
     }
+    if with_entropy:
+        out["entropy"] = torch.empty(num_samples, dtype=prob_dtype, device=device)
     for start in range(0, num_samples, chunk_rows):
         rows = slice(start, start + chunk_rows)
-        chunk = _score_chunk(probabilities(start), labels[rows], thresholds, logits(start))
+        chunk = _score_chunk(
+            probabilities(start), labels[rows], thresholds, logits(start), with_entropy, writable
+        )
         for key, value in chunk.items():
             out[key][rows] = value
         del chunk
     margin = self_conf - out["max_other"]
+    entropy = out.get("entropy")
     return Scores(
         predicted=out["predicted"],
         confidence=out["confidence"],
         self_confidence=self_conf,
         margin=margin,
-        entropy=out["entropy"],
+        best_other=out["best_other"],
+        entropy=entropy,
         is_confident_mismatch=out["flag"],
         suggested=out["suggested"],
-        label_quality=_label_quality(label_quality, self_conf, margin, out["entropy"]),
+        label_quality=_label_quality(label_quality, self_conf, margin, entropy),
         thresholds=thresholds,
     )
 
@@ -306,16 +320,18 @@ def _score_chunk(
     given: torch.Tensor,
     thresholds: torch.Tensor,
     logits: torch.Tensor | None = None,
+    with_entropy: bool = True,
+    writable: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Scores of one chunk of rows. ``logits`` is given when ``probs`` is a private softmax
-    of them, which may then be modified in place (it saves a copy of the chunk)."""
+    """Scores of one chunk of rows. ``probs`` is changed in place and restored (saving a
+    copy of the chunk) when it is a private softmax of ``logits``, or ``writable``."""
     rows = torch.arange(len(given), device=probs.device)
     confidence, predicted = probs.max(dim=1)  # first index among ties, like numpy
     given_prob = probs[rows, given]
-    others = probs if logits is not None else probs.clone()
+    others = probs if (logits is not None or writable) else probs.clone()
     others[rows, given] = -math.inf
     max_other, first_other = others.max(dim=1)
-    others[rows, given] = given_prob  # restore (a no-op on the copy)
+    others[rows, given] = given_prob  # restore (a no-op on a copy)
     # Confident learning: class j is confident when p_j >= t_j - 1e-6 (cleanlab's rule;
     # with IEEE floats, p - a >= 0 exactly when p >= a). cleanlab's guess of the true
     # class is the argmax when 2+ classes are confident, else the only confident class,
@@ -337,15 +353,18 @@ def _score_chunk(
     beaten = (max_other > raised) | ((max_other == raised) & (first_other < given))
     flag = any_confident & (guess != given) & beaten
     suggested = torch.where(flag, guess, predicted)
-    entropy = _entropy(probs, logits, confidence, predicted) / math.log(probs.shape[1])
-    return {
+    out = {
         "predicted": predicted,
         "confidence": confidence,
         "max_other": max_other,
-        "entropy": entropy.clamp(0.0, 1.0),
+        "best_other": first_other,
         "flag": flag,
         "suggested": suggested,
     }
+    if with_entropy:
+        entropy = _entropy(probs, logits, confidence, predicted) / math.log(probs.shape[1])
+        out["entropy"] = entropy.clamp(0.0, 1.0)
+    return out
 
 
 def _entropy(
@@ -376,7 +395,7 @@ def _finite_rows(values: torch.Tensor) -> torch.Tensor:
 
 
 def _label_quality(
-    method: str, self_conf: torch.Tensor, margin: torch.Tensor, entropy: torch.Tensor
+    method: str, self_conf: torch.Tensor, margin: torch.Tensor, entropy: torch.Tensor | None
 ) -> torch.Tensor:
     if method == "self_confidence":
         return self_conf
