@@ -390,4 +390,4 @@ def test_wandb_logging_runs_beside_training_and_is_complete_when_fit_returns(
     trainer = Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=callbacks))
     trainer.fit(TinyClassifier(), train, val)
     assert [epoch for epoch, _, _ in logged] == [0, 1]
-    assert all(name.startswith("labelwatch-wandb") and waited for _, name, waited in logged)
+    assert all(name.startswith("labelwatch-logging") and waited for _, name, waited in logged)

@@ -127,6 +127,49 @@ def test_background_maps_land_with_their_epoch_and_fit_end_flushes(tmp_path: Pat
     assert epochs == [0, 1]
 
 
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (OSError, "could not write its local outputs.*read-only"),
+        (ValueError, "_write_local failed.*ValueError.*read-only"),
+    ],
+)
+def test_coordinates_are_added_on_the_logging_thread_and_a_failed_rewrite_keeps_scores(
+    tmp_path: Path, monkeypatch, error, message
+):
+    """Scores are written on the training thread at epoch end; the rewrite that adds the
+    map's coordinates runs on the logging thread. If it fails, a warning says so and the
+    first files stay complete."""
+    import threading
+
+    from labelwatch.sinks.local import LocalSink
+
+    writes = []
+    original = LocalSink.write
+
+    def write(self, epoch, samples, candidates, summary):
+        writes.append((epoch, summary["projection"], threading.current_thread().name))
+        if summary["projection"] != "pending":
+            raise error("disk went read-only")
+        return original(self, epoch, samples, candidates, summary)
+
+    monkeypatch.setattr(LocalSink, "write", write)
+    train, val = loaders()
+    callback = LabelWatch(projection=slow_projection, map_in_background=True)
+    with pytest.warns(UserWarning, match=message):
+        Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=2)).fit(
+            TinyClassifier(), train, val
+        )
+    firsts = sorted((e, t) for e, projection, t in writes if projection == "pending")
+    rewrites = sorted((e, t) for e, projection, t in writes if projection == "slow_projection")
+    assert firsts == [(0, "MainThread"), (1, "MainThread")]
+    assert [e for e, _ in rewrites] == [0, 1]
+    assert all(thread.startswith("labelwatch-logging") for _, thread in rewrites)
+    for epoch in range(2):
+        samples = pd.read_parquet(tmp_path / f"labelwatch/epoch={epoch}/samples.parquet")
+        assert len(samples) == 48 and samples["x"].isna().all()
+
+
 def test_an_interrupt_logs_outstanding_epochs_without_coordinates(tmp_path: Path):
     """Ctrl-C while a map is running: the epoch is still written, without a map."""
     train, val = loaders()

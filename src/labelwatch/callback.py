@@ -210,7 +210,8 @@ class LabelWatchLogic:
         self._watched: dict[int, str | None] = {}
         self._worker: MapWorker | None = None
         # W&B tables are built and logged on this thread, in epoch order, so that their
-        # per-row type checks (~0.4 ms a row) do not hold up the training loop.
+        # per-row type checks (~0.4 ms a row) do not hold up the training loop; the local
+        # files are rewritten here too once a background map adds coordinates.
         self._logging: ThreadPoolExecutor | None = None
         self._pending: deque[_PendingEpoch] = deque()
         self._previous_maps: dict[str | None, dict[Any, tuple[float, float]]] = {}
@@ -359,7 +360,7 @@ class LabelWatchLogic:
         self._history_saves.clear()
 
     def _wait_for_logging(self) -> None:
-        """Block until every epoch handed to the W&B thread is logged."""
+        """Block until everything handed to the logging thread is done."""
         if self._logging is not None:
             self._logging.shutdown(wait=True)
             self._logging = None
@@ -639,8 +640,12 @@ class LabelWatchLogic:
             summary["median_moved"] = (
                 float(np.nanmedian(samples["moved"])) if samples["moved"].notna().any() else None
             )
-        if pending.out_dir is not None and (was_pending or not pending.written):
+        if pending.out_dir is not None and not pending.written:
             self._write_local(pending)
+        elif pending.out_dir is not None and was_pending:
+            # The scores are on disk already; adding the coordinates (a rewrite, seconds at
+            # 100k rows) is left to the logging thread, ahead of this epoch's W&B logging.
+            self._in_logging_thread(self._write_local, pending)
         if pending.out_dir is not None and self._wandb is not None:
             self._in_logging_thread(
                 self._log_wandb,
@@ -966,11 +971,19 @@ class LabelWatchLogic:
         return Path(trainer.default_root_dir, "labelwatch")
 
     def _in_logging_thread(self, function: Callable[..., None], *args: Any) -> None:
-        """Run ``function(*args)`` on the W&B thread, after what was handed to it before;
-        the frames passed are not changed after this."""
+        """Run ``function(*args)`` on the logging thread, after what was handed to it before;
+        the frames passed are not changed after this. An error there is a warning."""
         if self._logging is None:
-            self._logging = ThreadPoolExecutor(1, thread_name_prefix="labelwatch-wandb")
-        self._logging.submit(function, *args)
+            self._logging = ThreadPoolExecutor(1, thread_name_prefix="labelwatch-logging")
+        self._logging.submit(self._warn_on_error, function, *args)
+
+    @staticmethod
+    def _warn_on_error(function: Callable[..., None], *args: Any) -> None:
+        try:
+            function(*args)
+        except Exception as err:  # on the logging thread: nothing must escape unseen
+            log.debug("LabelWatch: background %s failed", function.__name__, exc_info=True)
+            rank_zero_warn(f"LabelWatch: {function.__name__} failed ({type(err).__name__}: {err})")
 
     def _log_wandb(
         self,
