@@ -16,10 +16,11 @@ Prints one table, one row per (model, N samples, C classes) with D = 512 embeddi
   (a validation step that costs more, as real models do).
 - ``score_s``: ``score_predictions`` on the N x C logits (target: 100k x 1000 <= 2 s);
   ``epoch_end_s``: LabelWatch's whole epoch end without W&B (gather, score, parquet files).
-- ``peak_mem``: peak resident memory added by capture + collect + scoring + the epoch
-  history (``history_window=3`` probability vectors per sample, allocated whole at the
-  first epoch), in a fresh process, over the raw tensors N x (C + D) x 4 bytes (target
-  <= 1.5); ``peak_mem_f16`` the same with ``embeddings_dtype="float16"`` and
+- ``peak_mem``: peak resident memory added during a real 2-epoch fit with LabelWatch
+  (``projection="none"``) from the first validation epoch on: capture, gather, scoring,
+  the epoch history (``history_window=3`` probability vectors per sample) and the local
+  files, in a fresh process, over the raw tensors N x (C + D) x 4 bytes (target <= 1.5);
+  ``peak_mem_f16`` the same with ``embeddings_dtype="float16"`` and
   ``history_dtype="float16"``.
 - ``table_build_s`` / ``table_log_s``: building the per-sample ``wandb.Table`` and logging
   it to an offline run (depends on N only; measured at C = 10).
@@ -172,43 +173,43 @@ def _scoring_time(n: int, c: int) -> float:
 
 
 MEMORY_PROBE = """
-import sys, threading, time, torch
-from labelwatch.capture import EpochBuffer, merge_ranks
-from labelwatch.history import EpochHistory
-from labelwatch.scoring import score_predictions
-n, c, d, dtype = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+import sys, tempfile, threading, time
+sys.path.insert(0, sys.argv[4])
+from lightning.pytorch import Callback, Trainer
+import scale
+from labelwatch import LabelWatch
+n, c, dtype = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 page = __import__("os").sysconf("SC_PAGE_SIZE")
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * page
-peak = [0]
+peak, base = [0], []
 def watch():
     while True:
         peak[0] = max(peak[0], rss()); time.sleep(0.002)
-g = torch.Generator().manual_seed(0)
-torch.randn(8, 8)  # warm up allocators before the baseline
-base = rss()
-threading.Thread(target=watch, daemon=True).start()
-buffer = EpochBuffer(expected_rows=-(-n // 1024) * 1024,  # as LabelWatch sizes it
-                      embeddings_dtype=torch.float16 if dtype == "float16" else None)
-for start in range(0, n, 1024):
-    b = min(1024, n - start)
-    buffer.add(torch.randn(b, c, generator=g), torch.randint(0, c, (b,), generator=g),
-               torch.arange(start, start + b), embeddings=torch.randn(b, d, generator=g))
-captured = merge_ranks(buffer.collect()).to_host()
-frame = score_predictions(logits=captured.logits, labels=captured.targets,
-                          sample_ids=captured.sample_ids)
-history = EpochHistory(window=3, dtype=torch.float16 if dtype == "float16" else torch.float32)
-history.update(0, captured.sample_ids, torch.softmax(captured.logits.float(), dim=1),
-               torch.zeros(len(captured.logits), dtype=torch.bool))
-time.sleep(0.05)
-print((max(peak[0], rss()) - base) / (n * (c + d) * 4))
+class Baseline(Callback):  # listed before LabelWatch: runs before its hooks
+    def on_validation_epoch_start(self, *args):
+        if not base:  # data, model and Lightning are in memory by now
+            base.append(rss())
+            threading.Thread(target=watch, daemon=True).start()
+data, model = scale.Features(n, c), scale._model(c)
+with tempfile.TemporaryDirectory() as out:
+    watcher = LabelWatch(projection="none", dirpath=out,
+                         embeddings_dtype=dtype, history_dtype=dtype)
+    trainer = Trainer(max_epochs=2, limit_train_batches=1, num_sanity_val_steps=0, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=[Baseline(), watcher])
+    trainer.fit(model, scale._loader(data), scale._loader(data))
+    time.sleep(0.05)
+print((peak[0] - base[0]) / (n * (c + scale.D) * 4))
 """
 
 
 def _peak_memory_ratio(n: int, c: int, dtype: str) -> float:
+    """Run in a fresh process: a real 2-epoch fit, peak RSS from the first validation epoch
+    on (capture, gather, scoring, epoch history, local files) over the raw tensors."""
     result = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE, str(n), str(c), str(D), dtype],
+        [sys.executable, "-c", MEMORY_PROBE, str(n), str(c), dtype, str(Path(__file__).parent)],
         capture_output=True,
         text=True,
         check=True,

@@ -106,6 +106,21 @@ def test_matches_a_per_id_reference_as_ids_come_and_go(tmp_path):
             history = EpochHistory.load(history.save(tmp_path / "history.arrow"))
 
 
+def test_logits_are_stored_as_their_softmax(monkeypatch):
+    """from_logits=True stores exactly what passing the softmax would, chunk by chunk, with
+    ids in row order or not."""
+    monkeypatch.setattr("labelwatch.history._CHUNK_VALUES", 12)  # 3 rows of 4 classes
+    generator = torch.Generator().manual_seed(0)
+    from_probs, from_logits = EpochHistory(window=2), EpochHistory(window=2)
+    ids = list(range(10))
+    for epoch, order in enumerate([ids, ids, ids[::-1] + [10, 11]]):
+        logits = torch.randn(len(order), 4, generator=generator)
+        flags = torch.zeros(len(order), dtype=torch.bool)
+        expected, _ = from_probs.update(epoch, order, torch.softmax(logits, dim=1), flags)
+        averaged, _ = from_logits.update(epoch, order, logits, flags, from_logits=True)
+        assert torch.equal(averaged, expected)
+
+
 def test_to_changes_the_storage_dtype_and_keeps_the_window():
     """A history read back in float32 and switched to float16 (a resumed run that asks for
     half precision) keeps averaging the same window."""

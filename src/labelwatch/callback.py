@@ -724,7 +724,11 @@ class LabelWatchLogic:
         )
         samples.insert(column + 2, "knn_agreement", agreement)
         samples.insert(column + 3, "flag_streak", self._flag_streaks(name, samples))
-        self._add_history_columns(samples, captured.logits[index], labels, knn, name, epoch)
+        kept_all = len(index) == len(captured.logits) and bool(
+            (index == torch.arange(len(index))).all()
+        )  # no row dropped: the logits need no (N x C) gather
+        logits = captured.logits if kept_all else captured.logits[index]
+        self._add_history_columns(samples, logits, labels, knn, name, epoch)
         return samples
 
     def _knn_distribution(
@@ -760,7 +764,6 @@ class LabelWatchLogic:
         `knn_agreement` below `min_knn_agreement` (rule "combined"), or the single-epoch
         `is_confident_mismatch` (rule "confident_mismatch")."""
         ids = samples["sample_id"].tolist()
-        probs = torch.softmax(logits.float(), dim=1)
         flags = torch.tensor(samples["is_confident_mismatch"].to_numpy(bool))
         self._wait_for_history_save(name)
         history = self._history(name)
@@ -772,8 +775,7 @@ class LabelWatchLogic:
                 " epoch history; the averaging window starts again.",
             )
             history = self._histories[name] = self._new_history()
-        averaged, _ = history.update(epoch, ids, probs, flags)
-        del probs
+        averaged, _ = history.update(epoch, ids, logits, flags, from_logits=True)
         combined = self.label_quality not in LABEL_QUALITY_METHODS
         if combined:
             self._effective_label_quality(knn is not None)  # warns when it must stand in

@@ -44,6 +44,8 @@ __all__ = ["EpochHistory", "HISTORY_FILE"]
 HISTORY_FILE = "history.arrow"
 _FORMAT_VERSION = 2
 _DTYPES = {torch.float32: "float32", torch.float16: "float16"}
+# Logits are softmaxed into the window this many values at a time: no N x C temporary.
+_CHUNK_VALUES = 1 << 22
 
 
 class EpochHistory:
@@ -90,14 +92,19 @@ class EpochHistory:
         sample_ids: Sequence[Any],
         probs: torch.Tensor,
         flags: torch.Tensor,
+        *,
+        from_logits: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Add one epoch and return each sample's averaged probabilities and flag streak.
 
         Args:
             epoch: the validation epoch; must increase from call to call.
             sample_ids: ``N`` unique ids (ints or strings), in the order of ``probs``.
-            probs: ``(N, C)`` probabilities of this epoch (any device; stored on the CPU).
+            probs: ``(N, C)`` probabilities of this epoch (any device; stored on the CPU),
+                or logits with ``from_logits=True``.
             flags: ``(N,)`` booleans, this epoch's flag per sample (e.g. confident mismatch).
+            from_logits: ``probs`` holds logits: their softmax (in float32) is stored,
+                computed in row chunks straight into the window.
 
         Returns:
             ``(averaged, streak)``: ``(N, C)`` float32, the mean of the sample's last
@@ -137,7 +144,7 @@ class EpochHistory:
         self.last_epoch = epoch
         rows = self._rows_for(ids)
         slot = self._count[rows] % self.window
-        self._probs[slot, rows] = probs.detach().to("cpu", self.dtype)
+        self._store(probs.detach(), rows, slot, from_logits)
         self._count[rows] += 1
         flagged = flags.detach().to("cpu", torch.bool)
         self._streak[rows] = torch.where(flagged, self._streak[rows] + 1, 0)
@@ -246,6 +253,23 @@ class EpochHistory:
         return history
 
     # ---------------------------------------------------------------------------- helpers
+    def _store(
+        self, values: torch.Tensor, rows: torch.Tensor, slot: torch.Tensor, from_logits: bool
+    ) -> None:
+        """Write this epoch's vectors into each row's next slot, a chunk of rows at a time."""
+        in_place = 0 < len(rows) == len(self._rows) and bool(
+            (rows == torch.arange(len(rows))).all() and (slot == slot[0]).all()
+        )  # the usual case: every known id, in row order, at the same point of its window
+        step = max(1, _CHUNK_VALUES // max(values.shape[1], 1))
+        for start in range(0, len(rows), step):
+            part = slice(start, start + step)
+            chunk = torch.softmax(values[part].float(), dim=1) if from_logits else values[part]
+            chunk = chunk.to("cpu", self.dtype)
+            if in_place:
+                self._probs[int(slot[0]), part] = chunk
+            else:
+                self._probs[slot[part], rows[part]] = chunk
+
     def _rows_for(self, ids: list[Any]) -> torch.Tensor:
         """Rows of the ids, appending rows (empty window, streak 0) for new ones."""
         new = [i for i in ids if i not in self._rows]
