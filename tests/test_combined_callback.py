@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 
 from labelwatch import LabelWatch
 from labelwatch.combined import combined_quality, mix_probabilities
@@ -24,15 +24,41 @@ from tests.helpers import BlobDataset, TinyClassifier, loaders, trainer_kwargs
 FLIPPED = 10  # the first FLIPPED validation samples (ids 1000..1009) carry a wrong label
 
 
-def _fit(tmp_path: Path, max_epochs: int = 3, **arguments) -> tuple[TinyClassifier, LabelWatch]:
+class ProbabilityRecorder(Callback):
+    """Each validation epoch's softmax per sample id, from a forward pass of its own: a
+    reference for the averages LabelWatch computes."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[int, torch.Tensor]] = []
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.epochs.append({})
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, *args) -> None:
+        if trainer.sanity_checking:  # LabelWatch does not score these batches
+            return
+        with torch.no_grad():
+            probs = torch.softmax(pl_module(batch["x"]), dim=1)
+        self.epochs[-1].update(zip(batch["sample_id"].tolist(), probs, strict=True))
+
+    def averaged(self, ids: list[int], window: int) -> torch.Tensor:
+        """``(N, C)`` mean of the last ``window`` epochs' probabilities of ``ids``."""
+        last = self.epochs[-window:]
+        return torch.stack([torch.stack([e[i] for i in ids]) for e in last]).mean(dim=0)
+
+
+def _fit(
+    tmp_path: Path, max_epochs: int = 3, model: TinyClassifier | None = None, **arguments
+) -> tuple[TinyClassifier, LabelWatch, ProbabilityRecorder]:
     torch.manual_seed(0)
     train, val = loaders(num_val=60, flip=FLIPPED)
-    model = TinyClassifier(lr=0.2)
-    callback = LabelWatch(projection="none", **arguments)
-    Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=max_epochs)).fit(
-        model, train, val
-    )
-    return model, callback
+    model = model or TinyClassifier(lr=0.2)
+    callback, recorder = LabelWatch(projection="none", **arguments), ProbabilityRecorder()
+    Trainer(
+        **trainer_kwargs(tmp_path, callbacks=[callback, recorder], max_epochs=max_epochs)
+    ).fit(model, train, val)
+    return model, callback, recorder
 
 
 def _read(tmp_path: Path, epoch: int, name: str = "samples") -> pd.DataFrame:
@@ -114,7 +140,7 @@ def test_default_label_quality_is_knn_mixed_margin_of_the_averaged_probabilities
     """label_quality = (p_mix(given) - max p_mix(other) + 1) / 2 with p_mix = 0.7 x the
     3-epoch average + 0.3 x the neighbours' labels, recomputed here from the saved history
     and the final model's embeddings; flipped labels rank first."""
-    model, callback = _fit(tmp_path)
+    model, callback, recorder = _fit(tmp_path)
     assert (callback.label_quality, callback.history_window, callback.knn_weight) == (
         "knn_mixed_margin",
         3,
@@ -123,7 +149,7 @@ def test_default_label_quality_is_knn_mixed_margin_of_the_averaged_probabilities
     samples = _read(tmp_path, 2)
     ids = samples["sample_id"].tolist()
     labels = torch.tensor(samples["given_label"].to_numpy())
-    averaged = EpochHistory.load(tmp_path / "labelwatch/epoch=2/history.arrow").averaged(ids)
+    averaged = recorder.averaged(ids, window=3)
     val = BlobDataset(60, seed=2, flip=FLIPPED)
     with torch.no_grad():
         embeddings = model.backbone(val.x[[i - 1000 for i in ids]])
@@ -192,16 +218,12 @@ def test_old_rule_and_single_epoch_ranking_stay_selectable(tmp_path: Path):
 def test_without_embeddings_the_default_uses_the_averaged_probabilities(tmp_path: Path):
     """No embeddings: no neighbours, so label_quality is the averaged margin and candidates
     are confident learning on the averaged probabilities (no warning: it is documented)."""
-    torch.manual_seed(0)
-    train, val = loaders(num_val=60, flip=FLIPPED)
-    callback = LabelWatch(logits_layer="head", projection="none")
-    Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=2)).fit(
-        TinyClassifier(lr=0.2, return_outputs=False), train, val
-    )
+    model = TinyClassifier(lr=0.2, return_outputs=False)
+    *_, recorder = _fit(tmp_path, max_epochs=2, model=model, logits_layer="head")
     samples = _read(tmp_path, 1)
     ids = samples["sample_id"].tolist()
     labels = torch.tensor(samples["given_label"].to_numpy())
-    averaged = EpochHistory.load(tmp_path / "labelwatch/epoch=1/history.arrow").averaged(ids)
+    averaged = recorder.averaged(ids, window=3)
     expected = combined_quality(averaged, labels, method="averaged_margin")
     np.testing.assert_allclose(samples["label_quality"], expected.double(), rtol=1e-5, atol=1e-6)
     assert samples["knn_agreement"].isna().all()
@@ -237,7 +259,7 @@ def test_other_label_quality_methods_fill_the_column(tmp_path: Path, label_quali
 
 def test_a_second_fit_with_the_same_callback_restarts_the_average(tmp_path: Path):
     """Reusing one LabelWatch in a new fit (epochs from 0 again) warns and averages afresh."""
-    model, callback = _fit(tmp_path, max_epochs=2)
+    model, callback, _ = _fit(tmp_path, max_epochs=2)
     train, val = loaders(num_val=60, flip=FLIPPED)
     with pytest.warns(UserWarning, match="the averaging window starts again"):
         Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=1)).fit(

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import pyarrow.feather as feather
 import pytest
 import torch
 
 from labelwatch.combined import (
     COMBINED_METHODS,
+    HistoryScores,
     candidate_flags,
     combined_quality,
     history_scores,
     limit_candidates,
     mix_probabilities,
+    mixed_thresholds,
 )
 from labelwatch.history import EpochHistory
 from labelwatch.scoring import compute_scores
@@ -163,6 +166,80 @@ def test_combined_scores_in_unit_interval_lower_for_wrong_labels(method):
     quality = combined_quality(probs, torch.tensor([0, 1]), knn, method=method)
     assert torch.all((quality >= 0) & (quality <= 1))
     assert quality[1] < quality[0]
+
+
+def test_chunked_steps_equal_one_update(monkeypatch):
+    """begin/average a chunk of rows at a time gives update's averages; mean_at gives those
+    averages at one column per row exactly, and refuses once the past is overwritten."""
+    monkeypatch.setattr("labelwatch.history._CHUNK_VALUES", 12)  # 3 rows of 4 classes
+    generator = torch.Generator().manual_seed(2)
+    whole, chunked = EpochHistory(window=3), EpochHistory(window=3)
+    ids = list(range(10))
+    for epoch, order in enumerate([ids, ids[::-1], ids, ids[3:] + [10, 11]]):
+        probs = torch.softmax(torch.randn(len(order), 4, generator=generator), dim=1)
+        flags = torch.rand(len(order), generator=generator) < 0.5
+        columns = torch.randint(0, 4, (len(order),), generator=generator)
+        expected, streak = whole.update(epoch, order, probs, flags)
+        step = chunked.begin(epoch, order, flags, 4)
+        at_columns = step.mean_at(columns, probs.gather(1, columns[:, None]).squeeze(1))
+        assert torch.equal(at_columns, expected.gather(1, columns[:, None]).squeeze(1))
+        rows = step.chunks()
+        assert len(rows) == -(-len(order) // 3)
+        averaged = torch.cat([step.average(r, probs[r].clone()) for r in rows])
+        assert torch.equal(averaged, expected) and torch.equal(step.streak, streak)
+        with pytest.raises(RuntimeError, match="before average"):
+            step.mean_at(columns, probs[:, 0])
+
+
+def test_window_one_keeps_no_vectors(tmp_path):
+    """window=1 averages the current epoch alone and stores no past vectors."""
+    history = EpochHistory(window=1)
+    probs = _probs([0.2, 0.8], [0.6, 0.4])
+    for epoch in range(2):
+        averaged, _ = history.update(epoch, ["a", "b"], probs, torch.zeros(2, dtype=torch.bool))
+        assert torch.equal(averaged, probs)
+        probs = probs.flip(1)
+    restored = EpochHistory.load(history.save(tmp_path / "history.arrow"))
+    assert restored.filled(["a", "b"]).tolist() == [1, 1] and restored.num_classes == 2
+    names = feather.read_table(tmp_path / "history.arrow").column_names
+    assert not [name for name in names if name.startswith("probs_")]
+
+
+@pytest.mark.parametrize("with_neighbours", [True, False])
+def test_history_scores_of_chunks_equal_one_call(with_neighbours):
+    """Chunks of rows scored with mixed_thresholds (computed from the given-label column
+    alone) give exactly the scores of one history_scores call on every row."""
+    generator = torch.Generator().manual_seed(3)
+    averaged = torch.softmax(3 * torch.randn(400, 6, generator=generator), dim=1)
+    labels = torch.randint(0, 6, (400,), generator=generator)
+    knn, agreement = None, None
+    if with_neighbours:
+        votes = torch.randint(0, 6, (400, 10), generator=generator)
+        knn = torch.nn.functional.one_hot(votes, 6).float().mean(dim=1)
+        agreement = knn.gather(1, labels[:, None]).squeeze(1)
+    whole = history_scores(averaged, labels, knn)
+    given = averaged.gather(1, labels[:, None]).squeeze(1)
+    thresholds = mixed_thresholds(given, labels, 6, agreement)
+    parts = [
+        history_scores(
+            averaged[r],
+            labels[r],
+            knn[r] if knn is not None else None,
+            thresholds=thresholds,
+        )
+        for r in (slice(0, 150), slice(150, 151), slice(151, 400))
+    ]
+    chunked = HistoryScores.concat(parts)
+    assert chunked.method == whole.method
+    for name in (
+        "quality",
+        "averaged_self_confidence",
+        "is_mixed_confident_mismatch",
+        "is_candidate",
+        "suggested",
+    ):
+        assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
+    assert whole.is_mixed_confident_mismatch.any()  # the thresholds matter here
 
 
 @pytest.mark.parametrize("with_neighbours", [True, False])

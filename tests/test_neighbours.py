@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from labelwatch.neighbours import knn_agreement, knn_label_distribution
+from labelwatch.neighbours import (
+    knn_agreement,
+    knn_label_distribution,
+    knn_neighbours,
+    label_distribution,
+)
 
 
 def _clusters() -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,3 +121,27 @@ def test_num_classes_must_cover_the_labels():
     """A num_classes smaller than the largest label + 1 is refused."""
     with pytest.raises(ValueError, match=r"`num_classes` must be an integer > every label"):
         knn_label_distribution(torch.ones(3, 2), torch.tensor([0, 1, 2]), 2)
+
+
+def test_neighbour_indices_give_the_distribution_and_the_agreement():
+    """knn_neighbours' (N, k) indices, as labels, give knn_label_distribution and
+    knn_agreement exactly; an all-zero row is similar to nothing."""
+    generator = torch.Generator().manual_seed(4)
+    points = torch.randn(120, 6, generator=generator)
+    points[7] = 0.0
+    labels = torch.randint(0, 4, (120,), generator=generator)
+    neighbours = knn_neighbours(points, k=5, chunk_size=50)
+    assert neighbours.shape == (120, 5) and not (neighbours == torch.arange(120)[:, None]).any()
+    distribution = label_distribution(labels[neighbours], 4)
+    assert torch.equal(distribution, knn_label_distribution(points, labels, 4, k=5))
+    agreement = knn_agreement(points, labels, k=5)
+    assert torch.equal(agreement, distribution.gather(1, labels[:, None]).squeeze(1))
+    normed = torch.nn.functional.normalize(points, dim=1)
+    similarity = normed @ normed.T
+    similarity.fill_diagonal_(-torch.inf)
+    # the zero row's similarities are all 0: its neighbours are the lowest indices
+    assert neighbours[7].tolist() == [0, 1, 2, 3, 4]
+    rows = torch.arange(120) != 7
+    reference = similarity[rows].topk(5, dim=1).indices
+    assert (neighbours[rows] == reference).float().mean() > 0.99  # float rounding may swap
+    assert label_distribution(torch.empty(2, 0, dtype=torch.long), 4).eq(0.25).all()

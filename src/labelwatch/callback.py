@@ -27,10 +27,12 @@ from labelwatch.combined import (
     DEFAULT_MIN_KNN_AGREEMENT,
     WITHOUT_NEIGHBOURS,
     CombinedMethod,
+    HistoryScores,
     history_scores,
+    mixed_thresholds,
 )
 from labelwatch.history import HISTORY_FILE, EpochHistory
-from labelwatch.neighbours import knn_label_distribution
+from labelwatch.neighbours import knn_neighbours, label_distribution
 from labelwatch.projection import (
     MapJob,
     MapResult,
@@ -714,46 +716,52 @@ class LabelWatchLogic:
         index = torch.from_numpy(positions)
         labels = torch.tensor(samples["given_label"].to_numpy(np.int64))
         embeddings = device_embeddings if device_embeddings is not None else captured.embeddings
-        knn = self._knn_distribution(embeddings, index, labels, len(samples.attrs["class_names"]))
+        neighbour_labels = self._neighbour_labels(embeddings, index, labels)
         column = samples.columns.get_loc("y")
         samples.insert(column + 1, "moved", np.nan)
-        agreement = (
-            knn.gather(1, labels[:, None]).squeeze(1).double().numpy()
-            if (knn is not None)
-            else np.full(len(samples), np.nan)
+        agreement = None
+        if neighbour_labels is not None:  # knn_label_distribution's value at the given label
+            same = (neighbour_labels == labels[:, None]).sum(dim=1)
+            agreement = same / float(max(neighbour_labels.shape[1], 1))
+            if neighbour_labels.shape[1] == 0:  # a lone sample: the uniform distribution
+                agreement.fill_(1.0 / len(samples.attrs["class_names"]))
+        samples.insert(
+            column + 2,
+            "knn_agreement",
+            agreement.double().numpy() if agreement is not None else np.nan,
         )
-        samples.insert(column + 2, "knn_agreement", agreement)
         samples.insert(column + 3, "flag_streak", self._flag_streaks(name, samples))
         kept_all = len(index) == len(captured.logits) and bool(
             (index == torch.arange(len(index))).all()
         )  # no row dropped: the logits need no (N x C) gather
         logits = captured.logits if kept_all else captured.logits[index]
-        self._add_history_columns(samples, logits, labels, knn, name, epoch)
+        self._add_history_columns(
+            samples, logits, labels, neighbour_labels, agreement, name, epoch
+        )
         return samples
 
-    def _knn_distribution(
-        self,
-        embeddings: torch.Tensor | None,
-        index: torch.Tensor,
-        labels: torch.Tensor,
-        classes: int,
+    def _neighbour_labels(
+        self, embeddings: torch.Tensor | None, index: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor | None:
-        """Label fractions among each sample's 10 nearest neighbours (cosine), computed on
-        the embeddings' device; None without embeddings, or on a CPU above KNN_MAX_SAMPLES."""
+        """``(N, k)`` given labels of each sample's 10 nearest neighbours (cosine), searched
+        on the embeddings' device; None without embeddings, or on a CPU above
+        KNN_MAX_SAMPLES. Kept as labels, not an N x C distribution, to save memory."""
         if embeddings is None:
             return None
         if embeddings.device.type == "cpu" and len(index) > KNN_MAX_SAMPLES:
             return None
-        device = embeddings.device
-        rows = embeddings[index.to(device)].float()
-        return knn_label_distribution(rows, labels.to(device), classes, k=KNN_NEIGHBOURS).cpu()
+        if len(index) != len(embeddings) or not bool((index == torch.arange(len(index))).all()):
+            embeddings = embeddings[index.to(embeddings.device)]  # rows were dropped
+        neighbours = knn_neighbours(embeddings, k=KNN_NEIGHBOURS).cpu()
+        return labels[neighbours]
 
     def _add_history_columns(
         self,
         samples: pd.DataFrame,
         logits: torch.Tensor,
         labels: torch.Tensor,
-        knn: torch.Tensor | None,
+        neighbour_labels: torch.Tensor | None,
+        agreement: torch.Tensor | None,
         name: str | None,
         epoch: int,
     ) -> None:
@@ -762,7 +770,11 @@ class LabelWatchLogic:
         ``p_mix = (1 - knn_weight) * averaged + knn_weight * knn`` (``averaged`` alone
         without neighbours). `is_candidate` is confident learning on ``p_mix`` or
         `knn_agreement` below `min_knn_agreement` (rule "combined"), or the single-epoch
-        `is_confident_mismatch` (rule "confident_mismatch")."""
+        `is_confident_mismatch` (rule "confident_mismatch").
+
+        Memory: a chunk of rows at a time, this epoch's probabilities are softmaxed,
+        averaged with the history's past epochs (then stored over the oldest), mixed with
+        the neighbours and scored, so no N x C array is made besides the history."""
         ids = samples["sample_id"].tolist()
         flags = torch.tensor(samples["is_confident_mismatch"].to_numpy(bool))
         self._wait_for_history_save(name)
@@ -775,19 +787,35 @@ class LabelWatchLogic:
                 " epoch history; the averaging window starts again.",
             )
             history = self._histories[name] = self._new_history()
-        averaged, _ = history.update(epoch, ids, logits, flags, from_logits=True)
+        num_classes = logits.shape[1]
+        step = history.begin(epoch, ids, flags, num_classes)
         combined = self.label_quality not in LABEL_QUALITY_METHODS
         if combined:
-            self._effective_label_quality(knn is not None)  # warns when it must stand in
-        scores = history_scores(
-            averaged,
-            labels,
-            knn,
-            method=self.label_quality if combined else None,
-            knn_weight=self.knn_weight,
-            min_knn_agreement=self.min_knn_agreement,
-            writable=True,  # a new tensor from the history
+            self._effective_label_quality(neighbour_labels is not None)  # warns if it stands in
+        given = torch.from_numpy(samples["self_confidence"].to_numpy(np.float32))
+        thresholds = mixed_thresholds(
+            step.mean_at(labels, given), labels, num_classes, agreement, knn_weight=self.knn_weight
         )
+        parts = []
+        for rows in step.chunks():
+            averaged = step.average(rows, torch.softmax(logits[rows].float(), dim=1).cpu())
+            knn = None
+            if neighbour_labels is not None:
+                knn = label_distribution(neighbour_labels[rows], num_classes)
+            parts.append(
+                history_scores(
+                    averaged,
+                    labels[rows],
+                    knn,
+                    method=self.label_quality if combined else None,
+                    knn_weight=self.knn_weight,
+                    min_knn_agreement=self.min_knn_agreement,
+                    writable=True,  # a new tensor from the history
+                    thresholds=thresholds,
+                )
+            )
+            del averaged, knn
+        scores = HistoryScores.concat(parts)
         if scores.quality is not None:
             samples["label_quality"] = scores.quality.double().numpy()
         if self.candidate_rule == "combined":

@@ -62,7 +62,7 @@ from typing import Literal
 
 import torch
 
-from labelwatch.scoring import compute_scores
+from labelwatch.scoring import compute_scores, confident_thresholds
 
 __all__ = [
     "COMBINED_METHODS",
@@ -73,6 +73,7 @@ __all__ = [
     "history_scores",
     "limit_candidates",
     "mix_probabilities",
+    "mixed_thresholds",
 ]
 
 CombinedMethod = Literal[
@@ -122,6 +123,21 @@ class HistoryScores:
     is_candidate: torch.Tensor
     suggested: torch.Tensor
 
+    @classmethod
+    def concat(cls, parts: list[HistoryScores]) -> HistoryScores:
+        """The scores of consecutive chunks of rows, as one (every part has the method)."""
+        def cat(name: str) -> torch.Tensor:
+            return torch.cat([getattr(part, name) for part in parts])
+
+        return cls(
+            quality=cat("quality") if parts[0].quality is not None else None,
+            method=parts[0].method,
+            averaged_self_confidence=cat("averaged_self_confidence"),
+            is_mixed_confident_mismatch=cat("is_mixed_confident_mismatch"),
+            is_candidate=cat("is_candidate"),
+            suggested=cat("suggested"),
+        )
+
 
 def history_scores(
     averaged: torch.Tensor,
@@ -132,6 +148,7 @@ def history_scores(
     knn_weight: float = DEFAULT_KNN_WEIGHT,
     min_knn_agreement: float = DEFAULT_MIN_KNN_AGREEMENT,
     writable: bool = False,
+    thresholds: torch.Tensor | None = None,
 ) -> HistoryScores:
     """Every score LabelWatch derives from the window-averaged probabilities and neighbours.
 
@@ -148,6 +165,10 @@ def history_scores(
         min_knn_agreement: see :func:`candidate_flags`.
         writable: ``averaged`` may be changed during the call (it is restored), which saves
             copies; for a tensor nobody else reads meanwhile.
+        thresholds: when these rows are a chunk of the samples, confident learning's
+            thresholds of ``p_mix`` over all of them (:func:`mixed_thresholds`); the scores
+            of consecutive chunks then equal those of one call on every row. None computes
+            them from these rows.
     """
     if method is not None and method not in COMBINED_METHODS:
         raise ValueError(f"`method` must be None or one of {COMBINED_METHODS}, got {method!r}")
@@ -162,7 +183,9 @@ def history_scores(
     else:
         mixed = mix_probabilities(averaged, knn_distribution, knn_weight=knn_weight)
     private = writable or mixed is not averaged  # a new tensor can be written to
-    scored = compute_scores(mixed, labels, with_entropy=False, writable=private)
+    scored = compute_scores(
+        mixed, labels, with_entropy=False, writable=private, thresholds=thresholds
+    )
     candidate = scored.is_confident_mismatch
     if knn_distribution is not None:
         candidate = candidate | _neighbours_disagree(knn_distribution, labels, min_knn_agreement)
@@ -186,6 +209,25 @@ def history_scores(
         is_candidate=candidate,
         suggested=torch.where(scored.is_confident_mismatch, scored.suggested, scored.best_other),
     )
+
+
+def mixed_thresholds(
+    averaged_given: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    knn_agreement: torch.Tensor | None = None,
+    *,
+    knn_weight: float = DEFAULT_KNN_WEIGHT,
+) -> torch.Tensor:
+    """Confident learning's per-class thresholds of ``p_mix``, from the given-label column
+    alone: ``averaged_given`` ``(N,)`` the averaged probability of each given label and
+    ``knn_agreement`` ``(N,)`` its neighbours' fraction (None: no neighbours). Lets
+    :func:`history_scores` work through chunks of rows without an ``(N, C)`` ``p_mix``."""
+    _check_weight(knn_weight)
+    given = averaged_given.float()
+    if knn_agreement is not None:  # mix_probabilities' float operations, at one column
+        given = (1 - knn_weight) * given + knn_weight * knn_agreement.to(given.device).float()
+    return confident_thresholds(given, labels, num_classes)
 
 
 def mix_probabilities(

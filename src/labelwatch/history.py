@@ -6,13 +6,16 @@ probability vectors of its last ``window`` scored epochs (their mean is a snapsh
 ensemble, steadier than any single epoch) and its *flag streak*, the number of consecutive
 scored epochs in which it was flagged (for example a confident mismatch).
 
-Memory and precision: the window is stored as it is, ``window x N x C`` values (float32 by
-default, ``dtype=torch.float16`` halves it; float16 keeps about 3 significant digits, which
-moves a self-confidence by at most ~5e-4 and does not change rankings measurably). A
-running sum over the window would need the same storage, since the oldest vector must be
-subtracted when it leaves the window; only an exponential moving average avoids it, at the
-price of never forgetting early, poorly trained epochs, so it is not offered. For 100k
-samples, 1000 classes and ``window=3`` that is 1.2 GB in float32, 0.6 GB in float16.
+Memory and precision: the history stores the *past* of each window, ``(window - 1) x N x
+C`` values; the current epoch's vectors are the caller's, averaged in a chunk of rows at
+a time (:meth:`EpochHistory.begin`) and only then written over the oldest, so no N x C
+array beyond the history is made (float32 by default, ``dtype=torch.float16`` halves it;
+float16 keeps about 3 significant digits, which moves a self-confidence by at most ~5e-4
+and does not change rankings measurably). A running sum over the window would need the
+same storage, since the oldest vector must be subtracted when it leaves the window; only
+an exponential moving average avoids it, at the price of never forgetting early, poorly
+trained epochs, so it is not offered. For 100k samples, 1000 classes and ``window=3``
+that is 0.8 GB in float32, 0.4 GB in float16; ``window=1`` stores none.
 
 Samples missing from an epoch (NaN logits that epoch, a sample that left the validation
 set) are *skipped*, not reset: their window and streak stay as they were and continue when
@@ -20,7 +23,7 @@ they come back, so ``window`` counts a sample's own scored epochs. A new ``sampl
 starts with an empty window and a streak of 0.
 
 Resume: the state is saved as one Arrow IPC file (sample ids, streaks, epochs seen and the
-window's probability vectors as fixed-size lists, no pickle), written atomically with
+last ``window - 1`` probability vectors as fixed-size lists, no pickle), written atomically with
 :meth:`EpochHistory.save` and read back, memory-mapped, with :meth:`EpochHistory.load`.
 Arrow rather than parquet: the file is rewritten every epoch and is mostly incompressible
 probabilities, which Arrow writes at disk speed (100k x 1000 x 3 floats: 1.4 s against
@@ -39,17 +42,18 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["EpochHistory", "HISTORY_FILE"]
+__all__ = ["EpochHistory", "EpochStep", "HISTORY_FILE"]
 
 HISTORY_FILE = "history.arrow"
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 _DTYPES = {torch.float32: "float32", torch.float16: "float16"}
-# Logits are softmaxed into the window this many values at a time: no N x C temporary.
+# Rows are averaged this many values at a time: no N x C temporary.
 _CHUNK_VALUES = 1 << 22
 
 
 class EpochHistory:
-    """The last ``window`` probability vectors and the flag streak of every sample id.
+    """The probability vectors of the last ``window`` epochs and the flag streak of every
+    sample id.
 
     Args:
         window: epochs averaged per sample, ``>= 1`` (1 = the current epoch only).
@@ -62,6 +66,10 @@ class EpochHistory:
 
         history = EpochHistory(window=3)
         averaged, streak = history.update(epoch, sample_ids, probs, flags)
+        # or, for N x C too large to hold twice, a chunk of rows at a time:
+        step = history.begin(epoch, sample_ids, flags, num_classes)
+        for rows in step.chunks():
+            averaged_rows = step.average(rows, probs_of(rows))
         history.save(out_dir / "history.arrow")
         history = EpochHistory.load(out_dir / "history.arrow")  # after a resume
     """
@@ -76,9 +84,10 @@ class EpochHistory:
         self.num_classes: int | None = None
         self.last_epoch: int | None = None
         self._rows: dict[Any, int] = {}  # sample id -> row of the arrays below
-        # (window, rows, C): a ring per row, slot-major so each slot is one contiguous block.
-        # A slot a row has not reached yet holds zeros, so a window's sum needs no mask.
-        self._probs = torch.empty(window, 0, 0, dtype=dtype)
+        # (window - 1, rows, C): the past of each row's window, a ring per row, slot-major so
+        # each slot is one contiguous block. A slot a row has not reached yet holds zeros,
+        # so a window's sum needs no mask.
+        self._past = torch.empty(window - 1, 0, 0, dtype=dtype)
         self._count = torch.empty(0, dtype=torch.long)  # scored epochs seen (all of them)
         self._streak = torch.empty(0, dtype=torch.long)
         self._seen_epoch = torch.empty(0, dtype=torch.long)  # last epoch the id was scored
@@ -103,8 +112,7 @@ class EpochHistory:
             probs: ``(N, C)`` probabilities of this epoch (any device; stored on the CPU),
                 or logits with ``from_logits=True``.
             flags: ``(N,)`` booleans, this epoch's flag per sample (e.g. confident mismatch).
-            from_logits: ``probs`` holds logits: their softmax (in float32) is stored,
-                computed in row chunks straight into the window.
+            from_logits: ``probs`` holds logits: their softmax (in float32) is used.
 
         Returns:
             ``(averaged, streak)``: ``(N, C)`` float32, the mean of the sample's last
@@ -116,52 +124,60 @@ class EpochHistory:
             ValueError: for inconsistent shapes, duplicate ids, a different number of
                 classes than before, or an epoch that does not increase.
         """
-        ids = sample_ids.tolist() if hasattr(sample_ids, "tolist") else list(sample_ids)
         if not isinstance(probs, torch.Tensor) or probs.ndim != 2:
             raise ValueError(
                 f"`probs` must be a 2-D tensor (N samples x C classes), got {_shape(probs)}"
             )
-        if not isinstance(flags, torch.Tensor) or flags.shape != (len(probs),):
-            raise ValueError(
-                f"`flags` must be a tensor of shape ({len(probs)},), got {_shape(flags)}"
-            )
+        ids = sample_ids.tolist() if hasattr(sample_ids, "tolist") else list(sample_ids)
         if len(ids) != len(probs):
             raise ValueError(
                 f"`sample_ids` has {len(ids)} entries but `probs` has {len(probs)} rows"
             )
+        step = self.begin(epoch, ids, flags, probs.shape[1])
+        averaged = torch.empty(probs.shape, dtype=torch.float32)
+        for rows in step.chunks():
+            chunk = probs[rows].detach().float()
+            chunk = torch.softmax(chunk, dim=1) if from_logits else chunk
+            averaged[rows] = step.average(rows, chunk.cpu())
+        return averaged.to(probs.device), step.streak.to(probs.device)
+
+    def begin(
+        self, epoch: int, sample_ids: Sequence[Any], flags: torch.Tensor, num_classes: int
+    ) -> EpochStep:
+        """Start adding one epoch; its vectors are then given a chunk of rows at a time to
+        :meth:`EpochStep.average`, which must see every row once.
+
+        Args:
+            epoch, sample_ids, flags: as in :meth:`update`.
+            num_classes: ``C``, the length of every probability vector.
+
+        Raises:
+            ValueError: as :meth:`update`.
+        """
+        ids = sample_ids.tolist() if hasattr(sample_ids, "tolist") else list(sample_ids)
+        if not isinstance(flags, torch.Tensor) or flags.shape != (len(ids),):
+            raise ValueError(
+                f"`flags` must be a tensor of shape ({len(ids)},), got {_shape(flags)}"
+            )
         if len(set(ids)) != len(ids):
             raise ValueError("`sample_ids` must be unique within an epoch")
-        if self.num_classes is not None and probs.shape[1] != self.num_classes:
+        if self.num_classes is not None and num_classes != self.num_classes:
             raise ValueError(
-                f"`probs` has {probs.shape[1]} classes but the history holds {self.num_classes}"
+                f"`probs` has {num_classes} classes but the history holds {self.num_classes}"
             )
         if self.last_epoch is not None and epoch <= self.last_epoch:
             raise ValueError(
                 f"`epoch` must increase from update to update: got {epoch} after {self.last_epoch}"
             )
-        device = probs.device
-        self.num_classes = probs.shape[1]
+        self.num_classes = num_classes
         self.last_epoch = epoch
         rows = self._rows_for(ids)
-        slot = self._count[rows] % self.window
-        self._store(probs.detach(), rows, slot, from_logits)
+        count = self._count[rows]
         self._count[rows] += 1
         flagged = flags.detach().to("cpu", torch.bool)
         self._streak[rows] = torch.where(flagged, self._streak[rows] + 1, 0)
         self._seen_epoch[rows] = epoch
-        return self.averaged(ids).to(device), self._streak[rows].to(device)
-
-    def averaged(self, sample_ids: Sequence[Any]) -> torch.Tensor:
-        """``(N, C)`` float32 mean over the stored window of each id (must be known)."""
-        rows = self._known_rows(sample_ids)
-        filled = self._count[rows].clamp(max=self.window)
-        everyone = len(rows) == len(self._rows) and bool(
-            (rows == torch.arange(len(rows))).all()
-        )  # the usual case, the same ids in the same order: no gather
-        total = torch.zeros(len(rows), self._probs.shape[2])
-        for slot in self._probs:  # unreached slots are zeros
-            total += slot if everyone else slot.index_select(0, rows)
-        return total.div_(filled[:, None].float())
+        return EpochStep(self, rows, count, self._streak[rows])
 
     def filled(self, sample_ids: Sequence[Any]) -> torch.Tensor:
         """``(N,)`` int64 number of epochs in each id's window (``1..window``; must be known)."""
@@ -175,7 +191,7 @@ class EpochHistory:
         """Store the probability vectors in ``dtype`` from now on; returns ``self``."""
         if dtype not in _DTYPES:
             raise ValueError(f"`dtype` must be one of torch.float32, torch.float16, got {dtype!r}")
-        self._probs, self.dtype = self._probs.to(dtype), dtype
+        self._past, self.dtype = self._past.to(dtype), dtype
         return self
 
     # ------------------------------------------------------------------------- persistence
@@ -193,8 +209,8 @@ class EpochHistory:
             "streak": pa.array(self._streak.numpy()),
             "last_seen_epoch": pa.array(self._seen_epoch.numpy()),
         }
-        for s in range(self.window):  # each slot is contiguous: handed to Arrow without a copy
-            flat = pa.array(self._probs[s].numpy().reshape(-1))
+        for s in range(self.window - 1):  # each slot is contiguous: handed to Arrow as it is
+            flat = pa.array(self._past[s].numpy().reshape(-1))
             columns[f"probs_{s}"] = pa.FixedSizeListArray.from_arrays(flat, max(num_classes, 1))
         meta = {
             "version": _FORMAT_VERSION,
@@ -245,31 +261,14 @@ class EpochHistory:
         seen = table.column("last_seen_epoch").to_numpy().astype(np.int64)
         history._seen_epoch = torch.from_numpy(seen)
         num_classes = history.num_classes or 0
-        window = np.zeros((history.window, len(ids), num_classes), dtype=meta["dtype"])
-        for s in range(history.window if num_classes else 0):
+        past = np.zeros((history.window - 1, len(ids), num_classes), dtype=meta["dtype"])
+        for s in range(history.window - 1 if num_classes else 0):
             flat = table.column(f"probs_{s}").combine_chunks().values.to_numpy()
-            window[s] = flat.reshape(len(ids), num_classes)  # copied out of the mapped file
-        history._probs = torch.from_numpy(window)
+            past[s] = flat.reshape(len(ids), num_classes)  # copied out of the mapped file
+        history._past = torch.from_numpy(past)
         return history
 
     # ---------------------------------------------------------------------------- helpers
-    def _store(
-        self, values: torch.Tensor, rows: torch.Tensor, slot: torch.Tensor, from_logits: bool
-    ) -> None:
-        """Write this epoch's vectors into each row's next slot, a chunk of rows at a time."""
-        in_place = 0 < len(rows) == len(self._rows) and bool(
-            (rows == torch.arange(len(rows))).all() and (slot == slot[0]).all()
-        )  # the usual case: every known id, in row order, at the same point of its window
-        step = max(1, _CHUNK_VALUES // max(values.shape[1], 1))
-        for start in range(0, len(rows), step):
-            part = slice(start, start + step)
-            chunk = torch.softmax(values[part].float(), dim=1) if from_logits else values[part]
-            chunk = chunk.to("cpu", self.dtype)
-            if in_place:
-                self._probs[int(slot[0]), part] = chunk
-            else:
-                self._probs[slot[part], rows[part]] = chunk
-
     def _rows_for(self, ids: list[Any]) -> torch.Tensor:
         """Rows of the ids, appending rows (empty window, streak 0) for new ones."""
         new = [i for i in ids if i not in self._rows]
@@ -279,11 +278,12 @@ class EpochHistory:
                 self._rows[sample_id] = start + offset
             grow = len(new)
             num_classes = self.num_classes or 0
-            if self._probs.shape[2] != num_classes:  # the first update fixes C
-                self._probs = torch.zeros(self.window, start + grow, num_classes, dtype=self.dtype)
+            slots = self.window - 1
+            if self._past.shape[2] != num_classes:  # the first update fixes C
+                self._past = torch.zeros(slots, start + grow, num_classes, dtype=self.dtype)
             else:
-                added = torch.zeros(self.window, grow, num_classes, dtype=self.dtype)
-                self._probs = torch.cat([self._probs, added], dim=1)
+                added = torch.zeros(slots, grow, num_classes, dtype=self.dtype)
+                self._past = torch.cat([self._past, added], dim=1)
             zeros = torch.zeros(grow, dtype=torch.long)
             self._count = torch.cat([self._count, zeros])
             self._streak = torch.cat([self._streak, zeros])
@@ -296,6 +296,62 @@ class EpochHistory:
         if unknown:
             raise ValueError(f"unknown `sample_ids` (never passed to update): {unknown[:10]}")
         return torch.tensor([self._rows[i] for i in ids], dtype=torch.long)
+
+
+class EpochStep:
+    """One epoch being added to an :class:`EpochHistory` (from :meth:`EpochHistory.begin`).
+
+    Attributes:
+        streak: ``(N,)`` int64 flag streak of each sample, this epoch included.
+        divisor: ``(N,)`` int64 epochs in each sample's average (``1..window``).
+    """
+
+    def __init__(
+        self, history: EpochHistory, rows: torch.Tensor, count: torch.Tensor, streak: torch.Tensor
+    ) -> None:
+        self._history = history
+        self._rows = rows
+        slots = history.window - 1
+        self._slot = count % slots if slots else count  # the oldest, replaced by this epoch
+        self.divisor = count.clamp(max=slots) + 1
+        self.streak = streak
+        # the usual case: every known id, in row order, at the same point of its window
+        self._in_place = 0 < len(rows) == len(history) and bool(
+            (rows == torch.arange(len(rows))).all() and (self._slot == self._slot[0]).all()
+        )
+        self._averaged = False
+
+    def chunks(self) -> list[slice]:
+        """Row slices of about 4M values each, in order."""
+        step = max(1, _CHUNK_VALUES // max(self._history.num_classes or 1, 1))
+        return [slice(start, start + step) for start in range(0, len(self._rows), step)]
+
+    def mean_at(self, columns: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` float32: the window mean at one class per sample (``columns``, e.g. the
+        given labels), this epoch's values there being ``current``; exactly the values
+        :meth:`average` gives at those classes. Call it before :meth:`average`."""
+        if self._averaged:
+            raise RuntimeError("mean_at() reads the past epochs: call it before average()")
+        total = current.detach().to("cpu", torch.float32).clone()
+        columns = columns.to("cpu", torch.long)
+        for slot in self._history._past:  # unreached slots are zeros
+            total += slot[self._rows, columns]
+        return total / self.divisor.float()
+
+    def average(self, rows: slice, current: torch.Tensor) -> torch.Tensor:
+        """The window mean of ``rows`` (one of :meth:`chunks`), whose vectors this epoch
+        are ``current`` (float32 on the CPU); then ``current`` replaces their oldest."""
+        self._averaged = True
+        history, index = self._history, self._rows[rows]
+        total = current.clone()
+        for slot in history._past:  # unreached slots are zeros
+            total += slot[rows] if self._in_place else slot.index_select(0, index)
+        if len(history._past):
+            if self._in_place:
+                history._past[int(self._slot[0]), rows] = current
+            else:
+                history._past[self._slot[rows], index] = current.to(history.dtype)
+        return total.div_(self.divisor[rows, None].float())
 
 
 def _shape(value: Any) -> str:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["knn_agreement", "knn_label_distribution"]
+__all__ = ["knn_agreement", "knn_label_distribution", "knn_neighbours", "label_distribution"]
 
-# Values of the chunk x N similarity block when `chunk_size` is None: 2**24 float32 values
-# (64 MB) plus two boolean masks of the same shape.
+# Values of the chunk x N similarity block when `chunk_size` is None: at most 2**24 float32
+# (64 MB), and for smaller inputs about as many values as the embeddings themselves hold,
+# so the block never dominates memory; never under 2**20 (a GEMM still large enough).
 _AUTO_CHUNK_VALUES = 1 << 24
+_MIN_CHUNK_VALUES = 1 << 20
 
 
 def knn_agreement(
@@ -51,11 +53,10 @@ def knn_agreement(
         ValueError: for inputs of the wrong shape, dtype or range, or bad ``k``/``chunk_size``.
     """
     embeddings, labels, k, chunk_size = _check(embeddings, labels, k, chunk_size)
-    num_classes = int(labels.max()) + 1 if len(labels) else 1
     if exclude_self and len(labels) < 2:  # no neighbour to contradict the label
         return torch.ones(len(labels), dtype=torch.float32, device=embeddings.device)
-    distribution = _label_distribution(embeddings, labels, num_classes, k, chunk_size, exclude_self)
-    return distribution.gather(1, labels[:, None]).squeeze(1)
+    neighbours = _neighbours(embeddings, k, chunk_size, exclude_self)
+    return (labels[neighbours] == labels[:, None]).sum(dim=1) / float(neighbours.shape[1])
 
 
 def knn_label_distribution(
@@ -91,21 +92,49 @@ def knn_label_distribution(
         raise ValueError(
             f"`num_classes` must be an integer > every label (>= {needed}), got {num_classes!r}"
         )
-    return _label_distribution(embeddings, labels, num_classes, k, chunk_size, exclude_self)
+    neighbours = _neighbours(embeddings, k, chunk_size, exclude_self)
+    return label_distribution(labels[neighbours], num_classes)
+
+
+def knn_neighbours(
+    embeddings: torch.Tensor,
+    *,
+    k: int = 10,
+    chunk_size: int | None = None,
+    exclude_self: bool = True,
+) -> torch.Tensor:
+    """Indices of each sample's ``k`` nearest neighbours (cosine), most similar first.
+
+    The neighbours :func:`knn_agreement` and :func:`knn_label_distribution` count. Kept as
+    ``N x k`` indices, they give any row's label distribution later
+    (:func:`label_distribution`) without an ``N x C`` array.
+
+    Args:
+        embeddings, k, chunk_size, exclude_self: as in :func:`knn_agreement`.
+
+    Returns:
+        ``(N, min(k, candidates))`` int64 tensor on the embeddings' device.
+    """
+    embeddings, k, chunk_size = _check_embeddings(embeddings, k, chunk_size)
+    return _neighbours(embeddings, k, chunk_size, exclude_self)
+
+
+def label_distribution(neighbour_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(N, C)`` float32 fraction of each row's neighbours in each class, from the
+    ``(N, k)`` labels of its neighbours (the uniform row when ``k`` is 0)."""
+    num_rows, k = neighbour_labels.shape
+    device = neighbour_labels.device
+    if k == 0:
+        return torch.full((num_rows, num_classes), 1.0 / num_classes, device=device)
+    counts = torch.zeros(num_rows, num_classes, dtype=torch.float32, device=device)
+    counts.scatter_add_(1, neighbour_labels, torch.ones(neighbour_labels.shape, device=device))
+    return counts / k
 
 
 def _check(
     embeddings: torch.Tensor, labels: torch.Tensor, k: int, chunk_size: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    if not isinstance(embeddings, torch.Tensor):
-        raise ValueError(
-            f"`embeddings` must be a torch.Tensor of shape (N, D), got {type(embeddings).__name__}"
-        )
-    if embeddings.ndim != 2 or not embeddings.dtype.is_floating_point:
-        raise ValueError(
-            "`embeddings` must be a 2-D floating-point tensor (N samples x D), got dtype"
-            f" {embeddings.dtype} and shape {tuple(embeddings.shape)}"
-        )
+    embeddings, k, chunk_size = _check_embeddings(embeddings, k, chunk_size)
     if not isinstance(labels, torch.Tensor):
         raise ValueError(
             f"`labels` must be a torch.Tensor of shape (N,), got {type(labels).__name__}"
@@ -125,42 +154,58 @@ def _check(
             f"`labels` must be class indices >= 0, got {int(labels.min())}; drop ignored"
             " samples before computing neighbours"
         )
+    return embeddings, labels.detach().to(embeddings.device, torch.long), k, chunk_size
+
+
+def _check_embeddings(
+    embeddings: torch.Tensor, k: int, chunk_size: int | None
+) -> tuple[torch.Tensor, int, int]:
+    if not isinstance(embeddings, torch.Tensor):
+        raise ValueError(
+            f"`embeddings` must be a torch.Tensor of shape (N, D), got {type(embeddings).__name__}"
+        )
+    if embeddings.ndim != 2 or not embeddings.dtype.is_floating_point:
+        raise ValueError(
+            "`embeddings` must be a 2-D floating-point tensor (N samples x D), got dtype"
+            f" {embeddings.dtype} and shape {tuple(embeddings.shape)}"
+        )
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"`k` must be an integer >= 1, got {k!r}")
     if chunk_size is None:
-        chunk_size = max(1, _AUTO_CHUNK_VALUES // max(len(embeddings), 1))
+        values = min(_AUTO_CHUNK_VALUES, max(_MIN_CHUNK_VALUES, embeddings.numel()))
+        chunk_size = max(1, values // max(len(embeddings), 1))
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be None or an integer >= 1, got {chunk_size!r}")
-    if not bool(torch.isfinite(embeddings).all()):
+    # A sum is finite when every value is (an overflow only makes it a suspect): no N x D mask.
+    if not bool(torch.isfinite(embeddings.sum())) and not bool(torch.isfinite(embeddings).all()):
         raise ValueError("`embeddings` must be finite; drop rows with NaN or infinite values")
-    return embeddings.detach(), labels.detach().to(embeddings.device, torch.long), k, chunk_size
+    return embeddings.detach(), k, chunk_size
 
 
-def _label_distribution(
-    embeddings: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    k: int,
-    chunk_size: int,
-    exclude_self: bool,
+def _neighbours(
+    embeddings: torch.Tensor, k: int, chunk_size: int, exclude_self: bool
 ) -> torch.Tensor:
     """Valid input assumed. One chunk x N similarity block at a time. ``topk(k + 1)`` finds
     the neighbours; only a row whose k-th and (k+1)-th similarities tie (rare with real
     embeddings) needs a full mask to pick the lowest indices among the tied, so ties never
-    depend on the kernel."""
+    depend on the kernel. Float32 embeddings are not copied: the block is divided by the
+    norms instead of normalising every row first (an N x D copy)."""
     num_samples = len(embeddings)
     device = embeddings.device
-    out = torch.empty(num_samples, num_classes, dtype=torch.float32, device=device)
     available = num_samples - 1 if exclude_self else num_samples
     k = min(k, available)
     if k < 1:
-        return out.fill_(1.0 / num_classes)
+        return torch.empty(num_samples, 0, dtype=torch.long, device=device)
+    out = torch.empty(num_samples, k, dtype=torch.long, device=device)
     work_dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
-    normed = torch.nn.functional.normalize(embeddings.to(work_dtype), dim=1)
+    keys = embeddings.to(work_dtype)  # no copy when already float32
+    # normalize()'s rule, x / max(|x|, eps): an all-zero row is similar to nothing
+    inverse_norms = 1 / keys.norm(dim=1).clamp(min=1e-12)
     width = min(k + 1, num_samples)  # one more than needed, to see ties at the boundary
     for start in range(0, num_samples, chunk_size):
-        rows = normed[start : start + chunk_size]
-        sim = rows @ normed.T
+        rows = keys[start : start + chunk_size] * inverse_norms[start : start + chunk_size, None]
+        sim = rows @ keys.T
+        sim *= inverse_norms
         if exclude_self:
             own = torch.arange(len(rows), device=device)
             sim[own, own + start] = -torch.inf
@@ -171,9 +216,7 @@ def _label_distribution(
             if len(tied):
                 neighbours[tied] = _lowest_index_neighbours(sim[tied], values[tied, k - 1 :], k)
         del sim
-        counts = torch.zeros(len(rows), num_classes, dtype=torch.float32, device=device)
-        counts.scatter_add_(1, labels[neighbours], torch.ones(neighbours.shape, device=device))
-        out[start : start + len(rows)] = counts / k
+        out[start : start + len(rows)] = neighbours
     return out
 
 

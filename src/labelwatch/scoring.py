@@ -229,12 +229,15 @@ def compute_scores(
     label_quality: str = "self_confidence",
     with_entropy: bool = True,
     writable: bool = False,
+    thresholds: torch.Tensor | None = None,
 ) -> Scores:
     """Scores for valid input: ``values`` (N, C) finite logits, or probabilities whose rows
     sum to 1; ``labels`` in [0, C). ``with_entropy=False`` skips the entropy (an N x C pass
     over probabilities), which ``label_quality="confidence_weighted_entropy"`` needs.
     ``writable=True`` lets probabilities be changed while scoring (they are restored), which
     saves a copy of every chunk; leave it False for tensors others may read meanwhile.
+    ``thresholds``: confident learning's per-class thresholds when these rows are a chunk
+    of a larger set (computed over all of it); None computes them from these rows.
 
     Works through row chunks, softmaxing logits chunk by chunk, so no N x C temporary is
     ever made: peak memory is the input plus a few chunks.
@@ -256,11 +259,13 @@ def compute_scores(
     device = values.device
     prob_dtype = torch.float32 if from_logits else values.dtype
     self_conf = torch.empty(num_samples, dtype=prob_dtype, device=device)
-    for start in range(0, num_samples, chunk_rows):
-        rows = slice(start, start + chunk_rows)
-        self_conf[rows] = probabilities(start).gather(1, labels[rows, None]).squeeze(1)
-    thresholds = confident_thresholds(self_conf, labels, num_classes)
+    if thresholds is None:
+        for start in range(0, num_samples, chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            self_conf[rows] = probabilities(start).gather(1, labels[rows, None]).squeeze(1)
+        thresholds = confident_thresholds(self_conf, labels, num_classes)
     out = {
+        "self_confidence": self_conf,
         "predicted": torch.empty(num_samples, dtype=torch.long, device=device),
         "confidence": torch.empty(num_samples, dtype=prob_dtype, device=device),
         "max_other": torch.empty(num_samples, dtype=prob_dtype, device=device),
@@ -354,6 +359,7 @@ def _score_chunk(
     flag = any_confident & (guess != given) & beaten
     suggested = torch.where(flag, guess, predicted)
     out = {
+        "self_confidence": given_prob,
         "predicted": predicted,
         "confidence": confidence,
         "max_other": max_other,
