@@ -22,8 +22,9 @@ Prints one table, one row per (model, N samples, C classes) with D = 512 embeddi
   written, as one training batch is not enough time for it here).
 - ``peak_mem``: peak resident memory added during a real 2-epoch fit with LabelWatch
   (``projection="none"``) from the first validation epoch on: capture, gather, scoring,
-  the epoch history (``history_window=3`` probability vectors per sample) and the local
-  files, in a fresh process, over the raw tensors N x (C + D) x 4 bytes (target <= 1.5);
+  the epoch history (``history_window=3``: the 2 past epochs' probability vectors per
+  sample, 1.33 x raw at C = 1000 in float32) and the local files, in a fresh process, over
+  the raw tensors N x (C + D) x 4 bytes (target <= 1.5);
   ``peak_mem_f16`` the same with ``embeddings_dtype="float16"`` and
   ``history_dtype="float16"``.
 - ``table_build_s`` / ``table_log_s``: building the per-sample ``wandb.Table`` and logging

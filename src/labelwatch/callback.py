@@ -223,7 +223,7 @@ class LabelWatchLogic:
         # checkpoint) and where its newest copy was written.
         self._histories: dict[str | None, EpochHistory] = {}
         self._history_files: dict[str | None, Path] = {}
-        # The history file (window x N x C floats, 1.2 GB at 100k x 1000) is written on its
+        # The history file ((window - 1) x N x C floats, 0.8 GB at 100k x 1000) is written on its
         # own thread; a history is not updated again until its previous save is done.
         self._history_saver: ThreadPoolExecutor | None = None
         self._history_saves: dict[str | None, Future] = {}
@@ -1107,7 +1107,7 @@ class LabelWatch(LabelWatchLogic, Callback):
             ``is_confident_mismatch`` alone (the single-epoch rule, equal to cleanlab's
             ``confident_learning`` filter).
         history_window: validation epochs averaged per sample (``>= 1``). The window costs
-            ``history_window x N x C`` values in memory on rank zero and on disk
+            ``(history_window - 1) x N x C`` values in memory on rank zero and on disk
             (``history.arrow`` beside the newest epoch's outputs, read back on resume; it
             is not in the checkpoint).
         knn_weight: weight of the neighbours' labels in ``p_mix``, in [0, 1].
