@@ -25,8 +25,8 @@ Prints one table, one row per (model, N samples, C classes) with D = 512 embeddi
   the epoch history (``history_window=3``: the 2 past epochs' probability vectors per
   sample, 1.33 x raw at C = 1000 in float32) and the local files, in a fresh process, over
   the raw tensors N x (C + D) x 4 bytes (target <= 1.5);
-  ``peak_mem_f16`` the same with ``embeddings_dtype="float16"`` and
-  ``history_dtype="float16"``.
+  ``peak_mem_f16`` the same with ``logits_dtype``, ``embeddings_dtype`` and
+  ``history_dtype`` set to ``"float16"``.
 - ``table_build_s`` / ``table_log_s``: building the per-sample ``wandb.Table`` and logging
   it to an offline run (depends on N only; measured at C = 10).
 
@@ -226,7 +226,7 @@ class Baseline(Callback):  # listed before LabelWatch: runs before its hooks
 data, model = scale.Features(n, c), scale._model(c)
 with tempfile.TemporaryDirectory() as out:
     watcher = LabelWatch(projection="none", dirpath=out,
-                         embeddings_dtype=dtype, history_dtype=dtype)
+                         logits_dtype=dtype, embeddings_dtype=dtype, history_dtype=dtype)
     trainer = Trainer(max_epochs=2, limit_train_batches=1, num_sanity_val_steps=0, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[Baseline(), watcher])

@@ -314,6 +314,7 @@ def test_wandb_failure_warns_once_and_keeps_training_and_local_results(tmp_path:
         ({"table_key": "samples"}, "`table_key` must look like 'prefix/name'"),
         ({"embeddings_dtype": "bf16"}, "`embeddings_dtype` must be one of .* got 'bf16'"),
         ({"history_dtype": "float64"}, "`history_dtype` must be one of .* got 'float64'"),
+        ({"logits_dtype": "bf16"}, "`logits_dtype` must be one of .* got 'bf16'"),
     ],
 )
 def test_bad_arguments_are_rejected_in_init(kwargs, message):

@@ -42,6 +42,18 @@ def test_a_later_epoch_writes_into_the_earlier_epochs_slabs():
     assert captured.sample_ids.tolist() == list(range(12))
 
 
+def test_float16_logits_stay_float16_on_the_host():
+    """logits_dtype=float16 stores half-precision logits and to_host does not widen them;
+    without it the model's float32 logits are kept."""
+    half, full = EpochBuffer(logits_dtype=torch.float16), EpochBuffer()
+    logits = _fill(half, seed=2)
+    _fill(full, seed=2)
+    captured = half.collect().to_host()
+    assert captured.logits.dtype == torch.float16
+    assert full.collect().to_host().logits.dtype == torch.float32
+    torch.testing.assert_close(captured.logits, torch.cat(logits).half())
+
+
 def test_slabs_that_do_not_fit_are_not_reused():
     """Another width or too few rows allocate afresh; a short guess offers no slab."""
     first = EpochBuffer(expected_rows=12)

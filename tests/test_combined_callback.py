@@ -134,6 +134,20 @@ def test_float16_history_keeps_the_scores_and_candidates(tmp_path: Path):
     )
 
 
+def test_float16_capture_keeps_the_scores_and_candidates(tmp_path: Path):
+    """logits_dtype and embeddings_dtype "float16" (the memory-saving options): the scores
+    move by less than 2e-3 and the candidates stay the same as in float32."""
+    _fit(tmp_path / "full")
+    _fit(tmp_path / "half", logits_dtype="float16", embeddings_dtype="float16")
+    full, half = _read(tmp_path / "full", 2), _read(tmp_path / "half", 2)
+    for column in ("self_confidence", "label_quality", "averaged_self_confidence", "entropy"):
+        np.testing.assert_allclose(half[column], full[column], atol=2e-3)
+        assert not np.array_equal(half[column], full[column])  # float16 was really used
+    assert half.loc[half["is_candidate"], "sample_id"].tolist() == (
+        full.loc[full["is_candidate"], "sample_id"].tolist()
+    )
+
+
 def test_default_label_quality_is_knn_mixed_margin_of_the_averaged_probabilities(
     tmp_path: Path,
 ):

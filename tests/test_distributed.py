@@ -22,12 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 NUM_VAL = 45  # odd: DistributedSampler pads one repeated sample onto rank 1
 
 
-def _fit(out: Path, string_ids: bool, **trainer_overrides) -> None:
+def _fit(
+    out: Path, string_ids: bool, callback_args: dict | None = None, **trainer_overrides
+) -> None:
     torch.manual_seed(0)
     model = TinyClassifier(lr=0.0)  # weights stay put: every run scores the same model
     train = DataLoader(BlobDataset(32, seed=1), batch_size=16)
     val = DataLoader(BlobDataset(NUM_VAL, seed=2, flip=6, string_ids=string_ids), batch_size=8)
-    callback = LabelWatch(dirpath=out, projection="none", metadata_keys=["path"])
+    callback = LabelWatch(
+        dirpath=out, projection="none", metadata_keys=["path"], **(callback_args or {})
+    )
     kwargs = trainer_kwargs(out, callbacks=[callback], max_epochs=1, **trainer_overrides)
     Trainer(**kwargs).fit(model, train, val)
 
@@ -47,10 +51,20 @@ def _assert_same_results(single: Path, distributed: Path) -> None:
     assert sorted(ca["sample_id"]) == sorted(cb["sample_id"])
 
 
-def test_ddp_spawn_equals_a_single_process(tmp_path: Path):
-    """ddp_spawn on 2 CPU processes: same samples (padding dropped), scores and candidates."""
-    _fit(tmp_path / "single", string_ids=False)
-    _fit(tmp_path / "ddp", string_ids=False, strategy="ddp_spawn", devices=2)
+@pytest.mark.parametrize(
+    "callback_args", [{}, {"logits_dtype": "float16", "embeddings_dtype": "float16"}]
+)
+def test_ddp_spawn_equals_a_single_process(tmp_path: Path, callback_args: dict):
+    """ddp_spawn on 2 CPU processes: same samples (padding dropped), scores and candidates;
+    float16 logits and embeddings are gathered as float16."""
+    _fit(tmp_path / "single", string_ids=False, callback_args=callback_args)
+    _fit(
+        tmp_path / "ddp",
+        string_ids=False,
+        callback_args=callback_args,
+        strategy="ddp_spawn",
+        devices=2,
+    )
     _assert_same_results(tmp_path / "single", tmp_path / "ddp")
 
 

@@ -60,6 +60,7 @@ MediaFn = Callable[[Mapping[str, Any]], Any]
 KNN_NEIGHBOURS = 10
 KNN_MAX_SAMPLES = 50_000
 _EMBEDDINGS_DTYPES = {"float32": None, "float16": torch.float16}
+_LOGITS_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _HISTORY_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 CANDIDATE_RULES: tuple[str, ...] = ("combined", "confident_mismatch")
 CandidateRule = Literal["combined", "confident_mismatch"]
@@ -114,6 +115,7 @@ class LabelWatchLogic:
         media_fn: MediaFn | None = None,
         max_media_rows: int = 200,
         embeddings_dtype: Literal["float32", "float16"] = "float32",
+        logits_dtype: Literal["float32", "float16"] = "float32",
         history_dtype: Literal["float32", "float16"] = "float32",
         offload_to_cpu: bool = False,
         max_points: int = 10_000,
@@ -163,6 +165,10 @@ class LabelWatchLogic:
                 f"`embeddings_dtype` must be one of {tuple(_EMBEDDINGS_DTYPES)},"
                 f" got {embeddings_dtype!r}"
             )
+        if logits_dtype not in _LOGITS_DTYPES:
+            raise ValueError(
+                f"`logits_dtype` must be one of {tuple(_LOGITS_DTYPES)}, got {logits_dtype!r}"
+            )
         if history_dtype not in _HISTORY_DTYPES:
             raise ValueError(
                 f"`history_dtype` must be one of {tuple(_HISTORY_DTYPES)},"
@@ -196,6 +202,7 @@ class LabelWatchLogic:
         self.media_fn = media_fn
         self.max_media_rows = max_media_rows
         self.embeddings_dtype = embeddings_dtype
+        self.logits_dtype = logits_dtype
         self.history_dtype = history_dtype
         self.offload_to_cpu = offload_to_cpu
         self.max_points = max_points
@@ -297,6 +304,7 @@ class LabelWatchLogic:
             self._buffers[dataloader_idx] = EpochBuffer(
                 expected_rows=expected,
                 embeddings_dtype=_EMBEDDINGS_DTYPES[self.embeddings_dtype],
+                logits_dtype=_LOGITS_DTYPES[self.logits_dtype],
                 offload_to_cpu=self.offload_to_cpu,
                 reuse=self._spare_slabs.pop(dataloader_idx, None),
             )
@@ -1124,6 +1132,10 @@ class LabelWatch(LabelWatchLogic, Callback):
             and for up to ``max_media_rows`` other rows.
         max_media_rows: cap on media for rows that are not candidates.
         embeddings_dtype: ``"float16"`` stores embeddings at half the memory.
+        logits_dtype: ``"float16"`` stores the captured logits at half the memory; every
+            score is still computed in float32 from them (the probabilities move by about
+            1e-3: rankings barely change). Logits beyond +-65504 are not finite in
+            float16 and their rows are left out of scoring.
         history_dtype: ``"float16"`` stores the epoch history's probabilities at half the
             memory and disk (about 3 significant digits: rankings do not change measurably).
         offload_to_cpu: copy each batch to (pinned) host memory as it arrives.

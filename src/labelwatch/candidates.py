@@ -105,7 +105,7 @@ def to_csv_safe(frame: pd.DataFrame) -> pd.DataFrame:
     that already starts with ``'`` gets another, so :func:`from_csv_safe` undoes it exactly.
     Numbers are untouched.
     """
-    safe = frame.copy()
+    safe = frame.copy(deep=False)  # columns are replaced, never changed in place
     for column in safe.columns:
         values = safe[column]
         if values.dtype == object:  # may mix text with other objects: cell by cell

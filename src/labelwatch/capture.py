@@ -32,11 +32,13 @@ class CapturedEpoch:
         return len(self.targets)
 
     def to_host(self) -> CapturedEpoch:
-        """Everything on the CPU, logits as float32; embeddings keep their dtype (the map
-        converts them when it needs to)."""
+        """Everything on the CPU, logits as float32 unless stored in float16 (scoring
+        converts a chunk at a time); embeddings keep their dtype (the map converts them
+        when it needs to)."""
         embeddings = self.embeddings.cpu() if self.embeddings is not None else None
+        logits = self.logits if self.logits.dtype == torch.float16 else self.logits.float()
         return CapturedEpoch(
-            self.logits.float().cpu(),
+            logits.cpu(),
             self.targets.cpu(),
             self.sample_ids,
             embeddings,
@@ -119,6 +121,7 @@ class EpochBuffer:
     Args:
         expected_rows: rows this epoch will probably bring (sizes the first allocation).
         embeddings_dtype: store embeddings in this dtype (float16 halves their memory).
+        logits_dtype: store logits in this dtype; None keeps the model's.
         offload_to_cpu: copy each batch to (pinned) host memory as it arrives, so the
             accelerator keeps no copy; scoring happens on the host either way.
         reuse: the ``slabs()`` of an earlier epoch's buffer, whose tensors that epoch no
@@ -130,12 +133,13 @@ class EpochBuffer:
         *,
         expected_rows: int | None = None,
         embeddings_dtype: torch.dtype | None = None,
+        logits_dtype: torch.dtype | None = None,
         offload_to_cpu: bool = False,
         reuse: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         device = torch.device("cpu") if offload_to_cpu else None
         reuse = reuse or {}
-        self._logits = _Rows(expected_rows, None, device, reuse.get("logits"))
+        self._logits = _Rows(expected_rows, logits_dtype, device, reuse.get("logits"))
         self._targets = _Rows(expected_rows, torch.long, device, reuse.get("targets"))
         self._embeddings = _Rows(expected_rows, embeddings_dtype, device, reuse.get("embeddings"))
         self._tensor_ids = _Rows(expected_rows, torch.long, device, reuse.get("ids"))
@@ -249,7 +253,8 @@ def merge_ranks(local: CapturedEpoch | None) -> CapturedEpoch | None:
 
 def _gather(local: CapturedEpoch | None, world_size: int) -> CapturedEpoch | None:
     device = local.logits.device if local is not None else _default_device()
-    # 1) shapes: rows, classes, embedding width, bytes per embedding value, integer ids?
+    # 1) shapes: rows, classes, embedding width, bytes per embedding value, integer ids,
+    #    bytes per logit (float16 logits travel as float16 when every rank has them)
     shape = torch.tensor(_shape_of(local), device=device)
     shapes = [torch.empty_like(shape) for _ in range(world_size)]
     dist.all_gather(shapes, shape)
@@ -258,8 +263,9 @@ def _gather(local: CapturedEpoch | None, world_size: int) -> CapturedEpoch | Non
     width = max(int(s[2]) for s in shapes)
     emb_dtype = {0: None, 2: torch.float16, 4: torch.float32}[max(int(s[3]) for s in shapes)]
     int_ids = bool(min(int(s[4]) for s in shapes if s[0] > 0)) if sum(rows) else True
+    logits_dtype = torch.float16 if max(int(s[5]) for s in shapes) == 2 else torch.float32
     # 2) one fused gather of every number, as raw bytes, padded to the largest rank
-    columns = _numeric_columns(local, num_classes, width, emb_dtype, int_ids, device)
+    columns = _numeric_columns(local, num_classes, width, emb_dtype, logits_dtype, int_ids, device)
     packed = torch.cat([c.contiguous().view(torch.uint8) for c in columns], dim=1)
     padded = torch.zeros(max(rows), packed.shape[1], dtype=torch.uint8, device=device)
     padded[: len(packed)] = packed
@@ -291,7 +297,7 @@ def _gather(local: CapturedEpoch | None, world_size: int) -> CapturedEpoch | Non
 
 def _shape_of(local: CapturedEpoch | None) -> list[int]:
     if local is None:
-        return [0, 0, 0, 0, 1]
+        return [0, 0, 0, 0, 1, 2]
     emb = local.embeddings
     return [
         len(local),
@@ -299,6 +305,7 @@ def _shape_of(local: CapturedEpoch | None) -> list[int]:
         emb.shape[1] if emb is not None else 0,
         (2 if emb.dtype in (torch.float16, torch.bfloat16) else 4) if emb is not None else 0,
         int(isinstance(local.sample_ids, torch.Tensor)),
+        2 if local.logits.dtype == torch.float16 else 4,
     ]
 
 
@@ -307,12 +314,13 @@ def _numeric_columns(
     num_classes: int,
     width: int,
     emb_dtype: torch.dtype | None,
+    logits_dtype: torch.dtype,
     int_ids: bool,
     device: torch.device,
 ) -> list[torch.Tensor]:
-    """[logits f32, targets i64, embeddings, ids i64] as 2-D tensors of this rank's rows."""
+    """[logits, targets i64, embeddings, ids i64] as 2-D tensors of this rank's rows."""
     n = len(local) if local is not None else 0
-    logits = local.logits.float() if local is not None else torch.zeros(n, num_classes)
+    logits = local.logits if local is not None else torch.zeros(n, num_classes)
     targets = local.targets.reshape(n, 1) if local is not None else torch.zeros(n, 1)
     embeddings = torch.zeros(
         n, width if emb_dtype is not None else 0, dtype=emb_dtype or torch.float32
@@ -323,7 +331,7 @@ def _numeric_columns(
     if int_ids and local is not None:
         ids = local.sample_ids.reshape(n, 1)
     return [
-        logits.to(device, torch.float32),
+        logits.to(device, logits_dtype),
         targets.to(device, torch.long),
         embeddings.to(device),
         ids.to(device, torch.long),
