@@ -9,6 +9,7 @@ from labelwatch.neighbours import (
     knn_agreement,
     knn_label_distribution,
     knn_neighbours,
+    label_agreement,
     label_distribution,
 )
 
@@ -144,4 +145,7 @@ def test_neighbour_indices_give_the_distribution_and_the_agreement():
     rows = torch.arange(120) != 7
     reference = similarity[rows].topk(5, dim=1).indices
     assert (neighbours[rows] == reference).float().mean() > 0.99  # float rounding may swap
-    assert label_distribution(torch.empty(2, 0, dtype=torch.long), 4).eq(0.25).all()
+    assert torch.equal(label_agreement(labels[neighbours], labels, 4), agreement)
+    nobody = torch.empty(2, 0, dtype=torch.long)
+    assert label_distribution(nobody, 4).eq(0.25).all()
+    assert label_agreement(nobody, labels[:2], 4).eq(0.25).all()

@@ -32,7 +32,7 @@ from labelwatch.combined import (
     mixed_thresholds,
 )
 from labelwatch.history import HISTORY_FILE, EpochHistory
-from labelwatch.neighbours import knn_neighbours, label_distribution
+from labelwatch.neighbours import knn_neighbours, label_agreement, label_distribution
 from labelwatch.projection import (
     MapJob,
     MapResult,
@@ -728,11 +728,9 @@ class LabelWatchLogic:
         column = samples.columns.get_loc("y")
         samples.insert(column + 1, "moved", np.nan)
         agreement = None
-        if neighbour_labels is not None:  # knn_label_distribution's value at the given label
-            same = (neighbour_labels == labels[:, None]).sum(dim=1)
-            agreement = same / float(max(neighbour_labels.shape[1], 1))
-            if neighbour_labels.shape[1] == 0:  # a lone sample: the uniform distribution
-                agreement.fill_(1.0 / len(samples.attrs["class_names"]))
+        if neighbour_labels is not None:
+            num_classes = len(samples.attrs["class_names"])
+            agreement = label_agreement(neighbour_labels, labels, num_classes)
         samples.insert(
             column + 2,
             "knn_agreement",

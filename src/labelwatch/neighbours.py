@@ -15,7 +15,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["knn_agreement", "knn_label_distribution", "knn_neighbours", "label_distribution"]
+__all__ = [
+    "knn_agreement",
+    "knn_label_distribution",
+    "knn_neighbours",
+    "label_agreement",
+    "label_distribution",
+]
 
 # Values of the chunk x N similarity block when `chunk_size` is None: at most 2**24 float32
 # (64 MB), and for smaller inputs about as many values as the embeddings themselves hold,
@@ -129,6 +135,17 @@ def label_distribution(neighbour_labels: torch.Tensor, num_classes: int) -> torc
     counts = torch.zeros(num_rows, num_classes, dtype=torch.float32, device=device)
     counts.scatter_add_(1, neighbour_labels, torch.ones(neighbour_labels.shape, device=device))
     return counts / k
+
+
+def label_agreement(
+    neighbour_labels: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """``(N,)`` float32 :func:`label_distribution` at each row's own label, without the
+    ``(N, C)`` array: the fraction of its neighbours that share its label."""
+    k = neighbour_labels.shape[1]
+    if k == 0:
+        return torch.full(labels.shape, 1.0 / num_classes, device=neighbour_labels.device)
+    return (neighbour_labels == labels[:, None]).sum(dim=1) / float(k)
 
 
 def _check(
