@@ -906,7 +906,7 @@ class LabelWatchLogic:
 
     def _write_history(self, name: str | None, history: EpochHistory, out_dir: Path) -> None:
         """Write the history beside this epoch's samples and drop the previous copy, so the
-        disk holds one (window x N x C values) per dataloader. A failure warns: the history
+        disk holds one ((window - 1) x N x C values) per dataloader. A failure warns: the history
         only lets a resumed run continue its average."""
         try:
             path = history.save(out_dir / HISTORY_FILE)
