@@ -723,8 +723,11 @@ class LabelWatchLogic:
             return samples
         index = torch.from_numpy(positions)
         labels = torch.tensor(samples["given_label"].to_numpy(np.int64))
+        kept_all = len(index) == len(captured.logits) and bool(
+            (index == torch.arange(len(index))).all()
+        )  # no row dropped: logits and embeddings need no gather
         embeddings = device_embeddings if device_embeddings is not None else captured.embeddings
-        neighbour_labels = self._neighbour_labels(embeddings, index, labels)
+        neighbour_labels = self._neighbour_labels(embeddings, None if kept_all else index, labels)
         column = samples.columns.get_loc("y")
         samples.insert(column + 1, "moved", np.nan)
         agreement = None
@@ -737,9 +740,6 @@ class LabelWatchLogic:
             agreement.double().numpy() if agreement is not None else np.nan,
         )
         samples.insert(column + 3, "flag_streak", self._flag_streaks(name, samples))
-        kept_all = len(index) == len(captured.logits) and bool(
-            (index == torch.arange(len(index))).all()
-        )  # no row dropped: the logits need no (N x C) gather
         logits = captured.logits if kept_all else captured.logits[index]
         self._add_history_columns(
             samples, logits, labels, neighbour_labels, agreement, name, epoch
@@ -747,17 +747,18 @@ class LabelWatchLogic:
         return samples
 
     def _neighbour_labels(
-        self, embeddings: torch.Tensor | None, index: torch.Tensor, labels: torch.Tensor
+        self, embeddings: torch.Tensor | None, rows: torch.Tensor | None, labels: torch.Tensor
     ) -> torch.Tensor | None:
-        """``(N, k)`` given labels of each sample's 10 nearest neighbours (cosine), searched
-        on the embeddings' device; None without embeddings, or on a CPU above
-        KNN_MAX_SAMPLES. Kept as labels, not an N x C distribution, to save memory."""
+        """``(N, k)`` given labels of each scored sample's 10 nearest neighbours (cosine),
+        searched on the embeddings' device among the scored ``rows`` (None: all); None
+        without embeddings, or on a CPU above KNN_MAX_SAMPLES. Kept as labels, not an
+        N x C distribution, to save memory."""
         if embeddings is None:
             return None
-        if embeddings.device.type == "cpu" and len(index) > KNN_MAX_SAMPLES:
+        if embeddings.device.type == "cpu" and len(labels) > KNN_MAX_SAMPLES:
             return None
-        if len(index) != len(embeddings) or not bool((index == torch.arange(len(index))).all()):
-            embeddings = embeddings[index.to(embeddings.device)]  # rows were dropped
+        if rows is not None:
+            embeddings = embeddings[rows.to(embeddings.device)]
         neighbours = knn_neighbours(embeddings, k=KNN_NEIGHBOURS).cpu()
         return labels[neighbours]
 

@@ -223,11 +223,12 @@ def mixed_thresholds(
     alone: ``averaged_given`` ``(N,)`` the averaged probability of each given label and
     ``knn_agreement`` ``(N,)`` its neighbours' fraction (None: no neighbours). Lets
     :func:`history_scores` work through chunks of rows without an ``(N, C)`` ``p_mix``."""
-    _check_weight(knn_weight)
-    given = averaged_given.float()
-    if knn_agreement is not None:  # mix_probabilities' float operations, at one column
-        given = (1 - knn_weight) * given + knn_weight * knn_agreement.to(given.device).float()
-    return confident_thresholds(given, labels, num_classes)
+    given = averaged_given.float()[:, None]
+    if knn_agreement is not None:  # p_mix at the given label, with the same float operations
+        given = mix_probabilities(given, knn_agreement[:, None], knn_weight=knn_weight)
+    else:
+        _check_weight(knn_weight)
+    return confident_thresholds(given.squeeze(1), labels, num_classes)
 
 
 def mix_probabilities(

@@ -62,7 +62,7 @@ def knn_agreement(
     if exclude_self and len(labels) < 2:  # no neighbour to contradict the label
         return torch.ones(len(labels), dtype=torch.float32, device=embeddings.device)
     neighbours = _neighbours(embeddings, k, chunk_size, exclude_self)
-    return (labels[neighbours] == labels[:, None]).sum(dim=1) / float(neighbours.shape[1])
+    return label_agreement(labels[neighbours], labels, int(labels.max()) + 1)
 
 
 def knn_label_distribution(
