@@ -359,6 +359,22 @@ def test_knn_agreement_and_flag_streaks_are_logged_per_sample(tmp_path: Path):
     assert last["flag_streak"].max() >= 2
 
 
+
+def test_flag_streaks_skip_samples_missing_from_an_epoch():
+    """A sample absent from an epoch keeps its streak and continues it when it returns."""
+    callback = LabelWatch(projection="none")
+
+    def epoch(flags: dict[str, bool]) -> list[int]:
+        frame = pd.DataFrame(
+            {"sample_id": list(flags), "is_confident_mismatch": list(flags.values())}
+        )
+        return callback._flag_streaks(None, frame).tolist()
+
+    assert epoch({"a": True, "b": True, "c": False}) == [1, 1, 0]
+    assert epoch({"a": True, "c": True}) == [2, 1]  # b missing
+    assert epoch({"b": True, "c": True, "d": True}) == [2, 2, 1]  # b back: 1 + 1
+    assert epoch({"a": False, "d": True}) == [0, 2]
+
 def test_wandb_logging_runs_beside_training_and_is_complete_when_fit_returns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -95,7 +95,7 @@ def test_matches_a_per_id_reference_as_ids_come_and_go(tmp_path):
     every_id = [f"s{i}" for i in range(12)]
     for epoch in range(8):
         if epoch == 5:  # every id known, in row order: the fast path without a gather
-            ids = list(history._rows)
+            ids = history._ids.tolist()
         else:
             keep = torch.randperm(12, generator=generator)[: 4 + epoch]
             ids = [every_id[i] for i in keep.tolist()]
