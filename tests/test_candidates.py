@@ -126,3 +126,27 @@ def test_csv_neutralising_is_the_same_for_text_and_object_columns():
     safe_text = to_csv_safe(pd.DataFrame({"c": text}))["c"]
     assert [None if pd.isna(v) else v for v in safe_text] == expected
     assert to_csv_safe(pd.DataFrame({"c": mixed}))["c"].tolist() == [*expected, 7]
+
+
+@pytest.mark.parametrize("rows", [0, 5, 7])
+def test_parquet_written_a_row_group_at_a_time_reads_back_like_to_parquet(tmp_path, rows):
+    """Same frame, dtypes and attrs as pandas' to_parquet, also when a text column is all
+    None in the first row group and the last group is short."""
+    from labelwatch.sinks.local import write_parquet
+
+    frame = pd.DataFrame(
+        {
+            "sample_id": [f"s{i}" for i in range(rows)],
+            "given_label": list(range(rows)),
+            "label_quality": [i / 10 for i in range(rows)],
+            "is_candidate": [i % 2 == 0 for i in range(rows)],
+            "path": [None] * min(rows, 3) + [f"clip{i}.wav" for i in range(3, rows)],
+        }
+    )
+    frame.attrs["class_names"] = ["a", "b"]
+    frame.to_parquet(tmp_path / "pandas.parquet", index=False)
+    write_parquet(frame, str(tmp_path / "groups.parquet"), rows_per_group=3)
+    expected = pd.read_parquet(tmp_path / "pandas.parquet")
+    written = pd.read_parquet(tmp_path / "groups.parquet")
+    pd.testing.assert_frame_equal(written, expected)
+    assert written.attrs == expected.attrs == {"class_names": ["a", "b"]}

@@ -18,7 +18,10 @@ import pandas as pd
 
 from labelwatch.candidates import to_csv_safe
 
-__all__ = ["LocalSink", "epoch_dir", "write_atomic"]
+__all__ = ["LocalSink", "epoch_dir", "write_atomic", "write_parquet"]
+
+# Rows converted to Arrow at a time: the Arrow copy of a frame is never whole in memory.
+ROWS_PER_GROUP = 65_536
 
 
 def epoch_dir(root: str | Path, epoch: int) -> Path:
@@ -36,14 +39,30 @@ class LocalSink:
     ) -> Path:
         out = epoch_dir(self.dirpath, epoch)
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "samples.parquet", lambda p: samples.to_parquet(p, index=False))
-        write_atomic(out / "candidates.parquet", lambda p: candidates.to_parquet(p, index=False))
+        write_atomic(out / "samples.parquet", lambda p: write_parquet(samples, p))
+        write_atomic(out / "candidates.parquet", lambda p: write_parquet(candidates, p))
         write_atomic(
             out / "candidates.csv", lambda p: to_csv_safe(candidates).to_csv(p, index=False)
         )
         text = json.dumps(summary, indent=2, default=_json_default)
         write_atomic(out / "summary.json", lambda p: Path(p).write_text(text + "\n"))
         return out
+
+
+def write_parquet(frame: pd.DataFrame, path: str, rows_per_group: int = ROWS_PER_GROUP) -> None:
+    """``frame.to_parquet(path, index=False)`` (same schema, pandas metadata and attrs),
+    converted to Arrow one row group at a time: at 100k rows a whole-frame Arrow copy is
+    the largest allocation of an epoch end."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.Schema.from_pandas(frame, preserve_index=False)
+    if frame.attrs:  # as pandas writes them, so read_parquet restores them
+        schema = schema.with_metadata({**schema.metadata, b"PANDAS_ATTRS": json.dumps(frame.attrs)})
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, max(len(frame), 1), rows_per_group):
+            chunk = frame.iloc[start : start + rows_per_group]
+            writer.write_table(pa.Table.from_pandas(chunk, schema=schema, preserve_index=False))
 
 
 def write_atomic(path: Path, write: Callable[[str], Any]) -> None:
