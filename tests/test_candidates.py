@@ -108,6 +108,22 @@ def test_select_candidates_ranks_flagged_rows_and_applies_the_budget():
     assert ranked["rank"].tolist() == [1, 2]
 
 
+def test_select_candidates_matches_a_stable_sort_with_ties_and_nan():
+    """Ties keep their order and NaN quality comes last, as pandas' stable sort_values."""
+    samples = pd.DataFrame(
+        {
+            "sample_id": list("abcdefgh"),
+            "is_candidate": [True, True, False, True, True, True, False, True],
+            "label_quality": [0.5, float("nan"), 0.0, 0.2, 0.5, 0.2, 0.1, 0.9],
+        }
+    )
+    expected = samples[samples["is_candidate"]].sort_values("label_quality", kind="stable")
+    for budget in (None, 0, 3, 100):
+        ranked = select_candidates(samples, budget, flag_column="is_candidate")
+        assert ranked["sample_id"].tolist() == expected["sample_id"].tolist()[:budget]
+        assert ranked["rank"].tolist() == list(range(1, len(ranked) + 1))
+
+
 def test_csv_cells_that_look_like_formulas_are_neutralised():
     """Text starting with = + - @ gets a leading quote; numbers are untouched."""
     frame = pd.DataFrame({"path": ["=HYPERLINK(1)", "+1", "-x", "@a", "ok.wav"], "n": [-1] * 5})
