@@ -85,7 +85,7 @@ class EpochHistory:
         self.num_classes: int | None = None
         self.last_epoch: int | None = None
         # Row r of the arrays below belongs to sample id _ids[r]: a pandas Index (a hash
-        # table in C), a tenth of a dict's memory and lookup time at 100k ids.
+        # table in C), a tenth of a dict's memory at 100k ids.
         self._ids = pd.Index([])
         # (window - 1, rows, C): the past of each row's window, a ring per row, slot-major so
         # each slot is one contiguous block. A slot a row has not reached yet holds zeros,
@@ -279,6 +279,8 @@ class EpochHistory:
         if len(new):
             start, grow = len(self._ids), len(new)
             added_ids = pd.Index([ids[i] for i in new])
+            # the first ids become the Index itself: appending to the empty (object) Index
+            # goes through Python objects, 0.5 s at 100k ids
             self._ids = self._ids.append(added_ids) if start else added_ids
             rows[new] = np.arange(start, start + grow)
             num_classes = self.num_classes or 0
