@@ -159,17 +159,19 @@ def test_module_without_validation_outputs_works_through_layer_hooks(tmp_path: P
     assert set(samples["predicted_name"]) <= {"0", "1", "2"}
 
 
-def test_every_n_epochs_and_sanity_check_are_respected(tmp_path: Path):
-    """every_n_epochs=2 over 3 epochs runs once (epoch 1); the sanity check never runs."""
+def test_every_n_epochs_also_scores_the_last_epoch_and_never_the_sanity_check(tmp_path: Path):
+    """every_n_epochs=2 over 5 epochs scores epochs 1 and 3, and 4, the last (the final
+    model); the sanity check's batches are checked but give no epoch."""
     train, val = loaders()
     callback = LabelWatch(every_n_epochs=2, projection="none")
     trainer = Trainer(
-        **trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=3, num_sanity_val_steps=2)
+        **trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=5, num_sanity_val_steps=2)
     )
     trainer.fit(TinyClassifier(), train, val)
-    assert sorted(p.name for p in (tmp_path / "labelwatch").iterdir()) == ["epoch=1"]
+    folders = sorted(p.name for p in (tmp_path / "labelwatch").iterdir())
+    assert folders == ["epoch=1", "epoch=3", "epoch=4"]
     assert callback.state_dict() == {
-        "last_epoch": 1,
+        "last_epoch": 4,
         "output_root": str(tmp_path / "labelwatch"),
     }
 
@@ -195,6 +197,118 @@ def test_missing_logits_without_logits_layer_is_a_clear_error(tmp_path: Path):
     trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[LabelWatch()], max_epochs=1))
     with pytest.raises(ValueError, match="found no logits.*logits_layer"):
         trainer.fit(TinyClassifier(return_outputs=False), train, val)
+
+
+class CountsTrainingSteps(TinyClassifier):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.training_steps = 0
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.training_steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+class LogitsOnly(CountsTrainingSteps):  # no validation loss, which a bad target would break
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"logits": self(batch["x"])}
+
+
+class TargetSeven(BlobDataset):
+    def __getitem__(self, index: int) -> dict:
+        return {**super().__getitem__(index), "target": 7 if index == 5 else 0}
+
+
+class BoxMetadata(BlobDataset):
+    def __getitem__(self, index: int) -> dict:
+        return {**super().__getitem__(index), "box": torch.zeros(4)}
+
+
+class TupleBatches(BlobDataset):
+    def __getitem__(self, index: int) -> tuple:
+        item = super().__getitem__(index)
+        return item["x"], item["target"]
+
+
+class TupleClassifier(CountsTrainingSteps):
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        return super().training_step({"x": batch[0], "target": batch[1]}, batch_idx)
+
+    def validation_step(self, batch: tuple, batch_idx: int) -> dict:
+        return {"logits": self(batch[0])}
+
+
+@pytest.mark.parametrize(
+    ("model", "val", "kwargs", "message"),
+    [
+        (
+            lambda: CountsTrainingSteps(return_outputs=False),
+            lambda: DataLoader(BlobDataset(48), batch_size=16),
+            {},
+            "found no logits",
+        ),
+        (
+            LogitsOnly,
+            lambda: DataLoader(TargetSeven(48), batch_size=16),
+            {},
+            r"class indices in \[0, 3\) .* found \[7\]",
+        ),
+        (
+            CountsTrainingSteps,
+            lambda: DataLoader(BlobDataset(48), batch_size=16),
+            {"class_names": ["dog", "siren"]},
+            "`class_names` has 2 names but the model predicts 3 classes",
+        ),
+        (
+            CountsTrainingSteps,
+            lambda: DataLoader(BoxMetadata(48), batch_size=16),
+            {"metadata_keys": ["box"]},
+            r"metadata 'box' to hold one number or string per sample, got shape \(16, 4\)",
+        ),
+        (
+            TupleClassifier,
+            lambda: DataLoader(TupleBatches(48), batch_size=16, shuffle=True),
+            {},
+            "shuffles and its batches carry no sample ids",
+        ),
+    ],
+    ids=["no-logits", "target-out-of-range", "class-names", "array-metadata", "shuffled-no-ids"],
+)
+def test_capture_mistakes_fail_in_the_sanity_check_before_training(
+    tmp_path: Path, model, val, kwargs, message
+):
+    """Lightning's sanity check runs LabelWatch's capture and scoring checks on its batches,
+    so a mistake stops the run before the first training step, not after an epoch."""
+    train, _ = loaders()
+    module = model()
+    callback = LabelWatch(projection="none", **kwargs)
+    trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], num_sanity_val_steps=2))
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(module, train, val())
+    assert module.training_steps == 0
+    assert not (tmp_path / "labelwatch").exists()
+
+
+def test_trainer_validate_warns_that_only_fit_is_watched(tmp_path: Path):
+    """trainer.validate() is not scored; one warning says so instead of silence."""
+    _, val = loaders()
+    trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[LabelWatch(projection="none")]))
+    with pytest.warns(UserWarning, match=r"Trainer.fit only; this trainer.validate\(\) run"):
+        trainer.validate(TinyClassifier(), val)
+    assert not (tmp_path / "labelwatch").exists()
+
+
+def test_several_validations_per_epoch_are_warned_about_at_setup(tmp_path: Path):
+    """val_check_interval=0.5 validates twice per epoch; outputs are keyed by epoch, so the
+    user is told what that means before training starts."""
+    train, val = loaders()
+    callback = LabelWatch(projection="none")
+    trainer = Trainer(
+        **trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=1, val_check_interval=0.5)
+    )
+    with pytest.warns(UserWarning, match=r"several times per epoch \(val_check_interval=0.5\)"):
+        trainer.fit(TinyClassifier(), train, val)
+    assert sorted(p.name for p in (tmp_path / "labelwatch").iterdir()) == ["epoch=0"]
 
 
 def test_unknown_layer_name_fails_in_setup(tmp_path: Path):
@@ -315,6 +429,13 @@ def test_wandb_failure_warns_once_and_keeps_training_and_local_results(tmp_path:
         ({"embeddings_dtype": "bf16"}, "`embeddings_dtype` must be one of .* got 'bf16'"),
         ({"history_dtype": "float64"}, "`history_dtype` must be one of .* got 'float64'"),
         ({"logits_dtype": "bf16"}, "`logits_dtype` must be one of .* got 'bf16'"),
+        ({"class_names": "abcd"}, r"`class_names` must be a list, e.g. .* got 'abcd'"),
+        ({"class_names": ["a", "a", "b"]}, r"`class_names` must be unique .* got \['a'\]"),
+        ({"metadata_keys": "path"}, r"`metadata_keys` must be a list, e.g. .*\['path'\]"),
+        ({"dataloaders": 0}, r"`dataloaders` must be a list, e.g. dataloaders=\[0\]"),
+        ({"max_media_rows": "5"}, "`max_media_rows` must be an integer >= 0, got '5'"),
+        ({"ignore_index": "x"}, "`ignore_index` must be an integer, got 'x'"),
+        ({"dirpath": 5}, r"`dirpath` must be a path \(str or os.PathLike\), got 5"),
     ],
 )
 def test_bad_arguments_are_rejected_in_init(kwargs, message):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -271,12 +272,23 @@ def test_other_label_quality_methods_fill_the_column(tmp_path: Path, label_quali
     np.testing.assert_allclose(samples["label_quality"], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_a_second_fit_with_the_same_callback_restarts_the_average(tmp_path: Path):
-    """Reusing one LabelWatch in a new fit (epochs from 0 again) warns and averages afresh."""
-    model, callback, _ = _fit(tmp_path, max_epochs=2)
+def test_a_second_trainer_with_the_same_callback_starts_afresh_in_its_own_folder(
+    tmp_path: Path,
+):
+    """Reusing one LabelWatch with a new Trainer (a notebook cell run again, a second
+    stage): its outputs go to the new Trainer's folder, the first fit's files are left as
+    they were, and the average and streaks start again, without a warning."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    model, callback, _ = _fit(first, max_epochs=2)
+    before = {p: p.read_bytes() for p in (first / "labelwatch").rglob("*") if p.is_file()}
     train, val = loaders(num_val=60, flip=FLIPPED)
-    with pytest.warns(UserWarning, match="the averaging window starts again"):
-        Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=1)).fit(
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="LabelWatch")
+        Trainer(**trainer_kwargs(second, callbacks=[callback], max_epochs=1)).fit(
             model, train, val
         )
-    assert _read(tmp_path, 0)["averaged_epochs"].eq(1).all()
+    assert {p: p.read_bytes() for p in (first / "labelwatch").rglob("*") if p.is_file()} == before
+    samples = _read(second, 0)
+    assert samples["averaged_epochs"].eq(1).all()
+    assert samples["flag_streak"].le(1).all()
+    assert callback.state_dict() == {"last_epoch": 0, "output_root": str(second / "labelwatch")}

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import pickle
 import warnings
+import weakref
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning_utilities.core.rank_zero import rank_zero_warn
+from torch.utils.data import RandomSampler
 
 from labelwatch.candidates import select_candidates
 from labelwatch.capture import CapturedEpoch, EpochBuffer, LayerTap, find_submodule, merge_ranks
@@ -158,8 +161,24 @@ class LabelWatchLogic:
             raise ValueError(
                 f"`max_candidates` must be None or an integer >= 0, got {max_candidates!r}"
             )
-        if max_media_rows < 0:
-            raise ValueError(f"`max_media_rows` must be >= 0, got {max_media_rows!r}")
+        if isinstance(max_media_rows, bool) or not isinstance(max_media_rows, int) or (
+            max_media_rows < 0
+        ):
+            raise ValueError(f"`max_media_rows` must be an integer >= 0, got {max_media_rows!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ValueError(f"`ignore_index` must be an integer, got {ignore_index!r}")
+        if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
+            raise ValueError(f"`dirpath` must be a path (str or os.PathLike), got {dirpath!r}")
+        class_names = _name_list("class_names", class_names, example="['dog', 'siren']")
+        if class_names is not None:
+            repeated = sorted({str(n) for n in class_names if class_names.count(n) > 1})
+            if repeated:
+                raise ValueError(
+                    f"`class_names` must be unique (one per class index), got {repeated} more"
+                    " than once"
+                )
+        metadata_keys = _name_list("metadata_keys", metadata_keys, example="['path']")
+        dataloaders = _name_list("dataloaders", dataloaders, example="[0] or ['clean']")
         if embeddings_dtype not in _EMBEDDINGS_DTYPES:
             raise ValueError(
                 f"`embeddings_dtype` must be one of {tuple(_EMBEDDINGS_DTYPES)},"
@@ -179,15 +198,15 @@ class LabelWatchLogic:
                 "`table_key` must look like 'prefix/name' (e.g. 'labelwatch/samples'),"
                 f" got {table_key!r}"
             )
-        self.class_names = list(class_names) if class_names is not None else None
+        self.class_names = class_names
         self.logits_key = logits_key
         self.embeddings_key = embeddings_key
         self.target_key = target_key
         self.sample_id_key = sample_id_key
         self.logits_layer = logits_layer
         self.embedding_layer = embedding_layer
-        self.metadata_keys = tuple(metadata_keys)
-        self.dataloaders = list(dataloaders) if dataloaders is not None else None
+        self.metadata_keys = tuple(metadata_keys or ())
+        self.dataloaders = dataloaders
         self.every_n_epochs = every_n_epochs
         self.projection = projection
         self.label_quality = label_quality
@@ -213,6 +232,7 @@ class LabelWatchLogic:
         self.output_root: Path | None = None  # resolved once, kept across a resume
         self.last_output_dir: Path | None = None
         self._buffers: dict[int, EpochBuffer] | None = None
+        self._sanity_checking = False
         # Capture slabs kept between epochs (per dataloader), so their pages are touched
         # once per fit, not every epoch; released when fitting ends.
         self._spare_slabs: dict[int, dict[str, torch.Tensor]] = {}
@@ -238,6 +258,35 @@ class LabelWatchLogic:
         self._embedding_tap: LayerTap | None = None
         self._wandb: WandbSink | None = None
         self._warned: set[str] = set()
+        self._fitted_by: weakref.ref | None = None  # the Trainer of the last fit
+
+    def _warn_if_validating_within_epochs(self, trainer: Any) -> None:
+        interval = getattr(trainer, "val_check_interval", 1.0)
+        if getattr(trainer, "check_val_every_n_epoch", 1) is not None and interval == 1.0:
+            return
+        self._warn_once(
+            "within-epochs",
+            "LabelWatch keys its outputs by training epoch, and this Trainer may validate"
+            f" several times per epoch (val_check_interval={interval!r}): each epoch's folder"
+            " keeps its last validation, W&B gets every one, and the averaging window and flag"
+            " streaks start again within an epoch. Validate once per epoch"
+            " (val_check_interval=1.0) to average over epochs.",
+        )
+
+    def _start_afresh(self) -> None:
+        """Forget the last fit's outputs and per-sample state. A resumed fit gets its output
+        folder and epoch back from the checkpoint (load_state_dict comes after setup)."""
+        self.last_epoch = None
+        self.output_root = None
+        self.last_output_dir = None
+        for state in (
+            self._previous_maps,
+            self._previous_epochs,
+            self._streaks,
+            self._histories,
+            self._history_files,
+        ):
+            state.clear()
 
     @property
     def state_key(self) -> str:
@@ -245,6 +294,11 @@ class LabelWatchLogic:
 
     # ----------------------------------------------------------------------------- hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit" and self._fitted_by is not None and self._fitted_by() is not trainer:
+            self._start_afresh()  # another Trainer: its own folder, unless it resumes
+        if stage == "fit":
+            self._fitted_by = weakref.ref(trainer)
+            self._warn_if_validating_within_epochs(trainer)
         # Fail before training starts when a layer name is wrong.
         for argument, name in (
             ("logits_layer", self.logits_layer),
@@ -264,8 +318,19 @@ class LabelWatchLogic:
             )
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        if self._should_skip(trainer):
-            self._buffers = None
+        self._buffers = None
+        if trainer.state.fn != "fit":
+            self._warn_once(
+                "not-fit",
+                "LabelWatch watches the validation epochs of Trainer.fit only; this"
+                f" trainer.{getattr(trainer.state.fn, 'value', trainer.state.fn)}() run is not"
+                " scored or logged.",
+            )
+            return
+        # The sanity check's batches are captured and checked but never scored: a missing key,
+        # a wrong shape or label fails there, before the first training epoch, not after it.
+        self._sanity_checking = trainer.sanity_checking
+        if not self._sanity_checking and self._skips_epoch(trainer):
             return
         self._buffers = {}
         self._watched = self._watched_dataloaders(trainer)
@@ -301,17 +366,21 @@ class LabelWatchLogic:
         if dataloader_idx not in self._buffers:
             batches = trainer.num_val_batches[dataloader_idx]
             expected = int(batches * len(logits)) if math.isfinite(batches) else None
+            checking = self._sanity_checking  # a few batches: no preallocation, no reuse
             self._buffers[dataloader_idx] = EpochBuffer(
-                expected_rows=expected,
+                expected_rows=None if checking else expected,
                 embeddings_dtype=_EMBEDDINGS_DTYPES[self.embeddings_dtype],
                 logits_dtype=_LOGITS_DTYPES[self.logits_dtype],
                 offload_to_cpu=self.offload_to_cpu,
-                reuse=self._spare_slabs.pop(dataloader_idx, None),
+                reuse=None if checking else self._spare_slabs.pop(dataloader_idx, None),
             )
+        sample_ids = self._sample_ids(out, batch, trainer.world_size)
+        if sample_ids is None and self._buffers[dataloader_idx].num_batches == 0:
+            self._check_not_shuffled(trainer, dataloader_idx)
         self._buffers[dataloader_idx].add(
             logits,
             self._targets(out, batch),
-            self._sample_ids(out, batch, trainer.world_size),
+            sample_ids,
             embeddings=out.get(self.embeddings_key, tapped_embeddings),
             metadata=self._metadata(batch),
         )
@@ -321,6 +390,10 @@ class LabelWatchLogic:
         if self._buffers is None:
             return
         buffers, self._buffers = self._buffers, None
+        if self._sanity_checking:  # each rank checks its own batches, with no collective
+            for buffer in buffers.values():
+                self._check_captured(buffer.collect())
+            return
         # Every rank walks the same dataloaders, so the collectives inside line up.
         for index, name in self._watched.items():
             buffer = buffers.get(index)
@@ -391,12 +464,11 @@ class LabelWatchLogic:
             self.output_root = Path(root)
 
     # ----------------------------------------------------------------------------- helpers
-    def _should_skip(self, trainer: Any) -> bool:
-        return (
-            trainer.sanity_checking
-            or trainer.state.fn != "fit"
-            or (trainer.current_epoch + 1) % self.every_n_epochs != 0
-        )
+    def _skips_epoch(self, trainer: Any) -> bool:
+        """Not an ``every_n_epochs``-th training epoch, nor the last one (the final model
+        is always scored when ``max_epochs`` says which epoch that is)."""
+        epoch = trainer.current_epoch + 1
+        return epoch % self.every_n_epochs != 0 and epoch != trainer.max_epochs
 
     def _watched_dataloaders(self, trainer: Any) -> dict[int, str | None]:
         """Index -> name of each watched validation dataloader (None when there is one)."""
@@ -429,9 +501,11 @@ class LabelWatchLogic:
             return batch[self.target_key]
         if isinstance(batch, (tuple, list)) and len(batch) >= 2:
             return batch[1]
+        found = f" (the batch's keys: {list(batch)})" if isinstance(batch, Mapping) else ""
         raise ValueError(
             f"LabelWatch found no targets: return {self.target_key!r} from validation_step,"
-            f" or use batches that are dicts with {self.target_key!r} or (input, target) tuples."
+            f" use batches that are dicts with {self.target_key!r} or (input, target) tuples,"
+            f" or name your key with `target_key` (e.g. LabelWatch(target_key='labels')){found}."
         )
 
     def _sample_ids(self, out: Mapping[str, Any], batch: Any, world_size: int) -> Any:
@@ -445,6 +519,40 @@ class LabelWatchLogic:
                 " or in validation_step's output (ranks see shuffled, padded shards)."
             )
         return None  # running position
+
+    def _check_not_shuffled(self, trainer: Any, dataloader_idx: int) -> None:
+        """Running positions name samples only when every epoch walks them in one order."""
+        loaders = trainer.val_dataloaders
+        if isinstance(loaders, Mapping):
+            loaders = list(loaders.values())
+        loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+        samplers = (
+            getattr(loader, "sampler", None),
+            getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+        )
+        if any(isinstance(sampler, RandomSampler) for sampler in samplers):
+            raise ValueError(
+                "LabelWatch: the validation dataloader shuffles and its batches carry no sample"
+                " ids, so each epoch would give a sample another position (its row, history and"
+                f" streak would mix samples). Put {self.sample_id_key!r} in the batch or in"
+                " validation_step's output, or validate with shuffle=False."
+            )
+
+    def _check_captured(self, captured: CapturedEpoch | None) -> None:
+        """The sanity check's rows pass scoring's checks (labels, class names, ids), so a
+        mistake shows before training rather than after the first epoch; nothing is kept."""
+        if captured is None:
+            return
+        host = captured.to_host()
+        with warnings.catch_warnings():  # non-finite logits of an untrained model are fine
+            warnings.simplefilter("ignore", RuntimeWarning)
+            score_predictions(
+                logits=host.logits,
+                labels=host.targets,
+                class_names=self.class_names,
+                sample_ids=host.sample_ids,
+                ignore_index=self.ignore_index,
+            )
 
     def _metadata(self, batch: Any) -> dict[str, Any]:
         if not self.metadata_keys:
@@ -1094,7 +1202,8 @@ class LabelWatch(LabelWatchLogic, Callback):
         metadata_keys: batch keys copied into every row (for example a file path).
         dataloaders: which validation dataloaders to watch, by index or name (None = all).
             With several, each gets its own folder, W&B keys and artifact, by name.
-        every_n_epochs: run every n-th validation epoch (1 = each one).
+        every_n_epochs: score the validation of every n-th training epoch (epochs n - 1,
+            2n - 1, ...; 1 = each one), and always that of the last epoch (``max_epochs``).
         projection: ``"umap"`` (PCA below 16 samples), ``"pca"``, ``"none"``, or a picklable
             callable ``f(embeddings, init) -> (N, 2)``. Maps are warm-started from the
             previous epoch by sample id; see :mod:`labelwatch.projection`.
@@ -1162,3 +1271,13 @@ class LabelWatch(LabelWatchLogic, Callback):
             callbacks=[LabelWatch(class_names=["dog_bark", "siren"], embedding_layer="backbone")],
         )
     """
+
+
+def _name_list(argument: str, value: Any, *, example: str) -> list[Any] | None:
+    """``value`` as a list; a bare string or number (a common slip) is an error."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, int)) or not isinstance(value, Iterable):
+        raise ValueError(f"`{argument}` must be a list, e.g. {argument}={example}; got {value!r}")
+    return list(value)
+

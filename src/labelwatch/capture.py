@@ -195,6 +195,12 @@ class EpochBuffer:
             self._num_embedded += 1
         for key, value in (metadata or {}).items():
             _check_length(f"metadata {key!r}", len(value), batch_size)
+            if getattr(value, "ndim", 1) != 1:
+                raise ValueError(
+                    f"LabelWatch expects metadata {key!r} to hold one number or string per"
+                    f" sample, got shape {tuple(value.shape)}. Keep per-sample arrays out of"
+                    " `metadata_keys`; pass an index or a file path that leads to them."
+                )
             self._metadata.setdefault(key, []).append(value)
         self.num_batches += 1
         self.num_samples += batch_size
