@@ -172,6 +172,7 @@ def test_every_n_epochs_also_scores_the_last_epoch_and_never_the_sanity_check(tm
     assert folders == ["epoch=1", "epoch=3", "epoch=4"]
     assert callback.state_dict() == {
         "last_epoch": 4,
+        "last_run": 2,  # the third validation run scored
         "output_root": str(tmp_path / "labelwatch"),
     }
 
@@ -298,17 +299,30 @@ def test_trainer_validate_warns_that_only_fit_is_watched(tmp_path: Path):
     assert not (tmp_path / "labelwatch").exists()
 
 
-def test_several_validations_per_epoch_are_warned_about_at_setup(tmp_path: Path):
-    """val_check_interval=0.5 validates twice per epoch; outputs are keyed by epoch, so the
-    user is told what that means before training starts."""
-    train, val = loaders()
+def test_several_validations_per_epoch_each_count_in_the_history(tmp_path: Path):
+    """val_check_interval=0.5 validates twice per epoch: each run is one step of the
+    averaging window and the streaks, and the epoch's folder keeps its last run (a warning
+    at setup says so)."""
+    torch.manual_seed(0)
+    train, val = loaders(num_val=60, flip=10)
     callback = LabelWatch(projection="none")
     trainer = Trainer(
-        **trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=1, val_check_interval=0.5)
+        **trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=2, val_check_interval=0.5)
     )
     with pytest.warns(UserWarning, match=r"several times per epoch \(val_check_interval=0.5\)"):
-        trainer.fit(TinyClassifier(), train, val)
-    assert sorted(p.name for p in (tmp_path / "labelwatch").iterdir()) == ["epoch=0"]
+        trainer.fit(TinyClassifier(lr=0.2), train, val)
+    out = tmp_path / "labelwatch"
+    assert sorted(p.name for p in out.iterdir()) == ["epoch=0", "epoch=1"]
+    samples = pd.read_parquet(out / "epoch=1/samples.parquet")
+    assert samples["averaged_epochs"].eq(3).all()  # runs 1, 2 and 3 of 0..3
+    # Streaks count runs: a streak of 3+ at run 3 continues the one of run 1 (epoch=0) by 2.
+    first = pd.read_parquet(out / "epoch=0/samples.parquet").set_index("sample_id")
+    streak = samples.set_index("sample_id")["flag_streak"]
+    long = streak[streak >= 3]
+    assert len(long) and (long == first.loc[long.index, "flag_streak"] + 2).all()
+    summary = json.loads((out / "epoch=1/summary.json").read_text())
+    assert summary["global_step"] == trainer.global_step  # the epoch's last run
+    assert callback.state_dict()["last_run"] == 3
 
 
 def test_unknown_layer_name_fails_in_setup(tmp_path: Path):

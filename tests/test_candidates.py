@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import WandbLogger
 
@@ -166,3 +167,39 @@ def test_parquet_written_a_row_group_at_a_time_reads_back_like_to_parquet(tmp_pa
     written = pd.read_parquet(tmp_path / "groups.parquet")
     pd.testing.assert_frame_equal(written, expected)
     assert written.attrs == expected.attrs == {"class_names": ["a", "b"]}
+
+
+def test_wandb_run_folder_of_several_dataloaders_names_them_or_reads_the_chosen_one(
+    tmp_path, _wandb_offline
+):
+    """Two watched loaders: the run folder is ambiguous and the error lists both keys. One
+    watched named loader (`dataloaders=["clean"]`): its run folder reads with the class
+    names and artifact of that loader's local outputs."""
+    from torch.utils.data import DataLoader
+
+    from tests.helpers import BlobDataset
+
+    train, val = loaders(num_val=30, flip=6)
+    clean = DataLoader(BlobDataset(20, seed=3, flip=5), batch_size=10)  # so it has candidates
+    for watched in (None, ["clean"]):
+        torch.manual_seed(0)
+        root = tmp_path / str(watched)
+        callback = LabelWatch(class_names=["a", "b", "c"], projection="none", dataloaders=watched)
+        logger = WandbLogger(project="p", save_dir=str(root), offline=True)
+        Trainer(**trainer_kwargs(root, logger=logger, callbacks=[callback], max_epochs=1)).fit(
+            TinyClassifier(), train, {"noisy": val, "clean": clean}
+        )
+        finish_wandb()
+        run_id = logger.experiment.id
+        if watched is None:
+            with pytest.raises(FileNotFoundError, match="several validation dataloaders") as err:
+                read_candidates(offline_run_dir(root))
+            assert "labelwatch/clean/candidates" in str(err.value)
+            assert "labelwatch/noisy/candidates" in str(err.value)
+        else:
+            found = read_candidates(offline_run_dir(root))
+            assert len(found.frame) > 0
+            assert found.class_names == ["a", "b", "c"] and found.epoch == 0
+            assert found.artifact == f"p/relabel-candidates-clean-{run_id}:epoch-0"
+            local = read_candidates(root / "p" / run_id / "labelwatch" / "clean")
+            assert found.artifact == local.artifact

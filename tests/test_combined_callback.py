@@ -291,4 +291,8 @@ def test_a_second_trainer_with_the_same_callback_starts_afresh_in_its_own_folder
     samples = _read(second, 0)
     assert samples["averaged_epochs"].eq(1).all()
     assert samples["flag_streak"].le(1).all()
-    assert callback.state_dict() == {"last_epoch": 0, "output_root": str(second / "labelwatch")}
+    assert callback.state_dict() == {
+        "last_epoch": 0,
+        "last_run": 0,
+        "output_root": str(second / "labelwatch"),
+    }

@@ -53,7 +53,11 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path):
     Trainer(**{**kwargs, "callbacks": [first, checkpoint]}).fit(TinyClassifier(), train, val)
     state = torch.load(tmp_path / "ckpt/last.ckpt", weights_only=False)["callbacks"]
     (saved,) = [v for k, v in state.items() if k.startswith("LabelWatch")]
-    assert saved == {"last_epoch": 1, "output_root": str(tmp_path / "resumed/labelwatch")}
+    assert saved == {
+        "last_epoch": 1,
+        "last_run": 1,
+        "output_root": str(tmp_path / "resumed/labelwatch"),
+    }
 
     # The resumed run's own default folder differs; the outputs continue where they were.
     second = LabelWatch(projection="pca")
@@ -87,7 +91,7 @@ def test_resume_with_another_history_window_restarts_the_average(tmp_path: Path)
     )
     callback = LabelWatch(projection="none", history_window=2)
     kwargs = trainer_kwargs(tmp_path, max_epochs=3, enable_checkpointing=True)
-    with pytest.warns(UserWarning, match=r"does not match `history_window`=2 at epoch 1"):
+    with pytest.warns(UserWarning, match=r"does not match `history_window`=2 at run 1"):
         Trainer(
             **{**kwargs, "callbacks": [callback, ModelCheckpoint(dirpath=tmp_path / "ckpt")]}
         ).fit(TinyClassifier(), train, val, ckpt_path=tmp_path / "ckpt/last.ckpt")
@@ -230,3 +234,45 @@ def test_resumed_wandb_run_continues_the_artifact_aliases(tmp_path: Path):
     assert sorted(resumed_epochs) == sorted(full_epochs) == [0, 1, 2, 3]
     for epoch in range(4):
         pd.testing.assert_frame_equal(resumed_epochs[epoch], full_epochs[epoch], check_exact=False)
+
+
+def test_a_checkpoint_from_before_runs_were_counted_resumes_its_history():
+    """Checkpoints without `last_run` keyed the history by epoch, which is the run count
+    when every epoch was scored once: the epoch stands in for it."""
+    callback = LabelWatch()
+    callback.load_state_dict({"last_epoch": 4, "output_root": "outputs/labelwatch"})
+    assert (callback.last_epoch, callback.last_run) == (4, 4)
+
+
+def test_resume_into_a_new_wandb_run_names_that_runs_artifact(tmp_path: Path):
+    """Resumed with a new W&B run (Lightning's default without `id=`): the local files stay in
+    the first run's folder, and each epoch's summary names the run it was logged to, so
+    reading the candidates back points at the artifact that exists."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from labelwatch.candidates import read_candidates
+
+    train, val = _data()
+    save_dir, ckpt = tmp_path / "runs", tmp_path / "ckpt"
+    launches = (("lwfirst", 1, None), ("lwsecond", 2, ckpt / "last.ckpt"))
+    for run_id, max_epochs, ckpt_path in launches:
+        logger = WandbLogger(project="resume", save_dir=str(save_dir), offline=True, id=run_id)
+        kwargs = trainer_kwargs(save_dir, max_epochs=max_epochs, enable_checkpointing=True)
+        callbacks = [LabelWatch(projection="none"), ModelCheckpoint(dirpath=ckpt, save_last=True)]
+        Trainer(**{**kwargs, "logger": logger, "callbacks": callbacks}).fit(
+            TinyClassifier(), train, val, ckpt_path=ckpt_path
+        )
+        finish_wandb()
+    outputs = save_dir / "resume/lwfirst/labelwatch"
+    assert sorted(p.name for p in outputs.iterdir() if p.is_dir()) == ["epoch=0", "epoch=1"]
+    first, resumed = read_candidates(outputs, epoch=0), read_candidates(outputs, epoch=1)
+    assert first.artifact == "resume/relabel-candidates-lwfirst:epoch-0"
+    assert (resumed.wandb_run_id, resumed.artifact) == (
+        "lwsecond",
+        "resume/relabel-candidates-lwsecond:epoch-1",
+    )
+    (second_run,) = offline_run_dirs(save_dir, "lwsecond")
+    logged = _candidate_artifacts(second_run)
+    assert [(a["name"], a["aliases"]) for a in logged] == [
+        ("relabel-candidates-lwsecond", ["epoch-1", "latest"])
+    ]

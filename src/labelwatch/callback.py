@@ -229,6 +229,7 @@ class LabelWatchLogic:
         self.seed = seed
 
         self.last_epoch: int | None = None
+        self.last_run: int | None = None  # validation runs scored, from 0: the history's steps
         self.output_root: Path | None = None  # resolved once, kept across a resume
         self.last_output_dir: Path | None = None
         self._buffers: dict[int, EpochBuffer] | None = None
@@ -266,17 +267,16 @@ class LabelWatchLogic:
             return
         self._warn_once(
             "within-epochs",
-            "LabelWatch keys its outputs by training epoch, and this Trainer may validate"
-            f" several times per epoch (val_check_interval={interval!r}): each epoch's folder"
-            " keeps its last validation, W&B gets every one, and the averaging window and flag"
-            " streaks start again within an epoch. Validate once per epoch"
-            " (val_check_interval=1.0) to average over epochs.",
+            "LabelWatch: this Trainer may validate several times per epoch"
+            f" (val_check_interval={interval!r}). Each validation is scored, logged to W&B"
+            " and counted in the averaging window and flag streaks, but the local folder"
+            " epoch=<n> keeps only the epoch's last one.",
         )
 
     def _start_afresh(self) -> None:
         """Forget the last fit's outputs and per-sample state. A resumed fit gets its output
         folder and epoch back from the checkpoint (load_state_dict comes after setup)."""
-        self.last_epoch = None
+        self.last_epoch = self.last_run = None
         self.output_root = None
         self.last_output_dir = None
         for state in (
@@ -394,17 +394,20 @@ class LabelWatchLogic:
             for buffer in buffers.values():
                 self._check_captured(buffer.collect())
             return
+        # The epoch history counts validation runs, not epochs: a Trainer may validate
+        # several times per epoch (val_check_interval), and each run is one step of it.
+        run = 0 if self.last_run is None else self.last_run + 1
         # Every rank walks the same dataloaders, so the collectives inside line up.
         for index, name in self._watched.items():
             buffer = buffers.get(index)
             captured = merge_ranks(buffer.collect() if buffer is not None else None)
             if trainer.is_global_zero:
-                self._run_epoch_end(trainer, captured, name)
+                self._run_epoch_end(trainer, captured, name, run)
             del captured  # scored and copied where kept: its slabs can be written over
             if buffer is not None:
                 self._spare_slabs[index] = buffer.slabs()
         if trainer.is_global_zero:
-            self.last_epoch = trainer.current_epoch
+            self.last_epoch, self.last_run = trainer.current_epoch, run
 
     def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
         if self._pending:  # cheap: only checks whether a background map has landed
@@ -455,10 +458,12 @@ class LabelWatchLogic:
 
     def state_dict(self) -> dict[str, Any]:
         root = str(self.output_root) if self.output_root is not None else None
-        return {"last_epoch": self.last_epoch, "output_root": root}
+        return {"last_epoch": self.last_epoch, "last_run": self.last_run, "output_root": root}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_epoch = state_dict.get("last_epoch")
+        # Checkpoints from before runs were counted keyed the history by epoch.
+        self.last_run = state_dict.get("last_run", self.last_epoch)
         root = state_dict.get("output_root")
         if root is not None and self.dirpath is None:
             self.output_root = Path(root)
@@ -577,12 +582,14 @@ class LabelWatchLogic:
             rank_zero_warn(message)
 
     def _run_epoch_end(
-        self, trainer: Any, captured: CapturedEpoch | None, name: str | None
+        self, trainer: Any, captured: CapturedEpoch | None, name: str | None, run: int
     ) -> None:
         epoch = trainer.current_epoch
         host = captured.to_host() if captured is not None else None
         device_embeddings = captured.embeddings if captured is not None else None
-        samples = self._score(host, epoch, name, device_embeddings) if host is not None else None
+        samples = None
+        if host is not None:
+            samples = self._score(host, epoch, name, device_embeddings, run=run)
         if host is None or samples is None or len(samples) == 0:
             self._warn_once(
                 f"empty-{name}",
@@ -593,6 +600,7 @@ class LabelWatchLogic:
         candidates = select_candidates(samples, self.max_candidates, flag_column="is_candidate")
         summary = self._summary(samples, candidates, host, epoch, trainer.global_step)
         summary["dataloader"] = name
+        summary.update(self._wandb_run_ids())
         if self.output_root is None:
             self.output_root = self._output_root(trainer)
         root = self.output_root / name if name is not None else self.output_root
@@ -802,9 +810,12 @@ class LabelWatchLogic:
         epoch: int,
         name: str | None,
         device_embeddings: torch.Tensor | None = None,
+        *,
+        run: int,
     ) -> pd.DataFrame:
         """Scores of the host copy ``captured``; neighbours are searched where the embeddings
-        were captured (``device_embeddings``, the GPU when the model is there)."""
+        were captured (``device_embeddings``, the GPU when the model is there). ``run`` is
+        the validation run's step in the epoch history."""
         single_epoch = self.label_quality in LABEL_QUALITY_METHODS
         with warnings.catch_warnings():  # warned below, once, with the epoch
             warnings.filterwarnings("ignore", message=".*NaN or infinite", category=RuntimeWarning)
@@ -849,9 +860,7 @@ class LabelWatchLogic:
         )
         samples.insert(column + 3, "flag_streak", self._flag_streaks(name, samples))
         logits = captured.logits if kept_all else captured.logits[index]
-        self._add_history_columns(
-            samples, logits, labels, neighbour_labels, agreement, name, epoch
-        )
+        self._add_history_columns(samples, logits, labels, neighbour_labels, agreement, name, run)
         return samples
 
     def _neighbour_labels(
@@ -878,7 +887,7 @@ class LabelWatchLogic:
         neighbour_labels: torch.Tensor | None,
         agreement: torch.Tensor | None,
         name: str | None,
-        epoch: int,
+        run: int,
     ) -> None:
         """Window-averaged scores, the combined `label_quality`, and the candidate flag.
 
@@ -894,16 +903,8 @@ class LabelWatchLogic:
         flags = torch.tensor(samples["is_confident_mismatch"].to_numpy(bool))
         self._wait_for_history_save(name)
         history = self._history(name)
-        if history.last_epoch is not None and epoch <= history.last_epoch:
-            # Epochs start again (the same callback in a new fit): so does the average.
-            self._warn_once(
-                f"history-restart-{name}",
-                f"LabelWatch: validation epoch {epoch} follows epoch {history.last_epoch} of the"
-                " epoch history; the averaging window starts again.",
-            )
-            history = self._histories[name] = self._new_history()
         num_classes = logits.shape[1]
-        step = history.begin(epoch, ids, flags, num_classes)
+        step = history.begin(run, ids, flags, num_classes)
         combined = self.label_quality not in LABEL_QUALITY_METHODS
         if combined:
             self._effective_label_quality(neighbour_labels is not None)  # warns if it stands in
@@ -983,15 +984,15 @@ class LabelWatchLogic:
                     " window starts again from this epoch."
                 )
             else:
-                if loaded.window == self.history_window and loaded.last_epoch == self.last_epoch:
+                if loaded.window == self.history_window and loaded.last_epoch == self.last_run:
                     history = loaded.to(_HISTORY_DTYPES[self.history_dtype])
                     self._history_files[name] = path
                 else:
                     rank_zero_warn(
-                        f"LabelWatch: the epoch history {path} (window {loaded.window}, epoch"
-                        f" {loaded.last_epoch}) does not match `history_window`="
-                        f"{self.history_window} at epoch {self.last_epoch}; the averaging window"
-                        " starts again from this epoch."
+                        f"LabelWatch: the epoch history {path} (window {loaded.window}, validation"
+                        f" run {loaded.last_epoch}) does not match `history_window`="
+                        f"{self.history_window} at run {self.last_run} (epoch {self.last_epoch});"
+                        " the averaging window starts again from this epoch."
                     )
         self._histories[name] = history
         return history
@@ -1089,6 +1090,17 @@ class LabelWatchLogic:
                 else "none"
             ),
         }
+
+    def _wandb_run_ids(self) -> dict[str, str]:
+        """The W&B run this epoch is logged to, kept in summary.json: a resumed fit may log to
+        a new run while its local files stay in the first run's folder."""
+        if self._wandb is None:
+            return {}
+        try:
+            run = self._wandb.run
+            return {"wandb_run_id": str(run.id), "wandb_project": str(run.project)}
+        except Exception:  # a W&B failure is warned about where the epoch is logged
+            return {}
 
     def _write_local(self, pending: _PendingEpoch) -> None:
         """(Re)write the epoch's files; ``out_dir`` becomes None when none could be written

@@ -215,7 +215,11 @@ def _from_local(epoch_dir: Path) -> CandidateSet:
         epoch = int(epoch_dir.name[6:])
     dataloader = summary.get("dataloader")
     root = epoch_dir.parent.parent if dataloader else epoch_dir.parent
-    project, run_id = _wandb_run_of_outputs(root)
+    # The run the epoch was logged to (a resumed fit may log to a new run), else the one
+    # whose folder these outputs sit in.
+    project, run_id = summary.get("wandb_project"), summary.get("wandb_run_id")
+    if run_id is None:
+        project, run_id = _wandb_run_of_outputs(root)
     artifact = None
     if run_id is not None:
         artifact = f"{project}/{_artifact_name(run_id, dataloader)}:epoch-{epoch}"
@@ -287,9 +291,18 @@ def _epochs_under(root: Path) -> dict[int, Path]:
 
 
 def _from_wandb_run(run_dir: Path, epoch: int | None) -> CandidateSet:
-    tables = list((run_dir / "files" / "media" / "table").glob("**/candidates_*.table.json"))
+    table_root = run_dir / "files" / "media" / "table"
+    tables = list(table_root.glob("**/candidates_*.table.json"))
     if not tables:
         raise FileNotFoundError(f"The W&B run folder {run_dir} holds no candidates tables.")
+    keys = sorted({p.parent.relative_to(table_root).as_posix() for p in tables})
+    if len(keys) > 1:  # several validation dataloaders, each under its own key
+        raise FileNotFoundError(
+            f"The W&B run folder {run_dir} holds the candidates of several validation"
+            f" dataloaders ({', '.join(k + '/candidates' for k in keys)}); pass the local outputs"
+            " of one instead: <save_dir>/<project>/<run id>/labelwatch/<dataloader>."
+        )
+    stream = keys[0].rsplit("/", 1)[-1] if "/" in keys[0] else None  # the dataloader's name
     # W&B names table files <key>_<step>_<hash>; the highest step is the latest epoch.
     tables.sort(key=lambda p: int(p.name.split("_")[-2]))
     frames = []
@@ -311,9 +324,14 @@ def _from_wandb_run(run_dir: Path, epoch: int | None) -> CandidateSet:
     # The WandbLogger's local outputs sit beside the run: <save_dir>/<project>/<run id>/.
     summary, project = {}, None
     save_dir = run_dir.resolve().parent.parent
-    for summary_path in save_dir.glob(f"*/{_glob_escape(run_id)}/labelwatch/epoch=*/summary.json"):
-        if found_epoch is not None and summary_path.parent.name == f"epoch={found_epoch}":
-            summary, project = json.loads(summary_path.read_text()), summary_path.parents[3].name
+    outputs = save_dir.glob(f"*/{_glob_escape(run_id)}/labelwatch/**/epoch=*/summary.json")
+    for summary_path in outputs:
+        if found_epoch is None or summary_path.parent.name != f"epoch={found_epoch}":
+            continue
+        found = json.loads(summary_path.read_text())
+        if found.get("dataloader") in (None, stream):
+            summary = found
+            project = next(p for p in summary_path.parents if p.name == run_id).parent.name
             break
     class_names = summary.get("class_names") or _names_from_columns(frames)
     artifact = None
