@@ -8,6 +8,7 @@ Any callable ``row -> wandb media | None`` works the same way.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,15 @@ class AudioFromPath(_FromPath):
 
 
 class ImageFromPath(_FromPath):
-    """``row[key]`` is an image file under ``root``; gives ``wandb.Image``."""
+    """``row[key]`` is an image file under ``root``; gives ``wandb.Image`` (needs Pillow)."""
 
     media_type = "Image"
+
+    def __init__(self, root: str | Path = ".", key: str = "path") -> None:
+        # wandb.Image reads files with Pillow: without it every epoch's table would fail.
+        if importlib.util.find_spec("PIL") is None:
+            raise ImportError(
+                "ImageFromPath needs Pillow to read images: pip install 'labelwatch[images]'"
+                " (or pip install pillow)."
+            )
+        super().__init__(root, key)

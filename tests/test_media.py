@@ -1,0 +1,80 @@
+"""Ready-made media callables: images from paths land in the W&B table of a real run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import WandbLogger
+from torch.utils.data import DataLoader
+
+from labelwatch import LabelWatch
+from labelwatch.media import ImageFromPath
+from tests.helpers import (
+    BlobDataset,
+    TinyClassifier,
+    finish_wandb,
+    loaders,
+    offline_run_dir,
+    trainer_kwargs,
+    wandb_records,
+)
+
+
+class WithImages(BlobDataset):
+    def __getitem__(self, index: int) -> dict:
+        return {**super().__getitem__(index), "path": f"img/{index}.png"}
+
+
+def test_image_media_for_every_candidate_land_in_the_wandb_table(tmp_path: Path, _wandb_offline):
+    """ImageFromPath puts a wandb.Image cell in the per-sample table for each candidate and
+    for `max_media_rows` other rows; the run_table artifact W&B writes holds the images."""
+    from PIL import Image
+
+    (tmp_path / "images/img").mkdir(parents=True)
+    for index in range(48):
+        Image.new("RGB", (8, 8), (index * 5, 0, 0)).save(tmp_path / f"images/img/{index}.png")
+    torch.manual_seed(0)
+    train, _ = loaders()
+    val = DataLoader(WithImages(48, seed=2, flip=6), batch_size=16)
+    callback = LabelWatch(
+        projection="none",
+        metadata_keys=["path"],
+        media_fn=ImageFromPath(root=tmp_path / "images"),
+        max_media_rows=5,
+    )
+    logger = WandbLogger(project="media", save_dir=str(tmp_path), offline=True)
+    Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[callback], max_epochs=1)).fit(
+        TinyClassifier(lr=0.2), train, val
+    )
+    finish_wandb()
+    (log_file,) = offline_run_dir(tmp_path).glob("*.wandb")
+    (files,) = [
+        {entry.path: Path(entry.local_path) for entry in record.artifact.manifest.contents}
+        for record in wandb_records(log_file)
+        if record.WhichOneof("record_type") == "artifact"
+        and record.artifact.type == "run_table"
+        and "labelwatch/samples.table.json" in {e.path for e in record.artifact.manifest.contents}
+    ]
+    table = json.loads(files["labelwatch/samples.table.json"].read_text())
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    with_media = [row for row in rows if row["media"] is not None]
+    candidates = [row for row in rows if row["is_candidate"]]
+    assert candidates and len(with_media) == len(candidates) + 5
+    for row in with_media:
+        assert row["media"]["_type"] == "image-file"
+        assert files[row["media"]["path"]].stat().st_size > 0  # the staged PNG
+
+
+def test_image_from_path_without_pillow_says_what_to_install(monkeypatch):
+    """Without Pillow, wandb.Image cannot read a file: fail at construction, not every epoch."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "PIL" else real(name, *a)
+    )
+    with pytest.raises(ImportError, match=r"pip install 'labelwatch\[images\]'"):
+        ImageFromPath(root=".")
