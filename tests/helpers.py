@@ -160,6 +160,21 @@ def wandb_records(path: Path) -> Iterator[object]:
     )
 
 
+def run_table_files(run_dir: Path, table: str) -> list[dict[str, Path]]:
+    """For each `run_table` artifact W&B logged for the table file ``table`` (e.g.
+    ``labelwatch/samples.table.json``), in order: artifact path -> staged local file. That
+    artifact holds the table with its media cells and media, as the dashboard reads it."""
+    (log_file,) = run_dir.glob("*.wandb")
+    found = []
+    for record in wandb_records(log_file):
+        if record.WhichOneof("record_type") != "artifact" or record.artifact.type != "run_table":
+            continue
+        files = {e.path: Path(e.local_path) for e in record.artifact.manifest.contents}
+        if table in files:
+            found.append(files)
+    return found
+
+
 def offline_run_dirs(save_dir: Path, run_id: str | None = None) -> list[Path]:
     """The offline run folders under ``save_dir/wandb`` (of one run id), oldest first.
 

@@ -20,8 +20,8 @@ from tests.helpers import (
     finish_wandb,
     loaders,
     offline_run_dir,
+    run_table_files,
     trainer_kwargs,
-    wandb_records,
 )
 
 
@@ -52,14 +52,7 @@ def test_image_media_for_every_candidate_land_in_the_wandb_table(tmp_path: Path,
         TinyClassifier(lr=0.2), train, val
     )
     finish_wandb()
-    (log_file,) = offline_run_dir(tmp_path).glob("*.wandb")
-    (files,) = [
-        {entry.path: Path(entry.local_path) for entry in record.artifact.manifest.contents}
-        for record in wandb_records(log_file)
-        if record.WhichOneof("record_type") == "artifact"
-        and record.artifact.type == "run_table"
-        and "labelwatch/samples.table.json" in {e.path for e in record.artifact.manifest.contents}
-    ]
+    (files,) = run_table_files(offline_run_dir(tmp_path), "labelwatch/samples.table.json")
     table = json.loads(files["labelwatch/samples.table.json"].read_text())
     rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
     with_media = [row for row in rows if row["media"] is not None]

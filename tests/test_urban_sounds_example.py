@@ -21,7 +21,7 @@ from examples.urban_sounds.demo import main as demo_main  # noqa: E402
 from examples.urban_sounds.generate import CLASS_NAMES, METADATA_COLUMNS, generate  # noqa: E402
 from torch.utils.data import RandomSampler, SequentialSampler  # noqa: E402
 
-from tests.helpers import offline_run_dir, wandb_records  # noqa: E402
+from tests.helpers import offline_run_dir, run_table_files  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "urban_sounds.yaml"
 TINY = {"num_clips": 80, "clip_seconds": 1.0, "seed": 5, "noise_rate": 0.2}
@@ -233,14 +233,7 @@ def test_demo_trains_through_the_cli_config_and_logs_audio_to_wandb(
     assert len(tables) == 2
     for path in tables:
         assert "media" in _table(path).columns and len(_table(path)) == 24
-    (log_file,) = run_dir.glob("*.wandb")
-    staged = [
-        {entry.path: Path(entry.local_path) for entry in record.artifact.manifest.contents}
-        for record in wandb_records(log_file)
-        if record.WhichOneof("record_type") == "artifact"
-        and record.artifact.type == "run_table"
-        and "labelwatch/samples.table.json" in {e.path for e in record.artifact.manifest.contents}
-    ]
+    staged = run_table_files(run_dir, "labelwatch/samples.table.json")
     assert len(staged) == 2  # one per epoch
     candidate_cells = []
     for files in staged:
