@@ -48,6 +48,7 @@ from labelwatch.projection import (
 from labelwatch.scoring import (
     LABEL_QUALITY_METHODS,
     LabelQualityMethod,
+    check_predictions,
     score_predictions,
 )
 from labelwatch.sinks import LocalSink, WandbSink, find_wandb_logger
@@ -544,18 +545,15 @@ class LabelWatchLogic:
             )
 
     def _check_captured(self, captured: CapturedEpoch | None) -> None:
-        """The sanity check's rows pass scoring's checks (labels, class names, ids), so a
-        mistake shows before training rather than after the first epoch; nothing is kept."""
-        if captured is None:
-            return
-        host = captured.to_host()
-        with warnings.catch_warnings():  # non-finite logits of an untrained model are fine
-            warnings.simplefilter("ignore", RuntimeWarning)
-            score_predictions(
-                logits=host.logits,
-                labels=host.targets,
+        """The sanity check's rows pass scoring's input checks (labels, class names, ids),
+        so a mistake shows before training rather than after the first epoch. Nothing is
+        scored or kept (every rank runs this, on its own batches)."""
+        if captured is not None:
+            check_predictions(
+                captured.logits,
+                captured.targets,
                 class_names=self.class_names,
-                sample_ids=host.sample_ids,
+                sample_ids=captured.sample_ids,
                 ignore_index=self.ignore_index,
             )
 

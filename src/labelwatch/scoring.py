@@ -22,6 +22,7 @@ __all__ = [
     "LABEL_QUALITY_METHODS",
     "SAMPLE_COLUMNS",
     "LabelQualityMethod",
+    "check_predictions",
     "score_predictions",
 ]
 
@@ -79,6 +80,59 @@ class Scores:
     thresholds: torch.Tensor
 
 
+def check_predictions(
+    values: Any,
+    labels: Any,
+    *,
+    name: str = "logits",
+    class_names: Sequence[str] | None = None,
+    sample_ids: Sequence[Any] | None = None,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor, list[str], list[Any], torch.Tensor]:
+    """The input checks of :func:`score_predictions`, without scoring: the callback runs
+    them on Lightning's sanity-check batches, so mistakes show before training.
+
+    Returns ``(values, labels, class names, sample ids, ignored)``: ``values`` as a
+    tensor, ``labels`` as int64 on its device, and which labels are ``ignore_index``.
+
+    Raises:
+        ValueError: as :func:`score_predictions`.
+    """
+    values = _as_tensor(values, name)
+    if values.ndim != 2:
+        raise ValueError(
+            f"`{name}` must be 2-D (N samples x C classes), got shape {tuple(values.shape)}."
+            " Flatten extra dimensions or pick the classification head's output."
+        )
+    num_samples, num_classes = values.shape
+    if num_classes < 2:
+        raise ValueError(f"`{name}` must have at least 2 classes (columns), got {num_classes}.")
+    labels_t = _as_tensor(labels, "labels")
+    if labels_t.ndim != 1 or labels_t.dtype.is_floating_point or labels_t.dtype == torch.bool:
+        raise ValueError(
+            "`labels` must be a 1-D tensor of integer class indices, got "
+            f"dtype {labels_t.dtype} and shape {tuple(labels_t.shape)}."
+        )
+    if len(labels_t) != num_samples:
+        raise ValueError(
+            f"`{name}` has {num_samples} rows but `labels` has {len(labels_t)}: "
+            "they must describe the same samples."
+        )
+    names = _class_names(class_names, num_classes)
+    ids = _sample_ids(sample_ids, num_samples)
+    labels_t = labels_t.to(values.device, torch.long)
+
+    ignored = labels_t == ignore_index
+    out_of_range = ~ignored & ((labels_t < 0) | (labels_t >= num_classes))
+    if out_of_range.any():
+        bad = labels_t[out_of_range].unique()[:10].tolist()
+        raise ValueError(
+            f"`labels` must be class indices in [0, {num_classes}) or `ignore_index`="
+            f"{ignore_index}; found {bad}. Check the label encoding or the number of classes."
+        )
+    return values, labels_t, names, ids, ignored
+
+
 def score_predictions(
     *,
     logits: Any = None,
@@ -128,38 +182,16 @@ def score_predictions(
             f"`label_quality` must be one of {LABEL_QUALITY_METHODS}, got {label_quality!r}"
         )
     name = "logits" if logits is not None else "probs"
-    values = _as_tensor(logits if logits is not None else probs, name)
-    if values.ndim != 2:
-        raise ValueError(
-            f"`{name}` must be 2-D (N samples x C classes), got shape {tuple(values.shape)}."
-            " Flatten extra dimensions or pick the classification head's output."
-        )
-    num_samples, num_classes = values.shape
-    if num_classes < 2:
-        raise ValueError(f"`{name}` must have at least 2 classes (columns), got {num_classes}.")
-    labels_t = _as_tensor(labels, "labels")
-    if labels_t.ndim != 1 or labels_t.dtype.is_floating_point or labels_t.dtype == torch.bool:
-        raise ValueError(
-            "`labels` must be a 1-D tensor of integer class indices, got "
-            f"dtype {labels_t.dtype} and shape {tuple(labels_t.shape)}."
-        )
-    if len(labels_t) != num_samples:
-        raise ValueError(
-            f"`{name}` has {num_samples} rows but `labels` has {len(labels_t)}: "
-            "they must describe the same samples."
-        )
-    names = _class_names(class_names, num_classes)
-    ids = _sample_ids(sample_ids, num_samples)
-    labels_t = labels_t.to(values.device, torch.long)
-
-    ignored = labels_t == ignore_index
-    out_of_range = ~ignored & ((labels_t < 0) | (labels_t >= num_classes))
-    if out_of_range.any():
-        bad = labels_t[out_of_range].unique()[:10].tolist()
-        raise ValueError(
-            f"`labels` must be class indices in [0, {num_classes}) or `ignore_index`="
-            f"{ignore_index}; found {bad}. Check the label encoding or the number of classes."
-        )
+    checked = check_predictions(
+        logits if logits is not None else probs,
+        labels,
+        name=name,
+        class_names=class_names,
+        sample_ids=sample_ids,
+        ignore_index=ignore_index,
+    )
+    values, labels_t, names, ids, ignored = checked
+    num_samples = len(values)
     finite = _finite_rows(values)
     nonfinite = ~finite & ~ignored
     num_nonfinite = int(nonfinite.sum())
