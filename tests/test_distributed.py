@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,42 +52,35 @@ def _assert_same_results(single: Path, distributed: Path) -> None:
     assert sorted(ca["sample_id"]) == sorted(cb["sample_id"])
 
 
-@pytest.mark.parametrize(
-    "callback_args", [{}, {"logits_dtype": "float16", "embeddings_dtype": "float16"}]
-)
-def test_ddp_spawn_equals_a_single_process(tmp_path: Path, callback_args: dict):
-    """ddp_spawn on 2 CPU processes: same samples (padding dropped), scores and candidates;
-    float16 logits and embeddings are gathered as float16."""
-    _fit(tmp_path / "single", string_ids=False, callback_args=callback_args)
-    _fit(
-        tmp_path / "ddp",
-        string_ids=False,
-        callback_args=callback_args,
-        strategy="ddp_spawn",
-        devices=2,
-    )
-    _assert_same_results(tmp_path / "single", tmp_path / "ddp")
-
-
 SCRIPT = """
+import json
 import sys
 from pathlib import Path
 from tests.test_distributed import _fit
 
-_fit(Path(sys.argv[1]), string_ids=True, strategy="ddp", devices=2)
+if __name__ == "__main__":  # ddp_spawn's workers import this script again
+    out, string_ids, callback_args, strategy = sys.argv[1:]
+    _fit(Path(out), string_ids=string_ids == "1", callback_args=json.loads(callback_args),
+         strategy=strategy, devices=2)
 """
 
 
-def test_ddp_launched_from_a_script_equals_a_single_process(tmp_path: Path):
-    """strategy='ddp' from a script (Lightning re-launches it): string ids, same results."""
+def _fit_in_a_script(
+    tmp_path: Path, out: Path, strategy: str, string_ids: bool, callback_args: dict
+) -> None:
+    """Run `_fit` with 2 processes from a fresh Python script, as users launch DDP. A fresh
+    process also keeps the ranks clear of state that earlier tests leave in pytest's: with
+    ddp_spawn from inside pytest, a rank aborted at exit now and then (C++ "terminate
+    called without an active exception") after the whole suite, never when run alone."""
     script = tmp_path / "train_ddp.py"
     script.write_text(textwrap.dedent(SCRIPT))
     # Keep the caller's PYTHONPATH after the repository root: it may pick the labelwatch
     # under test (a checkout other than the installed one).
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path}
+    arguments = [str(out), "1" if string_ids else "0", json.dumps(callback_args), strategy]
     result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "ddp")],
+        [sys.executable, str(script), *arguments],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -94,6 +88,22 @@ def test_ddp_launched_from_a_script_equals_a_single_process(tmp_path: Path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "callback_args", [{}, {"logits_dtype": "float16", "embeddings_dtype": "float16"}]
+)
+def test_ddp_spawn_equals_a_single_process(tmp_path: Path, callback_args: dict):
+    """ddp_spawn on 2 CPU processes: same samples (padding dropped), scores and candidates;
+    float16 logits and embeddings are gathered as float16."""
+    _fit(tmp_path / "single", string_ids=False, callback_args=callback_args)
+    _fit_in_a_script(tmp_path, tmp_path / "ddp", "ddp_spawn", False, callback_args)
+    _assert_same_results(tmp_path / "single", tmp_path / "ddp")
+
+
+def test_ddp_launched_from_a_script_equals_a_single_process(tmp_path: Path):
+    """strategy='ddp' from a script (Lightning re-launches it): string ids, same results."""
+    _fit_in_a_script(tmp_path, tmp_path / "ddp", "ddp", True, {})
     _fit(tmp_path / "single", string_ids=True)
     _assert_same_results(tmp_path / "single", tmp_path / "ddp")
 
