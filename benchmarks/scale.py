@@ -28,9 +28,8 @@ Prints one table, one row per (model, N samples, C classes) with D = 512 embeddi
   ``peak_mem_f16`` the same with ``logits_dtype``, ``embeddings_dtype`` and
   ``history_dtype`` set to ``"float16"``. ``peak_mem_marginal`` / ``peak_mem_f16_marginal``:
   the memory each extra sample adds, over its raw tensors, from the next smaller N at the
-  same C. The fixed costs that ``peak_mem`` also counts cancel out there: importing pandas
-  at the first epoch end alone adds about 64 MB of resident memory (0.3 x raw at
-  100k x 10), whatever N.
+  same C. The fixed costs that ``peak_mem`` also counts (libraries first loaded at the
+  first epoch end, such as pandas and pyarrow) cancel out there.
 - ``table_build_s`` / ``table_log_s``: building the per-sample ``wandb.Table`` and logging
   it to an offline run (depends on N only; measured at C = 10).
 
@@ -356,7 +355,7 @@ def _marginal(frame: pd.DataFrame, column: str) -> pd.Series:
     out = pd.Series(float("nan"), index=frame.index)
     for _, group in frame.groupby(["model", "C"]):
         order = group.sort_values("N").index
-        for smaller, larger in zip(order[:-1], order[1:], strict=False):
+        for smaller, larger in zip(order[:-1], order[1:], strict=True):
             out[larger] = (peak[larger] - peak[smaller]) / (raw[larger] - raw[smaller])
     return out
 

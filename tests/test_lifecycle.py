@@ -236,7 +236,7 @@ def test_resumed_wandb_run_continues_the_artifact_aliases(tmp_path: Path):
         pd.testing.assert_frame_equal(resumed_epochs[epoch], full_epochs[epoch], check_exact=False)
 
 
-def test_a_checkpoint_from_before_runs_were_counted_resumes_its_history():
+def test_a_checkpoint_without_last_run_falls_back_to_last_epoch():
     """Checkpoints without `last_run` keyed the history by epoch, which is the run count
     when every epoch was scored once: the epoch stands in for it."""
     callback = LabelWatch()

@@ -8,7 +8,7 @@ import os
 import pickle
 import warnings
 import weakref
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -172,7 +172,7 @@ class LabelWatchLogic:
             raise ValueError(f"`dirpath` must be a path (str or os.PathLike), got {dirpath!r}")
         class_names = _name_list("class_names", class_names, example="['dog', 'siren']")
         if class_names is not None:
-            repeated = sorted({str(n) for n in class_names if class_names.count(n) > 1})
+            repeated = sorted(str(n) for n, count in Counter(class_names).items() if count > 1)
             if repeated:
                 raise ValueError(
                     f"`class_names` must be unique (one per class index), got {repeated} more"
@@ -262,42 +262,15 @@ class LabelWatchLogic:
         self._warned: set[str] = set()
         self._fitted_by: weakref.ref | None = None  # the Trainer of the last fit
 
-    def _warn_if_validating_within_epochs(self, trainer: Any) -> None:
-        interval = getattr(trainer, "val_check_interval", 1.0)
-        if getattr(trainer, "check_val_every_n_epoch", 1) is not None and interval == 1.0:
-            return
-        self._warn_once(
-            "within-epochs",
-            "LabelWatch: this Trainer may validate several times per epoch"
-            f" (val_check_interval={interval!r}). Each validation is scored, logged to W&B"
-            " and counted in the averaging window and flag streaks, but the local folder"
-            " epoch=<n> keeps only the epoch's last one.",
-        )
-
-    def _start_afresh(self) -> None:
-        """Forget the last fit's outputs and per-sample state. A resumed fit gets its output
-        folder and epoch back from the checkpoint (load_state_dict comes after setup)."""
-        self.last_epoch = self.last_run = None
-        self.output_root = None
-        self.last_output_dir = None
-        for state in (
-            self._previous_maps,
-            self._previous_epochs,
-            self._streaks,
-            self._histories,
-            self._history_files,
-        ):
-            state.clear()
-
     @property
     def state_key(self) -> str:
         return self._generate_state_key(table_key=self.table_key, logits_key=self.logits_key)
 
     # ----------------------------------------------------------------------------- hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit" and self._fitted_by is not None and self._fitted_by() is not trainer:
-            self._start_afresh()  # another Trainer: its own folder, unless it resumes
         if stage == "fit":
+            if self._fitted_by is not None and self._fitted_by() is not trainer:
+                self._start_afresh()  # another Trainer: its own folder, unless it resumes
             self._fitted_by = weakref.ref(trainer)
             self._warn_if_validating_within_epochs(trainer)
         # Fail before training starts when a layer name is wrong.
@@ -470,6 +443,33 @@ class LabelWatchLogic:
             self.output_root = Path(root)
 
     # ----------------------------------------------------------------------------- helpers
+    def _warn_if_validating_within_epochs(self, trainer: Any) -> None:
+        interval = getattr(trainer, "val_check_interval", 1.0)
+        if getattr(trainer, "check_val_every_n_epoch", 1) is not None and interval == 1.0:
+            return
+        self._warn_once(
+            "within-epochs",
+            "LabelWatch: this Trainer may validate several times per epoch"
+            f" (val_check_interval={interval!r}). Each validation is scored, logged to W&B"
+            " and counted in the averaging window and flag streaks, but the local folder"
+            " epoch=<n> keeps only the epoch's last one.",
+        )
+
+    def _start_afresh(self) -> None:
+        """Forget the last fit's outputs and per-sample state. A resumed fit gets its output
+        folder and epoch back from the checkpoint (load_state_dict comes after setup)."""
+        self.last_epoch = self.last_run = None
+        self.output_root = None
+        self.last_output_dir = None
+        for state in (
+            self._previous_maps,
+            self._previous_epochs,
+            self._streaks,
+            self._histories,
+            self._history_files,
+        ):
+            state.clear()
+
     def _skips_epoch(self, trainer: Any) -> bool:
         """Not an ``every_n_epochs``-th training epoch, nor the last one (the final model
         is always scored when ``max_epochs`` says which epoch that is)."""

@@ -331,7 +331,7 @@ def _from_wandb_run(run_dir: Path, epoch: int | None) -> CandidateSet:
         found = json.loads(summary_path.read_text())
         if found.get("dataloader") in (None, stream):
             summary = found
-            project = next(p for p in summary_path.parents if p.name == run_id).parent.name
+            project = summary_path.relative_to(save_dir).parts[0]
             break
     class_names = summary.get("class_names") or _names_from_columns(frames)
     artifact = None
