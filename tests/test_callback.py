@@ -325,6 +325,21 @@ def test_several_validations_per_epoch_each_count_in_the_history(tmp_path: Path)
     assert callback.state_dict()["last_run"] == 3
 
 
+def test_a_second_trainer_warns_again(tmp_path: Path):
+    """Warn-once messages are once per fit: the same callback in a new Trainer that still
+    validates several times per epoch is told so again."""
+    train, val = loaders(num_val=20)
+    callback = LabelWatch(projection="none")
+    for run in ("first", "second"):
+        trainer = Trainer(
+            **trainer_kwargs(
+                tmp_path / run, callbacks=[callback], max_epochs=1, val_check_interval=0.5
+            )
+        )
+        with pytest.warns(UserWarning, match=r"several times per epoch"):
+            trainer.fit(TinyClassifier(), train, val)
+
+
 def test_unknown_layer_name_fails_in_setup(tmp_path: Path):
     """A logits_layer that is not a submodule is reported with the names that exist."""
     train, val = loaders()

@@ -456,8 +456,9 @@ class LabelWatchLogic:
         )
 
     def _start_afresh(self) -> None:
-        """Forget the last fit's outputs and per-sample state. A resumed fit gets its output
-        folder and epoch back from the checkpoint (load_state_dict comes after setup)."""
+        """Forget the last fit's outputs, per-sample state and warnings. A resumed fit gets
+        its output folder and epoch back from the checkpoint (load_state_dict comes after
+        setup)."""
         self.last_epoch = self.last_run = None
         self.output_root = None
         self.last_output_dir = None
@@ -467,6 +468,7 @@ class LabelWatchLogic:
             self._streaks,
             self._histories,
             self._history_files,
+            self._warned,  # a new fit warns again about what still holds for it
         ):
             state.clear()
 
