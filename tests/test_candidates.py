@@ -203,3 +203,24 @@ def test_wandb_run_folder_of_several_dataloaders_names_them_or_reads_the_chosen_
             assert found.artifact == f"p/relabel-candidates-clean-{run_id}:epoch-0"
             local = read_candidates(root / "p" / run_id / "labelwatch" / "clean")
             assert found.artifact == local.artifact
+
+
+def test_wandb_run_folder_reads_an_epoch_without_candidates(tmp_path, _wandb_offline):
+    """An epoch with no candidates logs an empty table: read back from the run folder it
+    is still that epoch's (found from the samples table at the same step), with its
+    summary's class names and artifact, and epoch= finds it."""
+    train, val = loaders(num_val=30, flip=4)
+    callback = LabelWatch(class_names=["a", "b", "c"], projection="none", max_candidates=0)
+    logger = WandbLogger(project="p", save_dir=str(tmp_path), offline=True)
+    Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[callback], max_epochs=2)).fit(
+        TinyClassifier(), train, val
+    )
+    finish_wandb()
+    run_dir = offline_run_dir(tmp_path)
+    latest = read_candidates(run_dir)
+    assert latest.frame.empty
+    assert latest.epoch == 1
+    assert latest.class_names == ["a", "b", "c"]
+    assert latest.artifact == f"p/relabel-candidates-{latest.wandb_run_id}:epoch-1"
+    first = read_candidates(run_dir, epoch=0)
+    assert first.frame.empty and first.epoch == 0

@@ -309,18 +309,18 @@ def _from_wandb_run(run_dir: Path, epoch: int | None) -> CandidateSet:
     for table_path in tables:
         table = json.loads(table_path.read_text())
         frames.append(pd.DataFrame(table["data"], columns=table["columns"]))
+    epochs = [_table_epoch(path, frame) for path, frame in zip(tables, frames, strict=True)]
     if epoch is None:
-        chosen = frames[-1]
+        chosen, found_epoch = frames[-1], epochs[-1]
     else:
-        matching = [f for f in frames if len(f) and int(f["epoch"].iloc[0]) == epoch]
+        matching = [f for f, e in zip(frames, epochs, strict=True) if e == epoch]
         if not matching:
             raise FileNotFoundError(f"No candidates for epoch {epoch} in the W&B run {run_dir}.")
-        chosen = matching[-1]
+        chosen, found_epoch = matching[-1], epoch
     frame = chosen.drop(columns=["media"], errors="ignore").reset_index(drop=True)
     # The id from run-<id>.wandb: the folder name may end in a suffix (a second run with
     # the same id started in the same second is offline-run-<time>-<id>-1).
     run_id = next(run_dir.glob("run-*.wandb")).stem.removeprefix("run-")
-    found_epoch = int(frame["epoch"].iloc[0]) if len(frame) else epoch
     # The WandbLogger's local outputs sit beside the run: <save_dir>/<project>/<run id>/.
     summary, project = {}, None
     save_dir = run_dir.resolve().parent.parent
@@ -348,6 +348,21 @@ def _from_wandb_run(run_dir: Path, epoch: int | None) -> CandidateSet:
         artifact=artifact,
         inputs=(run_dir / "files",),
     )
+
+
+def _table_epoch(path: Path, frame: pd.DataFrame) -> int | None:
+    """The epoch of a logged candidates table; an empty one (no candidates that epoch)
+    takes it from the samples table logged beside it, at the same step."""
+    if len(frame):
+        return int(frame["epoch"].iloc[0])
+    step = path.name.split("_")[-2]
+    for sibling in path.parent.glob(f"*_{step}_*.table.json"):
+        if sibling.name.startswith("candidates_") or sibling.name.split("_")[-2] != step:
+            continue
+        table = json.loads(sibling.read_text())
+        if table["data"] and "epoch" in table["columns"]:
+            return int(table["data"][0][table["columns"].index("epoch")])
+    return None
 
 
 def _names_from_columns(frames: list[pd.DataFrame]) -> list[str] | None:
