@@ -134,3 +134,77 @@ def test_ddp_without_sample_ids_is_a_clear_error(tmp_path: Path):
     )
     with pytest.raises(Exception, match="needs sample ids under DDP"):
         trainer.fit(TinyClassifier(), train, val)
+
+
+GATHER_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+from labelwatch.capture import CapturedEpoch, merge_ranks
+
+rank, port, out, same_ids = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+rows = 4 if same_ids else 3 + rank  # uneven
+embeddings = torch.tensor([[1e5, 1e-6], [-3e38, 0.5], [7.0, -2e4], [1e30, 1e-30]][:rows])
+local = CapturedEpoch(
+    logits=torch.zeros(rows, 2),
+    targets=torch.zeros(rows, dtype=torch.long),
+    sample_ids=torch.arange(rows) if same_ids else torch.arange(rows) * 2 + rank,
+    embeddings=embeddings.bfloat16(),
+)
+try:
+    merged = merge_ranks(local)
+except ValueError as err:
+    merged = str(err)
+if rank == 0 and not same_ids:
+    merged = {"ids": merged.sample_ids, "embeddings": merged.embeddings}
+if rank == 0:
+    torch.save(merged, out)
+dist.destroy_process_group()
+"""
+
+
+def _gather_in_two_processes(tmp_path: Path, same_ids: bool) -> object:
+    """Run GATHER_SCRIPT's merge_ranks on 2 gloo processes; what rank 0 got."""
+    import socket
+
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_SCRIPT)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    out = tmp_path / "merged.pt"
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    arguments = [port, str(out), "1" if same_ids else "0"]
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(rank), *arguments],
+            env={**os.environ, "PYTHONPATH": path},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    for rank in ranks:
+        _, err = rank.communicate(timeout=120)
+        assert rank.returncode == 0, err[-3000:]
+    return torch.load(out)
+
+
+def test_bfloat16_embeddings_are_gathered_exactly(tmp_path: Path):
+    """bfloat16 embeddings travel as bfloat16: values beyond float16's range (and below its
+    precision) arrive as they left each rank. Two real gloo processes, no Trainer."""
+    merged = _gather_in_two_processes(tmp_path, same_ids=False)
+    sent = torch.tensor([[1e5, 1e-6], [-3e38, 0.5], [7.0, -2e4], [1e30, 1e-30]]).bfloat16()
+    expected = torch.cat([sent[:3], sent[:4]])[[0, 3, 1, 4, 2, 5, 6]]  # sorted by id
+    assert list(merged["ids"]) == [0, 1, 2, 3, 4, 5, 7]
+    assert merged["embeddings"].dtype == torch.bfloat16
+    assert torch.equal(merged["embeddings"], expected)
+
+
+def test_every_rank_sending_every_id_names_the_unsplit_dataloader(tmp_path: Path):
+    """Ranks that each validated the whole set (no DistributedSampler) send every id
+    twice: the error says the dataloader is not split, not only that ids repeat."""
+    message = _gather_in_two_processes(tmp_path, same_ids=True)
+    assert "4 validation samples share a sample id" in message
+    assert "use_distributed_sampler=False" in message

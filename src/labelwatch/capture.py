@@ -259,15 +259,15 @@ def merge_ranks(local: CapturedEpoch | None) -> CapturedEpoch | None:
 
 def _gather(local: CapturedEpoch | None, world_size: int) -> CapturedEpoch | None:
     device = local.logits.device if local is not None else _default_device()
-    # 1) shapes: rows, classes, embedding width, bytes per embedding value, integer ids,
-    #    bytes per logit (float16 logits travel as float16 when every rank has them)
+    # 1) shapes: rows, classes, embedding width, embedding dtype code, integer ids, bytes
+    #    per logit (float16 logits travel as float16 when every rank has them)
     shape = torch.tensor(_shape_of(local), device=device)
     shapes = [torch.empty_like(shape) for _ in range(world_size)]
     dist.all_gather(shapes, shape)
     rows = [int(s[0]) for s in shapes]
     num_classes = max(int(s[1]) for s in shapes)
     width = max(int(s[2]) for s in shapes)
-    emb_dtype = {0: None, 2: torch.float16, 4: torch.float32}[max(int(s[3]) for s in shapes)]
+    emb_dtype = _gathered_embeddings_dtype({int(s[3]) for s in shapes if s[0] > 0})
     int_ids = bool(min(int(s[4]) for s in shapes if s[0] > 0)) if sum(rows) else True
     logits_dtype = torch.float16 if max(int(s[5]) for s in shapes) == 2 else torch.float32
     # 2) one fused gather of every number, as raw bytes, padded to the largest rank
@@ -309,10 +309,24 @@ def _shape_of(local: CapturedEpoch | None) -> list[int]:
         len(local),
         local.logits.shape[1],
         emb.shape[1] if emb is not None else 0,
-        (2 if emb.dtype in (torch.float16, torch.bfloat16) else 4) if emb is not None else 0,
+        _EMBEDDINGS_CODES.get(emb.dtype, 4) if emb is not None else 0,
         int(isinstance(local.sample_ids, torch.Tensor)),
         2 if local.logits.dtype == torch.float16 else 4,
     ]
+
+
+# Embeddings travel in their own dtype when every rank has the same 16-bit one (bfloat16
+# as float16 would overflow above 65504); any other mix travels as float32.
+_EMBEDDINGS_CODES = {torch.float16: 2, torch.bfloat16: 3, torch.float32: 4}
+
+
+def _gathered_embeddings_dtype(codes: set[int]) -> torch.dtype | None:
+    codes.discard(0)  # ranks without embeddings (or without rows)
+    if not codes:
+        return None
+    if len(codes) == 1:
+        return {2: torch.float16, 3: torch.bfloat16}.get(codes.pop(), torch.float32)
+    return torch.float32
 
 
 def _numeric_columns(
@@ -368,9 +382,17 @@ def _deduplicate_and_sort(captured: CapturedEpoch, world_size: int) -> CapturedE
         # Only the sampler's padding may repeat an id; anything more is a user error.
         repeats = len(id_list) - len(first)
         if repeats >= world_size:
+            hint = ""
+            if len(id_list) == world_size * len(first):
+                hint = (
+                    f" Each of the {world_size} ranks sent every id: the validation dataloader"
+                    " is not split across ranks (Trainer(use_distributed_sampler=False)?). Let"
+                    " Lightning add its DistributedSampler, or shard the data yourself."
+                )
             raise ValueError(
                 f"{repeats} validation samples share a sample id with another sample; ids must be"
                 " unique within an epoch (DistributedSampler repeats at most world_size - 1)."
+                + hint
             )
     keep = sorted(first.values(), key=id_list.__getitem__) if world_size > 1 else None
     if keep is None:  # one process: keep the loader's order and let scoring report duplicates
