@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler, SubsetRandomSampler
 
 from labelwatch import LabelWatch
 from labelwatch.scoring import SAMPLE_COLUMNS
@@ -270,10 +270,25 @@ class TupleClassifier(CountsTrainingSteps):
             TupleClassifier,
             lambda: DataLoader(TupleBatches(48), batch_size=16, shuffle=True),
             {},
-            "shuffles and its batches carry no sample ids",
+            r"random order \(RandomSampler\) and its batches carry no sample ids",
+        ),
+        (
+            TupleClassifier,
+            lambda: DataLoader(
+                TupleBatches(48), batch_size=16, sampler=SubsetRandomSampler(range(8, 40))
+            ),
+            {},
+            r"random order \(SubsetRandomSampler\) and its batches carry no sample ids",
         ),
     ],
-    ids=["no-logits", "target-out-of-range", "class-names", "array-metadata", "shuffled-no-ids"],
+    ids=[
+        "no-logits",
+        "target-out-of-range",
+        "class-names",
+        "array-metadata",
+        "shuffled-no-ids",
+        "subset-sampler-no-ids",
+    ],
 )
 def test_capture_mistakes_fail_in_the_sanity_check_before_training(
     tmp_path: Path, model, val, kwargs, message
@@ -288,6 +303,36 @@ def test_capture_mistakes_fail_in_the_sanity_check_before_training(
         trainer.fit(module, train, val())
     assert module.training_steps == 0
     assert not (tmp_path / "labelwatch").exists()
+
+
+class Backwards(Sampler):
+    """A fixed order that is not the dataset's: positions are not dataset indices."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __iter__(self):
+        return iter(range(self.size - 1, -1, -1))
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def test_positions_from_a_sampler_of_unknown_order_warn(tmp_path: Path):
+    """Without ids, a sampler LabelWatch cannot vouch for gets one warning that positions
+    stand in for ids; a plain unshuffled loader gets none."""
+    train = DataLoader(TupleBatches(32), batch_size=16)
+    val = DataLoader(TupleBatches(32), batch_size=16, sampler=Backwards(32))
+    trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[LabelWatch(projection="none")]))
+    with pytest.warns(UserWarning, match="its position, but Backwards may not walk the dataset"):
+        trainer.fit(TupleClassifier(), train, val)
+    assert (tmp_path / "labelwatch" / "epoch=0" / "samples.parquet").is_file()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="LabelWatch")
+        trainer = Trainer(
+            **trainer_kwargs(tmp_path / "plain", callbacks=[LabelWatch(projection="none")])
+        )
+        trainer.fit(TupleClassifier(), train, DataLoader(TupleBatches(32), batch_size=16))
 
 
 def test_trainer_validate_warns_that_only_fit_is_watched(tmp_path: Path):

@@ -20,7 +20,14 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning_utilities.core.rank_zero import rank_zero_warn
-from torch.utils.data import RandomSampler
+from torch.utils.data import (
+    BatchSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
 
 from labelwatch.candidates import select_candidates
 from labelwatch.capture import CapturedEpoch, EpochBuffer, LayerTap, find_submodule, merge_ranks
@@ -534,16 +541,28 @@ class LabelWatchLogic:
         if isinstance(loaders, Mapping):
             loaders = list(loaders.values())
         loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
-        samplers = (
-            getattr(loader, "sampler", None),
-            getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+        if isinstance(getattr(loader, "dataset", None), IterableDataset):
+            return  # a stream has no sampler: its order is the dataset's own
+        batches = getattr(loader, "batch_sampler", None)
+        order = batches.sampler if isinstance(batches, BatchSampler) else batches
+        order = order if order is not None else getattr(loader, "sampler", None)
+        fix = (
+            f"Put {self.sample_id_key!r} in the batch or in validation_step's output (the"
+            " dataset index, say)"
         )
-        if any(isinstance(sampler, RandomSampler) for sampler in samplers):
+        if isinstance(order, _RANDOM_ORDER):
             raise ValueError(
-                "LabelWatch: the validation dataloader shuffles and its batches carry no sample"
-                " ids, so each epoch would give a sample another position (its row, history and"
-                f" streak would mix samples). Put {self.sample_id_key!r} in the batch or in"
-                " validation_step's output, or validate with shuffle=False."
+                f"LabelWatch: the validation dataloader draws samples in a random order"
+                f" ({type(order).__name__}) and its batches carry no sample ids, so each epoch"
+                " would give a sample another position (its row, history and streak would mix"
+                f" samples). {fix}, or validate in order (shuffle=False)."
+            )
+        if order is not None and not isinstance(order, SequentialSampler):
+            self._warn_once(
+                "positions",
+                f"LabelWatch: the validation batches carry no sample ids, so a sample's id is"
+                f" its position, but {type(order).__name__} may not walk the dataset in order"
+                f" or in the same order every epoch. {fix}.",
             )
 
     def _check_captured(self, captured: CapturedEpoch | None) -> None:
@@ -1283,6 +1302,10 @@ class LabelWatch(LabelWatchLogic, Callback):
             callbacks=[LabelWatch(class_names=["dog_bark", "siren"], embedding_layer="backbone")],
         )
     """
+
+
+# Samplers whose order changes from epoch to epoch: positions cannot name samples.
+_RANDOM_ORDER = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
 
 
 def _name_list(argument: str, value: Any, *, example: str) -> list[Any] | None:
