@@ -215,6 +215,12 @@ class LogitsOnly(CountsTrainingSteps):  # no validation loss, which a bad target
         return {"logits": self(batch["x"])}
 
 
+class MixedIds(LogitsOnly):  # ids of two kinds, as from an object column: 0, "1", 2, ...
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        ids = [i if i % 2 else str(i) for i in batch["sample_id"].tolist()]
+        return {**super().validation_step(batch, batch_idx), "sample_id": ids}
+
+
 class TargetSeven(BlobDataset):
     def __getitem__(self, index: int) -> dict:
         return {**super().__getitem__(index), "target": 7 if index == 5 else 0}
@@ -280,6 +286,12 @@ class TupleClassifier(CountsTrainingSteps):
             {},
             r"random order \(SubsetRandomSampler\) and its batches carry no sample ids",
         ),
+        (
+            MixedIds,
+            lambda: DataLoader(BlobDataset(48), batch_size=16),
+            {},
+            "`sample_ids` must be all integers or all strings",
+        ),
     ],
     ids=[
         "no-logits",
@@ -288,6 +300,7 @@ class TupleClassifier(CountsTrainingSteps):
         "array-metadata",
         "shuffled-no-ids",
         "subset-sampler-no-ids",
+        "mixed-id-kinds",
     ],
 )
 def test_capture_mistakes_fail_in_the_sanity_check_before_training(

@@ -157,6 +157,14 @@ def test_nonfinite_logits_are_skipped_counted_and_warned():
         ({"logits": torch.randn(2, 3), "labels": [0, 1], "class_names": ["a"]}, "has 1 names"),
         ({"logits": torch.randn(2, 3), "labels": [0, 1], "sample_ids": [7, 7]}, r"unique .* \[7\]"),
         ({"logits": torch.randn(2, 3), "labels": [0, 1], "sample_ids": [7]}, "has 1 entries"),
+        (
+            {"logits": torch.randn(2, 3), "labels": [0, 1], "sample_ids": [1, "1"]},
+            r"all integers or all strings; got int \(e.g. 1\), str \(e.g. '1'\)",
+        ),
+        (
+            {"logits": torch.randn(2, 3), "labels": [0, 1], "sample_ids": [0.5, 1.5]},
+            r"all integers or all strings; got float \(e.g. 0.5\)",
+        ),
         ({"logits": torch.randn(2, 1), "labels": [0, 0]}, "at least 2 classes"),
         ({"logits": torch.randn(2, 3), "probs": torch.rand(2, 3), "labels": [0, 1]}, "exactly one"),
         ({"logits": torch.randn(2, 3), "labels": [0.0, 1.0]}, "integer class indices"),
@@ -184,3 +192,11 @@ def test_scores_from_logits_equal_scores_from_their_softmax(seed: int):
     from_probs = score_predictions(probs=probs.astype(np.float64), labels=labels)
     np.testing.assert_allclose(from_logits["entropy"], from_probs["entropy"], atol=2e-5)
     np.testing.assert_allclose(from_logits["margin"], from_probs["margin"], atol=1e-6)
+
+
+def test_integer_ids_of_any_integer_type_are_accepted():
+    """numpy integers mixed with Python ints are integers: no error, ids kept as given."""
+    frame = score_predictions(
+        logits=torch.randn(3, 2), labels=[0, 1, 0], sample_ids=[np.int64(5), 6, np.int32(7)]
+    )
+    assert frame["sample_id"].tolist() == [5, 6, 7]

@@ -9,6 +9,7 @@ so the two select the same samples, ties included.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -477,6 +478,7 @@ def _sample_ids(sample_ids: Sequence[Any] | None, num_samples: int) -> list[Any]
             f"`sample_ids` has {len(ids)} entries but there are {num_samples} samples;"
             " pass one id per sample."
         )
+    _check_id_kinds(ids)
     seen: set[Any] = set()
     duplicates = [i for i in ids if i in seen or seen.add(i)]
     if duplicates:
@@ -486,6 +488,24 @@ def _sample_ids(sample_ids: Sequence[Any] | None, num_samples: int) -> list[Any]
             " Give every sample a stable unique id (for example its index or file name)."
         )
     return ids
+
+
+def _check_id_kinds(ids: list[Any]) -> None:
+    """Ids are all integers or all strings: a mix sorts nowhere and writes no parquet column,
+    and 1 and "1" would name two samples that a CSV round trip makes one."""
+    kinds = {type(i) for i in ids}
+    if all(issubclass(k, str) for k in kinds):
+        return
+    if all(issubclass(k, numbers.Integral) and not issubclass(k, bool) for k in kinds):
+        return
+    examples = {}
+    for i in ids:
+        examples.setdefault(type(i).__name__, i)
+    found = ", ".join(f"{kind} (e.g. {value!r})" for kind, value in examples.items())
+    raise ValueError(
+        f"`sample_ids` must be all integers or all strings; got {found}."
+        " Give every sample an id of one kind (str(i) for each, say)."
+    )
 
 
 def _np(tensor: torch.Tensor) -> np.ndarray:
