@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import warnings
+import weakref
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch.utils.data import DataLoader, Sampler, SubsetRandomSampler
 
@@ -616,3 +618,37 @@ def test_wandb_logging_runs_beside_training_and_is_complete_when_fit_returns(
     trainer.fit(TinyClassifier(), train, val)
     assert [epoch for epoch, _, _ in logged] == [0, 1]
     assert all(name.startswith("labelwatch-logging") and waited for _, name, waited in logged)
+
+
+class _FailsInEpochOne(TinyClassifier):
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.current_epoch == 1:
+            raise RuntimeError("out of memory, say")
+        return super().training_step(batch, batch_idx)
+
+
+class _KeepsSlabs(Callback):
+    """Weak references to the capture memory LabelWatch keeps between epochs."""
+
+    def __init__(self, watch: LabelWatch) -> None:
+        self.watch, self.refs = watch, []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        for slabs in self.watch._spare_slabs.values():
+            self.refs += [weakref.ref(t) for t in slabs.values()]
+
+
+def test_a_failed_fit_frees_the_capture_memory_and_unhooks_the_model(tmp_path: Path):
+    """Lightning skips teardown after an exception; the callback still releases what it
+    holds (on the GPU in real use) and removes its forward hooks, so a retry starts clean."""
+    train, val = loaders()
+    watch = LabelWatch(projection="none", logits_layer="head", embedding_layer="backbone")
+    keeps = _KeepsSlabs(watch)
+    model = _FailsInEpochOne()
+    trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[watch, keeps], max_epochs=3))
+    with pytest.raises(RuntimeError, match="out of memory, say"):
+        trainer.fit(model, train, val)
+    gc.collect()
+    assert keeps.refs and all(ref() is None for ref in keeps.refs)
+    assert not model.head._forward_hooks and not model.backbone._forward_hooks
+    assert (tmp_path / "labelwatch/epoch=0/samples.parquet").is_file()

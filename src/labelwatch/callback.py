@@ -404,6 +404,9 @@ class LabelWatchLogic:
         self._wait_for_logging()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # Lightning skips teardown after an exception: free the capture memory (on the
+        # model's device) and unhook the model here, for a notebook that retries.
+        self._release_capture()
         # Interrupted: log what is outstanding now, without coordinates, rather than lose it.
         self._finish_maps(wait=False, give_up=True)
         self._stop_worker()
@@ -411,13 +414,16 @@ class LabelWatchLogic:
         self._wait_for_logging()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._remove_taps()
-        self._buffers = None
-        self._spare_slabs = {}
+        self._release_capture()
         self._finish_maps(wait=True)
         self._stop_worker()
         self._wait_for_history_saves()
         self._wait_for_logging()
+
+    def _release_capture(self) -> None:
+        self._remove_taps()
+        self._buffers = None
+        self._spare_slabs = {}
 
     def _wait_for_history_saves(self) -> None:
         """Block until every history handed to the saving thread is on disk."""
