@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch.utils.data import DataLoader, Sampler, SubsetRandomSampler
 
@@ -177,6 +178,42 @@ def test_every_n_epochs_also_scores_the_last_epoch_and_never_the_sanity_check(tm
         "last_run": 2,  # the third validation run scored
         "output_root": str(tmp_path / "labelwatch"),
     }
+
+
+def test_every_n_epochs_scores_the_last_epoch_that_max_steps_sets(tmp_path: Path):
+    """max_steps ends the fit in epoch 3 (6 steps an epoch): with every_n_epochs=3 its
+    validation is scored as the last one, besides epoch 2, and nothing is warned."""
+    train, val = loaders()
+    trainer = Trainer(
+        **trainer_kwargs(
+            tmp_path,
+            callbacks=[LabelWatch(every_n_epochs=3, projection="none")],
+            max_epochs=-1,
+            max_steps=24,
+        )
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="LabelWatch")
+        trainer.fit(TinyClassifier(), train, val)
+    assert sorted(p.name for p in (tmp_path / "labelwatch").iterdir()) == ["epoch=2", "epoch=3"]
+
+
+def test_early_stopping_on_a_skipped_epoch_warns_that_the_final_model_is_unscored(
+    tmp_path: Path,
+):
+    """Early stopping decides after the validation, too late to score it: the end of fit
+    says which epoch was skipped and which was scored last."""
+    train, val = loaders()
+    stop = EarlyStopping("val_loss", patience=1, min_delta=100.0)  # stops after epoch 1
+    callback = LabelWatch(every_n_epochs=3, projection="none")
+    trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[callback, stop], max_epochs=20))
+    with pytest.warns(
+        UserWarning,
+        match=r"skipped \(epoch 1\), so the final model was not"
+        r" scored; the last scored epoch is none",
+    ):
+        trainer.fit(TinyClassifier(), train, val)
+    assert trainer.current_epoch == 2 and not (tmp_path / "labelwatch").exists()
 
 
 def test_no_embeddings_means_scores_without_a_map(tmp_path: Path):
@@ -569,7 +606,6 @@ def test_knn_agreement_and_flag_streaks_are_logged_per_sample(tmp_path: Path):
     assert last["flag_streak"].max() >= 2
 
 
-
 def test_flag_streaks_skip_samples_missing_from_an_epoch():
     """A sample absent from an epoch keeps its streak and continues it when it returns."""
     callback = LabelWatch(projection="none")
@@ -584,6 +620,7 @@ def test_flag_streaks_skip_samples_missing_from_an_epoch():
     assert epoch({"a": True, "c": True}) == [2, 1]  # b missing
     assert epoch({"b": True, "c": True, "d": True}) == [2, 2, 1]  # b back: 1 + 1
     assert epoch({"a": False, "d": True}) == [0, 2]
+
 
 def test_wandb_logging_runs_beside_training_and_is_complete_when_fit_returns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

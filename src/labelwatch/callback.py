@@ -242,6 +242,7 @@ class LabelWatchLogic:
         self.last_output_dir: Path | None = None
         self._buffers: dict[int, EpochBuffer] | None = None
         self._sanity_checking = False
+        self._skipped_epoch: int | None = None  # the last validation's epoch, if skipped
         # Capture slabs kept between epochs (per dataloader), so their pages are touched
         # once per fit, not every epoch; released when fitting ends.
         self._spare_slabs: dict[int, dict[str, torch.Tensor]] = {}
@@ -279,6 +280,7 @@ class LabelWatchLogic:
             if self._fitted_by is not None and self._fitted_by() is not trainer:
                 self._start_afresh()  # another Trainer: its own folder, unless it resumes
             self._fitted_by = weakref.ref(trainer)
+            self._skipped_epoch = None
             self._warn_if_validating_within_epochs(trainer)
         # Fail before training starts when a layer name is wrong.
         for argument, name in (
@@ -311,7 +313,9 @@ class LabelWatchLogic:
         # The sanity check's batches are captured and checked but never scored: a missing key,
         # a wrong shape or label fails there, before the first training epoch, not after it.
         self._sanity_checking = trainer.sanity_checking
-        if not self._sanity_checking and self._skips_epoch(trainer):
+        skips = not self._sanity_checking and self._skips_epoch(trainer)
+        self._skipped_epoch = trainer.current_epoch if skips else None
+        if skips:
             return
         self._buffers = {}
         self._watched = self._watched_dataloaders(trainer)
@@ -399,6 +403,15 @@ class LabelWatchLogic:
             self._finish_maps(wait=False)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._skipped_epoch is not None:
+            scored = f"epoch {self.last_epoch}" if self.last_epoch is not None else "none"
+            self._warn_once(
+                "final-not-scored",
+                f"LabelWatch: the fit stopped after a validation that every_n_epochs="
+                f"{self.every_n_epochs} skipped (epoch {self._skipped_epoch}), so the final"
+                f" model was not scored; the last scored epoch is {scored}. Early stopping"
+                " cannot be foreseen: use every_n_epochs=1 with it.",
+            )
         self._finish_maps(wait=True)
         self._wait_for_history_saves()
         self._wait_for_logging()
@@ -486,10 +499,16 @@ class LabelWatchLogic:
             state.clear()
 
     def _skips_epoch(self, trainer: Any) -> bool:
-        """Not an ``every_n_epochs``-th training epoch, nor the last one (the final model
-        is always scored when ``max_epochs`` says which epoch that is)."""
+        """Not an ``every_n_epochs``-th training epoch, nor the fit's last validation, as far
+        as the Trainer knows it now: ``max_epochs``, ``max_steps``, or a stop already asked
+        for. A stop that this validation itself causes (early stopping) is warned about at
+        the end of fit."""
         epoch = trainer.current_epoch + 1
-        return epoch % self.every_n_epochs != 0 and epoch != trainer.max_epochs
+        if epoch % self.every_n_epochs == 0 or epoch == trainer.max_epochs:
+            return False
+        max_steps = getattr(trainer, "max_steps", -1)
+        last_step = max_steps is not None and 0 <= max_steps <= trainer.global_step
+        return not (last_step or getattr(trainer, "should_stop", False))
 
     def _watched_dataloaders(self, trainer: Any) -> dict[int, str | None]:
         """Index -> name of each watched validation dataloader (None when there is one)."""
@@ -1240,7 +1259,9 @@ class LabelWatch(LabelWatchLogic, Callback):
         dataloaders: which validation dataloaders to watch, by index or name (None = all).
             With several, each gets its own folder, W&B keys and artifact, by name.
         every_n_epochs: score the validation of every n-th training epoch (epochs n - 1,
-            2n - 1, ...; 1 = each one), and always that of the last epoch (``max_epochs``).
+            2n - 1, ...; 1 = each one), and that of the last epoch when the Trainer knows it
+            in advance (``max_epochs``, ``max_steps``, a stop already asked for); a fit that
+            early stopping ends on a skipped epoch warns that its final model is unscored.
         projection: ``"umap"`` (PCA below 16 samples), ``"pca"``, ``"none"``, or a picklable
             callable ``f(embeddings, init) -> (N, 2)``. Maps are warm-started from the
             previous epoch by sample id; see :mod:`labelwatch.projection`.
