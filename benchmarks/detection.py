@@ -57,7 +57,12 @@ from torch import nn
 
 from labelwatch import score_predictions
 from labelwatch.callback import KNN_NEIGHBOURS, LabelWatchLogic
-from labelwatch.combined import candidate_flags, combined_quality, history_scores
+from labelwatch.combined import (
+    candidate_flags,
+    combined_quality,
+    history_scores,
+    reachable_agreement,
+)
 from labelwatch.history import EpochHistory
 from labelwatch.neighbours import knn_label_distribution
 from labelwatch.scoring import LABEL_QUALITY_METHODS
@@ -233,7 +238,9 @@ def score_half(
         knn,
         method=DEFAULTS["label_quality"],
         knn_weight=DEFAULTS["knn_weight"],
-        min_knn_agreement=DEFAULTS["min_knn_agreement"],
+        # as the callback scales it: a class too small to fill a neighbourhood is spared
+        min_knn_agreement=DEFAULTS["min_knn_agreement"]
+        * reachable_agreement(labels_t, min(K, len(labels_t) - 1)),
     )
     rankings[DEFAULT_RANKING] = -default.quality.double().numpy()
     for method in (

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
+from torch.utils.data import DataLoader, Subset
 
 from labelwatch import LabelWatch
 from labelwatch.combined import combined_quality, mix_probabilities
@@ -296,3 +297,25 @@ def test_a_second_trainer_with_the_same_callback_starts_afresh_in_its_own_folder
         "last_run": 0,
         "output_root": str(second / "labelwatch"),
     }
+
+
+def test_a_class_too_small_to_fill_a_neighbourhood_is_not_flagged_for_it(tmp_path: Path):
+    """Two validation samples of class 2: at most 1 of 10 neighbours can share their label,
+    so kNN agreement alone would flag them however right they are. The neighbourhood
+    clause asks only what the class can reach; flipped labels in big classes still count."""
+    blobs = BlobDataset(60, seed=2, flip=6)
+    rare = [8, 11]  # class 2, labelled right
+    keep = [i for i in range(60) if blobs.labels[i] != 2] + rare
+    train, _ = loaders()
+    val = DataLoader(Subset(blobs, keep), batch_size=16)
+    torch.manual_seed(0)
+    callback = LabelWatch(projection="none", embedding_layer="backbone")
+    Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=3)).fit(
+        TinyClassifier(lr=0.2), train, val
+    )
+    samples = pd.read_parquet(callback.last_output_dir / "samples.parquet").set_index("sample_id")
+    rare_rows = samples.loc[[1000 + i for i in rare]]
+    assert (rare_rows["predicted_label"] == 2).all() and (rare_rows["knn_agreement"] < 0.2).all()
+    assert not rare_rows["is_candidate"].any()
+    flipped = samples.loc[[1000 + i for i in (0, 2, 3, 5)]]
+    assert flipped["is_candidate"].sum() >= 3

@@ -15,6 +15,7 @@ from labelwatch.combined import (
     limit_candidates,
     mix_probabilities,
     mixed_thresholds,
+    reachable_agreement,
 )
 from labelwatch.history import EpochHistory
 from labelwatch.scoring import compute_scores
@@ -307,3 +308,25 @@ def test_candidate_rule_and_budget():
     quality = combined_quality(probs, labels, knn)
     assert limit_candidates(flags, quality, 1).tolist() == [False, False, False, True]
     assert limit_candidates(flags, quality, None).tolist() == flags.tolist()
+
+
+def test_reachable_agreement_is_what_each_class_can_fill():
+    """A class of n samples fills at most n - 1 of k neighbours; a lone sample none."""
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    assert reachable_agreement(labels, 2).tolist() == [1.0, 1.0, 1.0, 0.5, 0.5, 0.0]
+    assert reachable_agreement(labels, 0).tolist() == [0.0] * 6
+
+
+def test_a_per_sample_minimum_agreement_spares_what_its_class_cannot_reach():
+    """With the minimum scaled by reachable_agreement, the one agreeing neighbour a pair
+    can give is enough; the same agreement in a big class still flags."""
+    probs = _probs(*[[0.9, 0.1]] * 4, [0.1, 0.9], [0.1, 0.9])
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])
+    knn = _probs(*[[1.0, 0.0]] * 3, [0.75, 0.25], [0.75, 0.25], [0.75, 0.25])
+    flags = candidate_flags(probs, labels, knn, min_knn_agreement=0.5)
+    assert flags.tolist() == [False, False, False, False, True, True]
+    minimum = 0.5 * reachable_agreement(labels, 4)  # class 1 reaches 1/4: minimum 0.125
+    flags = candidate_flags(probs, labels, knn, min_knn_agreement=minimum)
+    assert flags.tolist() == [False] * 6
+    with pytest.raises(ValueError, match="a number in"):
+        candidate_flags(probs, labels, knn, min_knn_agreement=torch.full((6,), 1.5))

@@ -40,6 +40,7 @@ from labelwatch.combined import (
     HistoryScores,
     history_scores,
     mixed_thresholds,
+    reachable_agreement,
 )
 from labelwatch.history import HISTORY_FILE, EpochHistory
 from labelwatch.neighbours import knn_neighbours, label_agreement, label_distribution
@@ -956,6 +957,9 @@ class LabelWatchLogic:
         thresholds = mixed_thresholds(
             step.mean_at(labels, given), labels, num_classes, agreement, knn_weight=self.knn_weight
         )
+        minimum = torch.full(labels.shape, float(self.min_knn_agreement))
+        if neighbour_labels is not None:
+            minimum *= reachable_agreement(labels, neighbour_labels.shape[1])
         parts = []
         for rows in step.chunks():
             averaged = step.average(rows, torch.softmax(logits[rows].float(), dim=1).cpu())
@@ -969,7 +973,7 @@ class LabelWatchLogic:
                     knn,
                     method=self.label_quality if combined else None,
                     knn_weight=self.knn_weight,
-                    min_knn_agreement=self.min_knn_agreement,
+                    min_knn_agreement=minimum[rows],
                     writable=True,  # a new tensor from the history
                     thresholds=thresholds,
                 )
@@ -1290,7 +1294,9 @@ class LabelWatch(LabelWatchLogic, Callback):
             is not in the checkpoint).
         knn_weight: weight of the neighbours' labels in ``p_mix``, in [0, 1].
         min_knn_agreement: in [0, 1]; with ``candidate_rule="combined"`` a sample with a
-            smaller share of neighbours carrying its label is a candidate (0 turns it off).
+            smaller share of neighbours carrying its label is a candidate (0 turns it off);
+            scaled down for a class too small to fill the neighbourhood
+            (:func:`labelwatch.combined.reachable_agreement`).
         max_candidates: keep at most this many candidates per epoch, those with the lowest
             ``label_quality`` (None = every flagged row).
         ignore_index: target value of unlabelled samples; skipped and counted.

@@ -74,6 +74,7 @@ __all__ = [
     "limit_candidates",
     "mix_probabilities",
     "mixed_thresholds",
+    "reachable_agreement",
 ]
 
 CombinedMethod = Literal[
@@ -146,7 +147,7 @@ def history_scores(
     *,
     method: CombinedMethod | None = "knn_mixed_margin",
     knn_weight: float = DEFAULT_KNN_WEIGHT,
-    min_knn_agreement: float = DEFAULT_MIN_KNN_AGREEMENT,
+    min_knn_agreement: float | torch.Tensor = DEFAULT_MIN_KNN_AGREEMENT,
     writable: bool = False,
     thresholds: torch.Tensor | None = None,
 ) -> HistoryScores:
@@ -311,7 +312,7 @@ def candidate_flags(
     knn_distribution: torch.Tensor | None = None,
     *,
     knn_weight: float = DEFAULT_KNN_WEIGHT,
-    min_knn_agreement: float = DEFAULT_MIN_KNN_AGREEMENT,
+    min_knn_agreement: float | torch.Tensor = DEFAULT_MIN_KNN_AGREEMENT,
 ) -> torch.Tensor:
     """The default candidate rule: confident mismatch on ``p_mix``, or few agreeing neighbours.
 
@@ -326,7 +327,10 @@ def candidate_flags(
         labels: ``(N,)`` given class indices in ``[0, C)``.
         knn_distribution: ``(N, C)`` neighbours' label fractions, or None.
         knn_weight: weight of the neighbours in ``p_mix``, in [0, 1].
-        min_knn_agreement: in [0, 1]; 0 turns the neighbourhood clause off.
+        min_knn_agreement: in [0, 1]; 0 turns the neighbourhood clause off. A ``(N,)``
+            tensor gives each sample its own; LabelWatch passes ``min_knn_agreement *``
+            :func:`reachable_agreement`, so a class too small to fill a neighbourhood is
+            not flagged for being small.
 
     Returns:
         ``(N,)`` bool tensor on ``probs``' device; True = relabel candidate.
@@ -342,15 +346,41 @@ def candidate_flags(
     return flags | _neighbours_disagree(knn_distribution, labels, min_knn_agreement)
 
 
+def reachable_agreement(labels: torch.Tensor, num_neighbours: int) -> torch.Tensor:
+    """``(N,)`` float32: the largest kNN agreement each sample's class allows, in [0, 1].
+
+    A class of ``n`` samples can put at most ``n - 1`` of them among a sample's
+    ``num_neighbours`` neighbours: with 10 neighbours, a class of 2 reaches at most 0.1
+    however right its labels are. Scaling the minimum agreement by this keeps the
+    neighbourhood clause from flagging every sample of a rare class (and a lone sample,
+    which has no neighbours, is never flagged by it).
+    """
+    counts = torch.bincount(labels.long(), minlength=1)[labels.long()]
+    if num_neighbours < 1:
+        return torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    return ((counts - 1).float() / num_neighbours).clamp(0.0, 1.0)
+
+
 def _neighbours_disagree(
-    knn_distribution: torch.Tensor, labels: torch.Tensor, min_knn_agreement: float
+    knn_distribution: torch.Tensor, labels: torch.Tensor, min_knn_agreement: float | torch.Tensor
 ) -> torch.Tensor:
     """The candidate rule's neighbourhood clause: kNN agreement below the minimum."""
     agreement = knn_distribution.to(labels.device, torch.float32).gather(1, labels[:, None])
+    if isinstance(min_knn_agreement, torch.Tensor):
+        min_knn_agreement = min_knn_agreement.to(labels.device, torch.float32)
     return agreement.squeeze(1) < min_knn_agreement
 
 
-def _check_min_agreement(min_knn_agreement: float) -> None:
+def _check_min_agreement(min_knn_agreement: float | torch.Tensor) -> None:
+    values = min_knn_agreement
+    if isinstance(values, torch.Tensor):
+        values = values.float()
+        if values.ndim != 1 or (len(values) and not (values.min() >= 0 and values.max() <= 1)):
+            raise ValueError(
+                "`min_knn_agreement` must be a number in [0, 1] or a (N,) tensor of them,"
+                f" got shape {tuple(values.shape)}"
+            )
+        return
     if not 0.0 <= min_knn_agreement <= 1.0:
         raise ValueError(f"`min_knn_agreement` must be in [0, 1], got {min_knn_agreement!r}")
 
