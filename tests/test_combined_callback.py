@@ -319,3 +319,18 @@ def test_a_class_too_small_to_fill_a_neighbourhood_is_not_flagged_for_it(tmp_pat
     assert not rare_rows["is_candidate"].any()
     flipped = samples.loc[[1000 + i for i in (0, 2, 3, 5)]]
     assert flipped["is_candidate"].sum() >= 3
+
+
+def test_a_class_absent_from_validation_has_a_null_threshold(tmp_path: Path):
+    """No validation sample labelled 2: its confident-learning threshold is undefined and
+    summary.json says null rather than the internal never-reached sentinel."""
+    blobs = BlobDataset(48, seed=2)
+    train, _ = loaders()
+    val = DataLoader(Subset(blobs, [i for i in range(48) if blobs.labels[i] != 2]), batch_size=16)
+    callback = LabelWatch(projection="none", class_names=["a", "b", "c"])
+    Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=1)).fit(
+        TinyClassifier(), train, val
+    )
+    thresholds = json.loads((callback.last_output_dir / "summary.json").read_text())["thresholds"]
+    assert thresholds["c"] is None
+    assert 0 < thresholds["a"] <= 1 and 0 < thresholds["b"] <= 1

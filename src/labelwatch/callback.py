@@ -1123,7 +1123,11 @@ class LabelWatchLogic:
             "num_candidates": len(candidates),
             "mean_entropy": float(samples["entropy"].mean()) if len(samples) else float("nan"),
             "class_names": list(names),
-            "thresholds": dict(zip(names, samples.attrs["thresholds"], strict=True)),
+            # null for a class no sample is labelled with: it has no mean to be confident at
+            "thresholds": {
+                name: (t if t <= 1.0 else None)
+                for name, t in zip(names, samples.attrs["thresholds"], strict=True)
+            },
             "num_flagged": int(samples["is_candidate"].sum()),
             "label_quality": self._effective_label_quality(
                 bool(samples["knn_agreement"].notna().any())
