@@ -321,12 +321,10 @@ _EMBEDDINGS_CODES = {torch.float16: 2, torch.bfloat16: 3, torch.float32: 4}
 
 
 def _gathered_embeddings_dtype(codes: set[int]) -> torch.dtype | None:
-    codes.discard(0)  # ranks without embeddings (or without rows)
-    if not codes:
-        return None
-    if len(codes) == 1:
-        return {2: torch.float16, 3: torch.bfloat16}.get(codes.pop(), torch.float32)
-    return torch.float32
+    codes = codes - {0}  # 0: a rank without embeddings (or without rows)
+    if len(codes) != 1:
+        return torch.float32 if codes else None
+    return {2: torch.float16, 3: torch.bfloat16}.get(codes.pop(), torch.float32)
 
 
 def _numeric_columns(
