@@ -285,6 +285,71 @@ def test_decisions_other_than_csv_or_label_studio_json_are_refused(run, tmp_path
     pickled.write_bytes(b"\x80\x04K\x01.")
     argv = ["apply", "--labels", str(run["root"] / "labels.csv"), "--decisions", str(pickled)]
     assert main([*argv, "-o", str(tmp_path / "c.csv")]) == 2
-    assert "decisions must be a reviewed candidates .csv or a Label Studio export .json" in (
+    assert "decisions must be a reviewed candidates .csv or .json, or a Label Studio" in (
         capsys.readouterr().err
     )
+
+
+def test_labels_that_are_not_the_class_names_are_refused(tmp_path, capsys):
+    """A model trained without class_names calls its classes '0', '1', '2': accepting its
+    suggestion must not write '1' into a labels file of names."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("sample_id,label\n7,cat\n8,dog\n")
+    decisions = tmp_path / "decisions.csv"
+    decisions.write_text("sample_id,decision,suggested_name\n7,accept,1\n")
+    out = tmp_path / "corrected.csv"
+    argv = ["apply", "--labels", str(labels), "--decisions", str(decisions), "-o", str(out)]
+    assert main([*argv, "--class-names", "0", "1", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "labels that are not among the class names ['0', '1', '2']: cat, dog" in err
+    assert not out.exists()
+
+
+def test_spreadsheet_csv_with_semicolons_applies_and_other_formats_are_named(
+    tmp_path, capsys
+):
+    """A decisions file saved with ';' (a spreadsheet's CSV in many locales) is read; a
+    parquet labels file, a non-UTF-8 file and a non-CSV output get errors that say so."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("sample_id;label\r\n7;cat\r\n8;dog\r\n")
+    decisions = tmp_path / "decisions.csv"
+    decisions.write_bytes("\ufeffsample_id;decision\r\n7;dog\r\n".encode())
+    out = tmp_path / "corrected.csv"
+    argv = ["apply", "--labels", str(labels), "--decisions", str(decisions)]
+    assert main([*argv, "-o", str(out)]) == 0
+    assert read_labels(out)["label"].tolist() == ["dog", "dog"]
+    capsys.readouterr()
+    assert main([*argv, "-o", str(tmp_path / "corrected.parquet")]) == 2
+    assert "name them .csv, not 'corrected.parquet'" in capsys.readouterr().err
+    pd.DataFrame({"sample_id": [7], "label": ["cat"]}).to_parquet(tmp_path / "labels.parquet")
+    parquet = ["apply", "--labels", str(tmp_path / "labels.parquet"), "--decisions"]
+    assert main([*parquet, str(decisions), "-o", str(tmp_path / "c2.csv")]) == 2
+    assert "labels.parquet is not a CSV file: save it as CSV (UTF-8)" in capsys.readouterr().err
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("sample_id,label\n7,caf\xe9\n".encode("latin-1"))
+    assert main(["apply", "--labels", str(latin), "--decisions", str(decisions), "-o", str(out)])
+    assert "latin.csv is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_reviewed_json_and_a_pandas_table_of_decisions_apply(run, tmp_path, capsys):
+    """`candidates -o review.json` with decisions added applies like the CSV; so does
+    load_candidates(...) with a decision column, passed to apply_decisions directly."""
+    from labelwatch import load_candidates
+
+    review = tmp_path / "review.json"
+    assert main(["candidates", str(run["out"]), "--top", "2", "-o", str(review)]) == 0
+    items = json.loads(review.read_text())
+    for item in items:
+        item["decision"] = "accept"
+    review.write_text(json.dumps(items))
+    out = tmp_path / "corrected.csv"
+    argv = ["apply", "--labels", str(run["root"] / "labels.csv"), "--decisions", str(review)]
+    assert main([*argv, "-o", str(out)]) == 0
+    assert "applied 2 decisions" in capsys.readouterr().out
+    from_json = read_labels(out)
+
+    table = load_candidates(run["out"]).head(2)
+    table["decision"] = "accept"
+    corrected, audit = apply_decisions(read_labels(run["root"] / "labels.csv"), table)
+    pd.testing.assert_frame_equal(corrected, from_json)
+    assert audit["new_label"].tolist() == table["suggested_name"].tolist()

@@ -41,6 +41,7 @@ __all__ = [
     "RelabelError",
     "apply_decisions",
     "check_wandb_online",
+    "decisions_from_table",
     "log_corrections_to_wandb",
     "read_decisions",
     "read_labels",
@@ -79,9 +80,10 @@ class RelabelError(ValueError):
 
 
 def read_labels(path: str | Path, *, label_column: str = "label") -> pd.DataFrame:
-    """The labels CSV as text, cells exactly as written (ids like ``007`` stay ``007``)."""
+    """The labels CSV as text, cells exactly as written (ids like ``007`` stay ``007``).
+    Comma, semicolon (a spreadsheet's CSV in some locales) or tab separated."""
     path = Path(path)
-    labels = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    labels = _read_csv_text(path, required=("sample_id", label_column))
     missing = [c for c in ("sample_id", label_column) if c not in labels.columns]
     if missing:
         raise RelabelError(
@@ -103,42 +105,109 @@ def read_decisions(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".json":
-        from labelwatch.labelstudio import read_export
+        records = _reviewed_json(path)
+        if records is None:
+            from labelwatch.labelstudio import read_export
 
-        return read_export(path)
+            return read_export(path)
+        return decisions_from_table(
+            records, source=f"json:{path.name}", origins=[f"item {i}" for i in range(len(records))]
+        )
     if suffix != ".csv":
         raise RelabelError(
-            f"decisions must be a reviewed candidates .csv or a Label Studio export .json,"
-            f" got {path.name!r}"
+            f"decisions must be a reviewed candidates .csv or .json, or a Label Studio export"
+            f" .json, got {path.name!r}"
         )
-    table = from_csv_safe(pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig"))
+    table = from_csv_safe(_read_csv_text(path, required=("sample_id", "decision")))
+    lines = [f"line {line}" for line in range(2, len(table) + 2)]
+    return decisions_from_table(table, source=f"csv:{path.name}", origins=lines)
+
+
+def decisions_from_table(
+    table: pd.DataFrame, *, source: str = "table", origins: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Decisions from a candidates table with a ``decision`` column filled in by a reviewer
+    (``accept``, ``reject``, a class name, or blank for none), e.g. ``load_candidates(...)``
+    plus that column; the rows :func:`apply_decisions` takes, as :func:`read_decisions`
+    makes them."""
     missing = [c for c in ("sample_id", "decision") if c not in table.columns]
     if missing:
         raise RelabelError(
-            f"{path} lacks the column(s) {missing}: add a 'decision' column with accept,"
-            " reject or a class name per row (blank = no decision)"
+            f"{source.split(':', 1)[-1]} lacks the column(s) {missing}: add a 'decision'"
+            " column with accept, reject or a class name per row (blank = no decision)"
         )
+    origins = list(origins) if origins is not None else [f"row {i}" for i in range(len(table))]
     rows = []
-    for line, row in zip(range(2, len(table) + 2), table.to_dict("records"), strict=True):
-        decision = str(row["decision"]).strip()
+    for origin, row in zip(origins, table.to_dict("records"), strict=True):
+        decision = _text(row["decision"])
         if not decision:
             continue
         keyword = decision.lower()
         action = keyword if keyword in ("accept", "reject") else "relabel"
         rows.append(
             {
-                "sample_id": str(row["sample_id"]).strip(),
+                "sample_id": _text(row["sample_id"]),
                 "action": action,
                 "label": decision if action == "relabel" else None,
                 "decision": decision,
-                "suggested_name": row.get("suggested_name") or None,
-                "decision_source": f"csv:{path.name}",
-                "epoch": row.get("epoch") or None,
-                "run": row.get("run") or None,
-                "origin": f"line {line}",
+                "suggested_name": _text(row.get("suggested_name")) or None,
+                "decision_source": source,
+                "epoch": _text(row.get("epoch")) or None,
+                "run": _text(row.get("run")) or None,
+                "origin": origin,
             }
         )
     return pd.DataFrame(rows, columns=list(DECISION_COLUMNS), dtype=object)
+
+
+def _text(value: Any) -> str:
+    """A cell as stripped text; missing values (None, NaN) as ''."""
+    return "" if _present(value) is None else str(value).strip()
+
+
+def _reviewed_json(path: Path) -> pd.DataFrame | None:
+    """A reviewed candidates .json (``labelwatch candidates -o x.json`` plus decisions) as a
+    table of text; None for anything else (a Label Studio export)."""
+    import json
+
+    try:
+        items = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # read_export reports it
+    looks_reviewed = isinstance(items, list) and all(isinstance(i, dict) for i in items)
+    looks_reviewed = looks_reviewed and all("decision" in i and "sample_id" in i for i in items)
+    if not (looks_reviewed and items):
+        return None
+    return pd.DataFrame(items)
+
+
+def _read_csv_text(path: Path, *, required: Sequence[str]) -> pd.DataFrame:
+    """A CSV as text cells, separated by commas, or by the semicolons or tabs that the
+    header shows (spreadsheets save ';' in locales where ',' is the decimal mark)."""
+    if path.suffix.lower() in (".parquet", ".pq", ".xlsx", ".xls"):
+        raise RelabelError(
+            f"{path} is not a CSV file: save it as CSV (UTF-8), e.g."
+            f" pandas.read_parquet({str(path)!r}).to_csv('labels.csv', index=False)"
+        )
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as text:
+            header = text.readline()
+        separator = next((sep for sep in (",", ";", "\t") if _splits(header, sep, required)), ",")
+        return pd.read_csv(
+            path, dtype=str, keep_default_na=False, encoding="utf-8-sig", sep=separator
+        )
+    except UnicodeDecodeError as err:
+        raise RelabelError(
+            f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as"
+            " 'CSV UTF-8'"
+        ) from err
+    except pd.errors.ParserError as err:
+        raise RelabelError(f"{path} is not a readable CSV file: {err}") from err
+
+
+def _splits(header: str, separator: str, required: Sequence[str]) -> bool:
+    names = [name.strip().strip('"') for name in header.rstrip("\r\n").split(separator)]
+    return all(column in names for column in required)
 
 
 def apply_decisions(
@@ -156,7 +225,8 @@ def apply_decisions(
     Args:
         labels: the label table (``sample_id`` and ``label_column``), e.g. from
             :func:`read_labels`; a copy with the decided labels changed is returned.
-        decisions: one or several tables from :func:`read_decisions`.
+        decisions: one or several tables from :func:`read_decisions`, or candidates
+            tables with a reviewer's ``decision`` column (:func:`decisions_from_table`).
         class_names: the valid classes in index order; needed when ``labels`` holds
             class indices. Defaults to the labels present in ``labels``.
         label_column: the column holding the labels.
@@ -175,6 +245,8 @@ def apply_decisions(
             without ``class_names``.
     """
     frames = [decisions] if isinstance(decisions, pd.DataFrame) else list(decisions)
+    # a reviewed candidates table straight from pandas: read its `decision` column
+    frames = [f if "action" in f.columns else decisions_from_table(f) for f in frames]
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     table = table.reindex(columns=list(DECISION_COLUMNS)).astype(object)
     if label_column not in labels.columns or "sample_id" not in labels.columns:
@@ -297,6 +369,13 @@ def _label_codec(values: list[str], class_names: Sequence[str] | None) -> tuple[
     if by_index:
         to_name = lambda v: names[int(v)] if v.isdigit() else v  # noqa: E731
         return to_name, (lambda n: str(names.index(n))), valid
+    strangers = sorted({v for v in present if v not in valid})
+    if strangers:  # a decision would write a class name unlike the file's own labels
+        raise RelabelError(
+            f"the labels file holds labels that are not among the class names {names}:"
+            f" {_listed(strangers)}. Pass the class names the labels use (--class-names),"
+            " or --label-column if this is not the label column."
+        )
     return (lambda v: v), (lambda n: n), valid
 
 
@@ -335,6 +414,12 @@ def write_corrections(
     stay a drop-in replacement for the labels file; the audit, a report for people, is
     quoted with :func:`labelwatch.candidates.to_csv_safe`.
     """
+    for path in (Path(output), Path(audit_path)):
+        if path.suffix.lower() != ".csv":
+            raise RelabelError(
+                f"the corrected labels and the audit are CSV files, like the labels file:"
+                f" name them .csv, not {path.name!r}"
+            )
     for path in (Path(output), Path(audit_path)):
         path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(Path(output), lambda p: corrected.to_csv(p, index=False))
