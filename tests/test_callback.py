@@ -689,3 +689,22 @@ def test_a_failed_fit_frees_the_capture_memory_and_unhooks_the_model(tmp_path: P
     assert keeps.refs and all(ref() is None for ref in keeps.refs)
     assert not model.head._forward_hooks and not model.backbone._forward_hooks
     assert (tmp_path / "labelwatch/epoch=0/samples.parquet").is_file()
+
+
+def test_outputs_get_the_permissions_of_the_umask(tmp_path: Path):
+    """Every output file is readable as the umask allows (0644 under 022), not private to
+    its owner as a bare mkstemp file would be: colleagues on a shared machine read them."""
+    import os
+    import stat
+
+    train, val = loaders()
+    previous = os.umask(0o022)
+    try:
+        Trainer(**trainer_kwargs(tmp_path, callbacks=[LabelWatch(projection="none")])).fit(
+            TinyClassifier(), train, val
+        )
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "labelwatch").rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"samples.parquet", "summary.json", "history.arrow"}
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {"0o644"}

@@ -33,8 +33,6 @@ probabilities, which Arrow writes at disk speed (100k x 1000 x 3 floats: 1.4 s a
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+
+from labelwatch.sinks.local import write_atomic
 
 __all__ = ["EpochHistory", "EpochStep", "HISTORY_FILE"]
 
@@ -225,14 +225,9 @@ class EpochHistory:
         if num_classes == 0:  # empty history: no vectors to store
             columns = {k: v for k, v in columns.items() if not k.startswith("probs_")}
         table = pa.table(columns).replace_schema_metadata({"labelwatch": json.dumps(meta)})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            feather.write_feather(table, tmp, compression="uncompressed")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(
+            path, lambda tmp: feather.write_feather(table, tmp, compression="uncompressed")
+        )
         return path
 
     @classmethod

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,14 +67,25 @@ def write_parquet(frame: pd.DataFrame, path: str, rows_per_group: int = ROWS_PER
 
 def write_atomic(path: Path, write: Callable[[str], Any]) -> None:
     """Call ``write(tmp_path)`` then rename the result onto ``path`` in one step."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _new_temp_file(path)
     try:
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _new_temp_file(path: Path) -> str:
+    """An empty file beside ``path``, made with the permissions the umask gives new files
+    (mkstemp's are 0600: colleagues could not read the outputs on a shared machine)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return str(tmp)
 
 
 def _json_default(value: Any) -> Any:
