@@ -255,3 +255,19 @@ def test_demo_trains_through_the_cli_config_and_logs_audio_to_wandb(
     assert f"wandb sync {run_dir}" in printed
     assert f"labelwatch candidates {outputs} --top 20 -o review.csv" in printed
     assert "precision@10" in printed and "recall of corrupted labels" in printed
+
+
+@pytest.mark.parametrize("steps", [1, 5, 12])
+def test_the_learning_rate_schedule_takes_a_run_of_a_few_batches(steps: int):
+    """OneCycleLR divided by zero for 5 steps (a 200-clip, 1-epoch demo): every short run
+    now steps through its schedule."""
+    from types import SimpleNamespace
+
+    from examples.urban_sounds.model import UrbanSoundClassifier
+
+    model = UrbanSoundClassifier()
+    model.trainer = SimpleNamespace(estimated_stepping_batches=steps)
+    config = model.configure_optimizers()
+    for _ in range(steps):
+        config["optimizer"].step()
+        config["lr_scheduler"]["scheduler"].step()

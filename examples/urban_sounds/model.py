@@ -127,7 +127,9 @@ class UrbanSoundClassifier(LightningModule):
         schedule = torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=self.hparams.lr,
-            total_steps=max(int(self.trainer.estimated_stepping_batches), 1),
+            # each phase needs steps of its own: a run of a few batches (--num-clips 200
+            # --max-epochs 1) gets a schedule longer than it, which it stops partway through
+            total_steps=max(int(self.trainer.estimated_stepping_batches), 10),
             pct_start=0.2,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
