@@ -158,6 +158,14 @@ def test_nonfinite_logits_are_skipped_counted_and_warned():
         ({"logits": torch.randn(2, 3), "labels": [0, 1], "sample_ids": [7, 7]}, r"unique .* \[7\]"),
         ({"logits": torch.randn(2, 3), "labels": [0, 1], "sample_ids": [7]}, "has 1 entries"),
         (
+            {"probs": torch.tensor([[2.0, -1.0], [0.3, 0.4]]), "labels": [0, 1]},
+            r"`probs` must be probabilities.* values in \[-1, 2\] and row sums in \[0.7, 1\]",
+        ),
+        (
+            {"logits": torch.randn(2, 3), "labels": [0, 1], "class_names": "abc"},
+            "`class_names` must be a list of names, got the string 'abc'",
+        ),
+        (
             {"logits": torch.randn(2, 3), "labels": [0, 1], "sample_ids": [1, "1"]},
             r"all integers or all strings; got int \(e.g. 1\), str \(e.g. '1'\)",
         ),

@@ -108,6 +108,8 @@ def check_predictions(
     num_samples, num_classes = values.shape
     if num_classes < 2:
         raise ValueError(f"`{name}` must have at least 2 classes (columns), got {num_classes}.")
+    if name == "probs":
+        _check_probabilities(values)
     labels_t = _as_tensor(labels, "labels")
     if labels_t.ndim != 1 or labels_t.dtype.is_floating_point or labels_t.dtype == torch.bool:
         raise ValueError(
@@ -457,9 +459,30 @@ def _as_tensor(value: Any, name: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
+def _check_probabilities(probs: torch.Tensor) -> None:
+    """Rows of probabilities (non-finite rows are skipped later): logits passed as `probs`
+    would give scores outside [0, 1] and meaningless flags, silently."""
+    finite = probs[torch.isfinite(probs).all(dim=1)].double()
+    if not len(finite):
+        return
+    sums = finite.sum(dim=1)
+    low, high = float(finite.min()), float(finite.max())
+    if low < -1e-6 or high > 1 + 1e-6 or float((sums - 1).abs().max()) > 1e-2:
+        raise ValueError(
+            "`probs` must be probabilities, each row in [0, 1] and summing to 1; found values"
+            f" in [{low:.3g}, {high:.3g}] and row sums in [{float(sums.min()):.3g},"
+            f" {float(sums.max()):.3g}]. Pass a model's raw outputs as `logits=` instead."
+        )
+
+
 def _class_names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
     if class_names is None:
         return [str(k) for k in range(num_classes)]
+    if isinstance(class_names, str):
+        raise ValueError(
+            f"`class_names` must be a list of names, got the string {class_names!r};"
+            f" e.g. class_names={[class_names]!r} for one name."
+        )
     names = [str(n) for n in class_names]
     if len(names) != num_classes:
         raise ValueError(
