@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow.feather as feather
 import pytest
 import torch
@@ -330,3 +331,13 @@ def test_a_per_sample_minimum_agreement_spares_what_its_class_cannot_reach():
     assert flags.tolist() == [False] * 6
     with pytest.raises(ValueError, match="a number in"):
         candidate_flags(probs, labels, knn, min_knn_agreement=torch.full((6,), 1.5))
+
+
+def test_numpy_input_is_named_as_not_a_tensor():
+    """A numpy array where a tensor is needed says so, rather than 'must be a tensor of
+    shape (2,), got shape (2,)'."""
+    history = EpochHistory(window=2)
+    with pytest.raises(ValueError, match=r"got a numpy.ndarray of shape \(2,\) \(not a tensor"):
+        history.update(0, [1, 2], torch.rand(2, 3), np.zeros(2, dtype=bool))
+    with pytest.raises(ValueError, match=r"got a numpy.ndarray of shape \(2, 3\) \(not a tensor"):
+        history_scores(np.full((2, 3), 1 / 3), torch.tensor([0, 1]))

@@ -62,7 +62,7 @@ from typing import Literal
 
 import torch
 
-from labelwatch.scoring import compute_scores, confident_thresholds
+from labelwatch.scoring import compute_scores, confident_thresholds, describe
 
 __all__ = [
     "COMBINED_METHODS",
@@ -417,8 +417,7 @@ def limit_candidates(
 def _check_probs_labels(probs: torch.Tensor, labels: torch.Tensor) -> None:
     if not isinstance(probs, torch.Tensor) or probs.ndim != 2 or probs.shape[1] < 2:
         raise ValueError(
-            "`probs` must be a 2-D tensor with at least 2 classes, got"
-            f" {getattr(probs, 'shape', type(probs).__name__)}"
+            f"`probs` must be a 2-D tensor with at least 2 classes, got {describe(probs)}"
         )
     if (
         not isinstance(labels, torch.Tensor)
@@ -428,7 +427,7 @@ def _check_probs_labels(probs: torch.Tensor, labels: torch.Tensor) -> None:
     ):
         raise ValueError(
             f"`labels` must be an integer tensor of shape ({len(probs)},), got"
-            f" {getattr(labels, 'shape', type(labels).__name__)}"
+            f" {describe(labels)}"
         )
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= probs.shape[1]):
         raise ValueError(
@@ -441,7 +440,7 @@ def _check_pair(probs: torch.Tensor, knn_distribution: torch.Tensor) -> None:
     if not isinstance(knn_distribution, torch.Tensor) or knn_distribution.shape != probs.shape:
         raise ValueError(
             f"`knn_distribution` must have the shape of `probs`, {tuple(probs.shape)}, got"
-            f" {getattr(knn_distribution, 'shape', type(knn_distribution).__name__)}"
+            f" {describe(knn_distribution)}"
         )
 
 

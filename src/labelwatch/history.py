@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from labelwatch.scoring import describe
 from labelwatch.sinks.local import write_atomic
 
 __all__ = ["EpochHistory", "EpochStep", "HISTORY_FILE"]
@@ -129,7 +130,7 @@ class EpochHistory:
         """
         if not isinstance(probs, torch.Tensor) or probs.ndim != 2:
             raise ValueError(
-                f"`probs` must be a 2-D tensor (N samples x C classes), got {_shape(probs)}"
+                f"`probs` must be a 2-D tensor (N samples x C classes), got {describe(probs)}"
             )
         ids = sample_ids.tolist() if hasattr(sample_ids, "tolist") else list(sample_ids)
         if len(ids) != len(probs):
@@ -160,7 +161,7 @@ class EpochHistory:
         ids = sample_ids.tolist() if hasattr(sample_ids, "tolist") else list(sample_ids)
         if not isinstance(flags, torch.Tensor) or flags.shape != (len(ids),):
             raise ValueError(
-                f"`flags` must be a tensor of shape ({len(ids)},), got {_shape(flags)}"
+                f"`flags` must be a tensor of shape ({len(ids)},), got {describe(flags)}"
             )
         if len(set(ids)) != len(ids):
             raise ValueError("`sample_ids` must be unique within an epoch")
@@ -354,8 +355,3 @@ class EpochStep:
             else:
                 history._past[self._slot[rows], index] = current.to(history.dtype)
         return total.div_(self.divisor[rows, None].float())
-
-
-def _shape(value: Any) -> str:
-    shape = getattr(value, "shape", None)
-    return f"shape {tuple(shape)}" if shape is not None else type(value).__name__

@@ -459,6 +459,18 @@ def _as_tensor(value: Any, name: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
+def describe(value: Any) -> str:
+    """How an argument looked, for error messages: a tensor's shape, or what else it was
+    (a numpy array passed where a tensor is needed says how to convert it)."""
+    if isinstance(value, torch.Tensor):
+        return f"shape {tuple(value.shape)}"
+    kind = f"{type(value).__module__}.{type(value).__qualname__}".removeprefix("builtins.")
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        return f"a {kind} of shape {tuple(shape)} (not a tensor: use torch.as_tensor)"
+    return f"a {kind} (not a tensor: use torch.as_tensor)"
+
+
 def _check_probabilities(probs: torch.Tensor) -> None:
     """Rows of probabilities (non-finite rows are skipped later): logits passed as `probs`
     would give scores outside [0, 1] and meaningless flags, silently."""
