@@ -334,3 +334,20 @@ def test_a_class_absent_from_validation_has_a_null_threshold(tmp_path: Path):
     thresholds = json.loads((callback.last_output_dir / "summary.json").read_text())["thresholds"]
     assert thresholds["c"] is None
     assert 0 < thresholds["a"] <= 1 and 0 < thresholds["b"] <= 1
+
+
+class OneDimensionalEmbeddings(TinyClassifier):
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return {**super().validation_step(batch, batch_idx), "embeddings": batch["x"][:, :1]}
+
+
+def test_one_dimensional_embeddings_give_no_neighbours_and_say_why(tmp_path: Path):
+    """Cosine similarity in one dimension is +1 or -1: neighbours would be arbitrary, so
+    knn_agreement is NaN and one warning says why, rather than flags from noise."""
+    train, val = loaders()
+    callback = LabelWatch(projection="none")
+    trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=1))
+    with pytest.warns(UserWarning, match="the embeddings have one dimension"):
+        trainer.fit(OneDimensionalEmbeddings(), train, val)
+    samples = pd.read_parquet(callback.last_output_dir / "samples.parquet")
+    assert samples["knn_agreement"].isna().all()

@@ -919,6 +919,14 @@ class LabelWatchLogic:
             return None
         if embeddings.device.type == "cpu" and len(labels) > KNN_MAX_SAMPLES:
             return None
+        if embeddings.shape[1] < 2:
+            self._warn_once(
+                "1-d-embeddings",
+                "LabelWatch: the embeddings have one dimension, where cosine similarity is only"
+                " +1 or -1, so nearest neighbours would be arbitrary; knn_agreement is left out"
+                " (NaN). Pick a wider layer as the embeddings (e.g. `embedding_layer`).",
+            )
+            return None
         if rows is not None:
             embeddings = embeddings[rows.to(embeddings.device)]
         neighbours = knn_neighbours(embeddings, k=KNN_NEIGHBOURS).cpu()
