@@ -13,7 +13,14 @@ from lightning.pytorch.loggers import WandbLogger
 
 from labelwatch import LabelWatch
 from labelwatch.projection import MapJob, compute_map, project, stratified_subsample
-from tests.helpers import TinyClassifier, loaders, offline_run_dir, slow_projection, trainer_kwargs
+from tests.helpers import (
+    TinyClassifier,
+    finish_wandb,
+    loaders,
+    offline_run_dir,
+    slow_projection,
+    trainer_kwargs,
+)
 
 
 def _clusters(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -276,3 +283,42 @@ def test_the_worker_imports_the_training_script_only_for_a_function_defined_ther
     assert (tmp_path / "imported-by-a-child").exists() == imports_script
     samples = pd.read_parquet(tmp_path / "labelwatch" / "epoch=0" / "samples.parquet")
     assert samples["x"].notna().all() and samples["y"].notna().all()
+
+
+class _CountingMedia:
+    """A media_fn that counts its calls and finds no file."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.key = "path"
+
+    def __call__(self, row):
+        self.calls += 1
+        return None
+
+
+def test_wandb_tables_and_media_stay_bounded_when_most_samples_are_candidates(tmp_path: Path):
+    """More candidates than max_points (an untrained model flags most samples): the W&B
+    candidates table keeps the top max_points, media are made only for rows W&B shows, and
+    a media_fn that finds nothing is warned about; the local files keep every candidate."""
+    train, val = loaders(num_val=60, flip=30)
+    logger = WandbLogger(project="cap", save_dir=str(tmp_path), offline=True)
+    media = _CountingMedia()
+    callback = LabelWatch(
+        projection="none", max_points=6, media_fn=media, metadata_keys=["path"], max_media_rows=2
+    )
+    trainer = Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[callback], max_epochs=1))
+    with pytest.warns(
+        UserWarning,
+        match=r"media_fn gave no media for any of the \d+ rows it"
+        r" was asked for \(the first: path='audio/",
+    ):
+        trainer.fit(TinyClassifier(lr=0.0), train, val)
+    finish_wandb()
+    local = pd.read_parquet(callback.last_output_dir / "candidates.parquet")
+    assert len(local) > 6
+    (table,) = (offline_run_dir(tmp_path) / "files/media/table/labelwatch").glob("candidates_*")
+    data = json.loads(table.read_text())
+    logged = pd.DataFrame(data["data"], columns=data["columns"])
+    assert logged["sample_id"].tolist() == local["sample_id"].head(6).tolist()
+    assert media.calls <= 6 + 2

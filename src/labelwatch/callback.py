@@ -1217,6 +1217,9 @@ class LabelWatchLogic:
         out_dir: Path,
     ) -> None:
         assert self._wandb is not None
+        # W&B tables stay bounded even when an untrained model flags most samples: the
+        # top-ranked max_points candidates (the artifact's parquet and CSV hold them all).
+        candidates = candidates.head(self.max_points)
         try:
             self._wandb.log_epoch(
                 epoch=epoch,
@@ -1237,13 +1240,25 @@ class LabelWatchLogic:
             )
 
     def _media(self, samples: pd.DataFrame, candidates: pd.DataFrame) -> dict[Any, Any] | None:
-        """Media for every candidate and up to `max_media_rows` other rows, keyed by id."""
+        """Media for every candidate in the W&B ``samples`` table and up to
+        `max_media_rows` of its other rows, keyed by id (media go only in that table)."""
         if self.media_fn is None:
             return None
-        candidate_ids = set(candidates["sample_id"].tolist())
-        others = samples[~samples["sample_id"].isin(candidate_ids)].head(self.max_media_rows)
-        rows = pd.concat([candidates.drop(columns=["rank"]), others])
-        return {row["sample_id"]: self.media_fn(row) for row in rows.to_dict("records")}
+        is_candidate = samples["sample_id"].isin(set(candidates["sample_id"].tolist()))
+        rows = pd.concat([samples[is_candidate], samples[~is_candidate].head(self.max_media_rows)])
+        media = {row["sample_id"]: self.media_fn(row) for row in rows.to_dict("records")}
+        if media and all(m is None for m in media.values()):
+            key = getattr(self.media_fn, "key", None)
+            key = key if key in rows.columns else next(iter(self.metadata_keys), None)
+            first = f" (the first: {key}={rows[key].iloc[0]!r})" if key in rows.columns else ""
+            root = getattr(self.media_fn, "root", None)
+            self._warn_once(
+                "no-media",
+                f"LabelWatch: media_fn gave no media for any of the {len(media)} rows it was"
+                f" asked for{first}; check that metadata_keys holds the file paths"
+                + (f" and that they are under root={str(root)!r}." if root is not None else "."),
+            )
+        return media
 
 
 class LabelWatch(LabelWatchLogic, Callback):
