@@ -12,7 +12,13 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import WandbLogger
 
 from labelwatch import LabelWatch
-from labelwatch.projection import MapJob, compute_map, project, stratified_subsample
+from labelwatch.projection import (
+    MapJob,
+    compute_map,
+    id_priority,
+    project,
+    stratified_subsample,
+)
 from tests.helpers import (
     TinyClassifier,
     finish_wandb,
@@ -90,6 +96,34 @@ def test_subsample_keeps_every_candidate_and_the_class_balance():
     assert len(rows) == 100 and set(must) <= set(rows)
     counts = np.bincount(labels[rows], minlength=3)
     assert abs(counts[0] - 2 * counts[1]) <= 3 and counts[2] >= 9
+
+
+def test_a_subsample_by_id_priority_keeps_its_samples_from_epoch_to_epoch():
+    """Ranked by a priority that belongs to each id, the subsamples of two epochs whose
+    candidates differ share nearly all other rows, and a larger budget takes a superset."""
+    labels = np.repeat([0, 1, 2], [600, 300, 100])
+    ids = [f"clip-{i}" for i in range(1000)]
+    priority = id_priority(ids, seed=3)
+    assert np.array_equal(priority, id_priority(list(ids), seed=3))  # the same every call
+    first = stratified_subsample(labels, np.array([5, 950]), 100, priority=priority)
+    second = stratified_subsample(labels, np.array([7, 400, 990]), 100, priority=priority)
+    assert len(set(first) & set(second)) >= 95
+    larger = stratified_subsample(labels, np.array([5, 950]), 200, priority=priority)
+    assert set(first) <= set(larger)
+
+
+def test_maps_above_max_points_are_warm_started(tmp_path: Path):
+    """Above max_points the same samples are mapped every epoch (bar candidate changes),
+    so the second map starts from the first and `moved` is known for nearly every point."""
+    train, val = loaders(num_val=90, flip=6)
+    callback = LabelWatch(projection="umap", max_points=40, map_in_background=False)
+    Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=2)).fit(
+        TinyClassifier(), train, val
+    )
+    summary = json.loads((callback.last_output_dir / "summary.json").read_text())
+    assert summary["map_points"] == 40 and summary["map_warm_started"]
+    samples = pd.read_parquet(callback.last_output_dir / "samples.parquet")
+    assert samples["moved"].notna().sum() >= 30
 
 
 def test_callback_maps_a_subsample_with_every_candidate(tmp_path: Path):

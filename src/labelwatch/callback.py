@@ -51,6 +51,7 @@ from labelwatch.projection import (
     ProjectionMethod,
     check_projection,
     compute_map,
+    id_priority,
     stratified_subsample,
 )
 from labelwatch.scoring import (
@@ -692,10 +693,7 @@ class LabelWatchLogic:
         if captured.embeddings is None or self.projection == "none":
             return None
         ids = samples["sample_id"]
-        must = pd.Index(ids).get_indexer(candidates["sample_id"])
-        rows = stratified_subsample(
-            samples["given_label"].to_numpy(), must, self.max_points, seed=self.seed + epoch
-        )
+        rows = self._subsample(samples, candidates)
         positions = pd.Index(captured.sample_ids).get_indexer(ids.iloc[rows])
         embeddings = captured.embeddings[torch.from_numpy(positions)].float().numpy()
         return MapJob(
@@ -823,18 +821,14 @@ class LabelWatchLogic:
                 pending.epoch,
                 pending.step,
                 pending.name,
-                self._table_rows(samples, candidates, result, pending.epoch),
+                self._table_rows(samples, candidates, result),
                 candidates,
                 summary,
                 pending.out_dir,
             )
 
     def _table_rows(
-        self,
-        samples: pd.DataFrame,
-        candidates: pd.DataFrame,
-        result: MapResult | None,
-        epoch: int,
+        self, samples: pd.DataFrame, candidates: pd.DataFrame, result: MapResult | None
     ) -> pd.DataFrame:
         """The rows W&B gets: all up to `max_points`, else the mapped subsample (or, without
         a map, the same kind of subsample), every candidate included. Building a W&B table
@@ -843,11 +837,17 @@ class LabelWatchLogic:
             return samples
         if result is not None:
             return samples[samples["x"].notna()]
+        return samples.iloc[self._subsample(samples, candidates)]
+
+    def _subsample(self, samples: pd.DataFrame, candidates: pd.DataFrame) -> np.ndarray:
+        """Rows to map and log above `max_points`: every candidate, then per class the
+        samples whose id ranks first, the same ones every epoch, so maps warm-start."""
+        if len(samples) <= self.max_points:
+            return np.arange(len(samples))
         must = pd.Index(samples["sample_id"]).get_indexer(candidates["sample_id"])
-        rows = stratified_subsample(
-            samples["given_label"].to_numpy(), must, self.max_points, seed=self.seed + epoch
-        )
-        return samples.iloc[rows]
+        priority = id_priority(samples["sample_id"], seed=self.seed)
+        labels = samples["given_label"].to_numpy()
+        return stratified_subsample(labels, must, self.max_points, priority=priority)
 
     def _score(
         self,

@@ -38,6 +38,7 @@ __all__ = [
     "ProjectionMethod",
     "compute_map",
     "project",
+    "id_priority",
     "stratified_subsample",
 ]
 
@@ -236,17 +237,28 @@ def initial_layout(
 
 
 def stratified_subsample(
-    labels: np.ndarray, must_include: np.ndarray, max_points: int, seed: int = 0
+    labels: np.ndarray,
+    must_include: np.ndarray,
+    max_points: int,
+    seed: int = 0,
+    priority: np.ndarray | None = None,
 ) -> np.ndarray:
     """Sorted indices of at most ``max_points`` rows: every ``must_include`` row (in order,
-    up to the budget), then the rest of the budget split across classes in proportion."""
+    up to the budget), then the rest of the budget split across classes in proportion.
+
+    Within a class the rows of lowest ``priority`` are taken (random from ``seed`` when
+    None). A priority that belongs to the sample, such as :func:`id_priority`, picks the
+    same samples epoch after epoch, as far as the candidates and budget allow (a larger
+    quota takes a superset), so the maps of consecutive epochs share their points and can
+    be warm-started."""
     n = len(labels)
     if n <= max_points:
         return np.arange(n)
+    if priority is None:
+        priority = np.random.default_rng(seed).random(n)
     chosen = np.asarray(must_include, dtype=np.int64)[:max_points]
     budget = max_points - len(chosen)
     rest = np.setdiff1d(np.arange(n), chosen)
-    rng = np.random.default_rng(seed)
     picked = []
     if budget > 0 and len(rest):
         classes, counts = np.unique(labels[rest], return_counts=True)
@@ -254,8 +266,17 @@ def stratified_subsample(
         quota[np.argsort(-counts)[: budget - quota.sum()]] += 1  # hand out the remainder
         for label, take in zip(classes, quota, strict=True):
             members = rest[labels[rest] == label]
-            picked.append(rng.choice(members, size=min(take, len(members)), replace=False))
+            picked.append(members[np.argsort(priority[members], kind="stable")[:take]])
     return np.sort(np.concatenate([chosen, *picked])).astype(np.int64)
+
+
+def id_priority(sample_ids: Sequence[Any], seed: int = 0) -> np.ndarray:
+    """A pseudo-random ``uint64`` per sample id, the same in every epoch and process for
+    a given ``seed``: :func:`stratified_subsample`'s ``priority``."""
+    import pandas as pd  # not at the top: the map worker process never needs it
+
+    key = f"labelwatch{seed:06d}"[-16:]
+    return pd.util.hash_array(np.asarray(list(sample_ids), dtype=object), hash_key=key)
 
 
 @dataclass
