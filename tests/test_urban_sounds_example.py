@@ -271,3 +271,20 @@ def test_the_learning_rate_schedule_takes_a_run_of_a_few_batches(steps: int):
     for _ in range(steps):
         config["optimizer"].step()
         config["lr_scheduler"]["scheduler"].step()
+
+
+def test_a_projection_function_without_annotations_is_taken_from_the_command_line(
+    tmp_path: Path,
+) -> None:
+    """LightningCLI accepts a projection function without type hints (the README's GPU
+    example has none) for `--trainer.callbacks.projection`."""
+    from examples.urban_sounds.train import main
+
+    from labelwatch import LabelWatch
+    from tests.helpers import slow_projection
+
+    args = ["--config", "configs/urban_sounds.yaml", f"--data.root={tmp_path}"]
+    args += ["--trainer.callbacks.projection", "tests.helpers.slow_projection"]
+    cli = main(args, run=False)
+    (watch,) = [c for c in cli.trainer.callbacks if isinstance(c, LabelWatch)]
+    assert watch.projection is slow_projection

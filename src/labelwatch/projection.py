@@ -44,7 +44,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Projector = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+# Returns an (N, 2) array; typed Any so that LightningCLI (jsonargparse) takes a function
+# without a return annotation, like the README's GPU example, from a config file.
+Projector = Callable[[np.ndarray, np.ndarray | None], Any]
 ProjectionMethod = Literal["umap", "pca", "none"] | Projector
 PROJECTION_METHODS: tuple[str, ...] = ("umap", "pca", "none")
 
