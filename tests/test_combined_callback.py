@@ -351,3 +351,36 @@ def test_one_dimensional_embeddings_give_no_neighbours_and_say_why(tmp_path: Pat
         trainer.fit(OneDimensionalEmbeddings(), train, val)
     samples = pd.read_parquet(callback.last_output_dir / "samples.parquet")
     assert samples["knn_agreement"].isna().all()
+
+
+def test_a_large_epoch_on_a_cpu_uses_the_approximate_search_and_a_capped_one_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Above EXACT_KNN_POINTS on a CPU the neighbours come from the approximate search
+    (exact below ann's own threshold, so the columns equal the exact search's here); above
+    KNN_MAX_SAMPLES there are none, and one warning says what falls back."""
+    import labelwatch.callback as module
+
+    def fit(out: Path) -> pd.DataFrame:
+        torch.manual_seed(0)
+        train, val = loaders(num_val=60, flip=FLIPPED)
+        callback = LabelWatch(projection="none")
+        Trainer(**trainer_kwargs(out, callbacks=[callback], max_epochs=1)).fit(
+            TinyClassifier(lr=0.2), train, val
+        )
+        return pd.read_parquet(callback.last_output_dir / "samples.parquet")
+
+    exact = fit(tmp_path / "exact")
+    calls = []
+    approximate = module.approximate_neighbours
+    monkeypatch.setattr(module, "EXACT_KNN_POINTS", 20)
+    monkeypatch.setattr(
+        module, "approximate_neighbours", lambda *a, **k: calls.append(1) or approximate(*a, **k)
+    )
+    searched = fit(tmp_path / "approximate")
+    assert calls and searched["knn_agreement"].notna().all()
+    pd.testing.assert_frame_equal(searched, exact)
+    monkeypatch.setattr(module, "KNN_MAX_SAMPLES", 50)
+    with pytest.warns(UserWarning, match="60 samples with embeddings on a CPU; the neighbourhood"):
+        capped = fit(tmp_path / "capped")
+    assert capped["knn_agreement"].isna().all()

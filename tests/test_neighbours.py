@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from labelwatch.neighbours import (
+    approximate_neighbours,
     knn_agreement,
     knn_label_distribution,
     knn_neighbours,
@@ -149,3 +150,18 @@ def test_neighbour_indices_give_the_distribution_and_the_agreement():
     nobody = torch.empty(2, 0, dtype=torch.long)
     assert label_distribution(nobody, 4).eq(0.25).all()
     assert label_agreement(nobody, labels[:2], 4).eq(0.25).all()
+
+
+def test_the_approximate_search_finds_the_exact_cosine_neighbours_above_8192_points():
+    """Above ann's exact threshold the inverted-file search on normalised rows finds (at
+    least 99% of) the exact cosine neighbours, whatever the rows' lengths."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(60, 32, generator=generator)
+    labels = torch.randint(0, 60, (9000,), generator=generator)
+    points = centres[labels] + 0.6 * torch.randn(9000, 32, generator=generator)
+    points *= torch.rand(9000, 1, generator=generator) * 10 + 0.1  # cosine ignores length
+    approximate = approximate_neighbours(points, k=10)
+    exact = knn_neighbours(points, k=10)
+    assert approximate.shape == exact.shape == (9000, 10)
+    found = (approximate[:, :, None] == exact[:, None, :]).any(dim=2).float().mean()
+    assert found >= 0.99

@@ -29,6 +29,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
+from labelwatch.ann import EXACT_KNN_POINTS
 from labelwatch.candidates import select_candidates
 from labelwatch.capture import CapturedEpoch, EpochBuffer, LayerTap, find_submodule, merge_ranks
 from labelwatch.combined import (
@@ -43,7 +44,12 @@ from labelwatch.combined import (
     reachable_agreement,
 )
 from labelwatch.history import HISTORY_FILE, EpochHistory
-from labelwatch.neighbours import knn_neighbours, label_agreement, label_distribution
+from labelwatch.neighbours import (
+    approximate_neighbours,
+    knn_neighbours,
+    label_agreement,
+    label_distribution,
+)
 from labelwatch.projection import (
     MapJob,
     MapResult,
@@ -68,8 +74,9 @@ log = logging.getLogger(__name__)
 
 MediaFn = Callable[[Mapping[str, Any]], Any]
 # kNN label agreement: neighbours per sample, and the largest epoch it is computed for on
-# a CPU (exact neighbours cost N^2 D at epoch end; beyond this the column is NaN there).
-# Embeddings on an accelerator have no such cap: 300k x 512 is a few TFLOP.
+# a CPU (at epoch end, in the training process: above 8192 samples the approximate search
+# of labelwatch.ann, about 1.8 s at 50k x 256 on 2 cores; beyond this cap the column is
+# NaN there). Embeddings on an accelerator are searched exactly with no cap.
 KNN_NEIGHBOURS = 10
 KNN_MAX_SAMPLES = 50_000
 _EMBEDDINGS_DTYPES = {"float32": None, "float16": torch.float16}
@@ -917,7 +924,15 @@ class LabelWatchLogic:
         N x C distribution, to save memory."""
         if embeddings is None:
             return None
-        if embeddings.device.type == "cpu" and len(labels) > KNN_MAX_SAMPLES:
+        on_cpu = embeddings.device.type == "cpu"
+        if on_cpu and len(labels) > KNN_MAX_SAMPLES:
+            self._warn_once(
+                "knn-cap",
+                f"LabelWatch: {len(labels)} samples with embeddings on a CPU; the neighbourhood"
+                f" search stops at {KNN_MAX_SAMPLES} there, so knn_agreement is NaN, the"
+                " ranking is averaged_margin and the candidate rule is confident learning on"
+                " the averaged probabilities. Embeddings on a GPU have no such cap.",
+            )
             return None
         if embeddings.shape[1] < 2:
             self._warn_once(
@@ -929,7 +944,10 @@ class LabelWatchLogic:
             return None
         if rows is not None:
             embeddings = embeddings[rows.to(embeddings.device)]
-        neighbours = knn_neighbours(embeddings, k=KNN_NEIGHBOURS).cpu()
+        if on_cpu and len(embeddings) > EXACT_KNN_POINTS:  # exact is O(N^2 D) on 2 cores
+            neighbours = approximate_neighbours(embeddings, k=KNN_NEIGHBOURS, seed=self.seed)
+        else:
+            neighbours = knn_neighbours(embeddings, k=KNN_NEIGHBOURS).cpu()
         return labels[neighbours]
 
     def _add_history_columns(
