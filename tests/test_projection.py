@@ -145,15 +145,23 @@ class _InterruptAfterFirstEpoch(Callback):
             raise KeyboardInterrupt
 
 
-def test_background_maps_land_with_their_epoch_and_fit_end_flushes(tmp_path: Path):
-    """Slow background maps: each epoch's table and files get their own map by fit end.
+def test_background_maps_land_with_their_epoch_and_fit_end_flushes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Slow background maps: each epoch's table and files get their own map by fit end,
+    which says what it is waiting for.
 
     Two epochs: the second map waits behind the first, which the worker's bound allows."""
+    import labelwatch.callback
+
+    said: list[str] = []
+    monkeypatch.setattr(labelwatch.callback, "rank_zero_info", said.append)
     train, val = loaders()
     logger = WandbLogger(project="maps", save_dir=str(tmp_path), offline=True)
     callback = LabelWatch(projection=slow_projection, map_in_background=True)
     trainer = Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[callback], max_epochs=2))
     trainer.fit(TinyClassifier(), train, val)
+    assert any(m.startswith("LabelWatch: finishing") and "map(s)" in m for m in said), said
     for epoch in range(2):
         folder = callback.output_root / f"epoch={epoch}"
         summary = json.loads((folder / "summary.json").read_text())

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning_utilities.core.rank_zero import rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import (
     BatchSampler,
     IterableDataset,
@@ -261,6 +261,7 @@ class LabelWatchLogic:
         # per-row type checks (~0.4 ms a row) do not hold up the training loop; the local
         # files are rewritten here too once a background map adds coordinates.
         self._logging: ThreadPoolExecutor | None = None
+        self._last_logged: Future | None = None  # the newest job handed to that thread
         self._pending: deque[_PendingEpoch] = deque()
         self._previous_maps: dict[str | None, dict[Any, tuple[float, float]]] = {}
         self._previous_epochs: dict[str | None, int] = {}
@@ -420,6 +421,18 @@ class LabelWatchLogic:
                 f"{self.every_n_epochs} skipped (epoch {self._skipped_epoch}), so the final"
                 f" model was not scored; the last scored epoch is {scored}. Early stopping"
                 " cannot be foreseen: use every_n_epochs=1 with it.",
+            )
+        # The wait can take a while at 100k samples: say why fit lingers.
+        waiting = []
+        maps = sum(p.map is not None and not p.map.done() for p in self._pending)
+        if maps:
+            waiting.append(f"{maps} map(s)")
+        if self._last_logged is not None and not self._last_logged.done():
+            waiting.append("the W&B logging")
+        if waiting:
+            rank_zero_info(
+                f"LabelWatch: finishing {' and '.join(waiting)} of the last epochs before fit"
+                f" returns (outputs: {self.output_root})"
             )
         self._finish_maps(wait=True)
         self._wait_for_history_saves()
@@ -1214,7 +1227,7 @@ class LabelWatchLogic:
         the frames passed are not changed after this. An error there is a warning."""
         if self._logging is None:
             self._logging = ThreadPoolExecutor(1, thread_name_prefix="labelwatch-logging")
-        self._logging.submit(self._warn_on_error, function, *args)
+        self._last_logged = self._logging.submit(self._warn_on_error, function, *args)
 
     @staticmethod
     def _warn_on_error(function: Callable[..., None], *args: Any) -> None:
