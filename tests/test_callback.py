@@ -14,7 +14,13 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from torch.utils.data import DataLoader, Sampler, SubsetRandomSampler
+from torch.utils.data import (
+    DataLoader,
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+    SubsetRandomSampler,
+)
 
 from labelwatch import LabelWatch
 from labelwatch.scoring import SAMPLE_COLUMNS
@@ -326,6 +332,12 @@ class TupleClassifier(CountsTrainingSteps):
             r"random order \(SubsetRandomSampler\) and its batches carry no sample ids",
         ),
         (
+            TupleClassifier,
+            lambda: DataLoader(TupleBatches(48), batch_sampler=RandomBatches(48, 16)),
+            {},
+            r"random order \(RandomSampler\) and its batches carry no sample ids",
+        ),
+        (
             MixedIds,
             lambda: DataLoader(BlobDataset(48), batch_size=16),
             {},
@@ -339,6 +351,7 @@ class TupleClassifier(CountsTrainingSteps):
         "array-metadata",
         "shuffled-no-ids",
         "subset-sampler-no-ids",
+        "random-batch-sampler-no-ids",
         "mixed-id-kinds",
     ],
 )
@@ -357,6 +370,21 @@ def test_capture_mistakes_fail_in_the_sanity_check_before_training(
     assert not (tmp_path / "labelwatch").exists()
 
 
+class RandomBatches:
+    """A custom batch sampler (not a BatchSampler) that holds a random sampler."""
+
+    def __init__(self, size: int, batch_size: int) -> None:
+        self.sampler = RandomSampler(range(size))
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        order = list(self.sampler)
+        return iter(order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size))
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+
 class Backwards(Sampler):
     """A fixed order that is not the dataset's: positions are not dataset indices."""
 
@@ -372,7 +400,8 @@ class Backwards(Sampler):
 
 def test_positions_from_a_sampler_of_unknown_order_warn(tmp_path: Path):
     """Without ids, a sampler LabelWatch cannot vouch for gets one warning that positions
-    stand in for ids; a plain unshuffled loader gets none."""
+    stand in for ids; a plain unshuffled loader, or one in order through a
+    DistributedSampler (as Lightning adds under DDP), gets none."""
     train = DataLoader(TupleBatches(32), batch_size=16)
     val = DataLoader(TupleBatches(32), batch_size=16, sampler=Backwards(32))
     trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[LabelWatch(projection="none")]))
@@ -385,6 +414,13 @@ def test_positions_from_a_sampler_of_unknown_order_warn(tmp_path: Path):
             **trainer_kwargs(tmp_path / "plain", callbacks=[LabelWatch(projection="none")])
         )
         trainer.fit(TupleClassifier(), train, DataLoader(TupleBatches(32), batch_size=16))
+        in_order = DistributedSampler(TupleBatches(32), num_replicas=1, rank=0, shuffle=False)
+        trainer = Trainer(
+            **trainer_kwargs(tmp_path / "distributed", callbacks=[LabelWatch(projection="none")])
+        )
+        trainer.fit(
+            TupleClassifier(), train, DataLoader(TupleBatches(32), batch_size=16, sampler=in_order)
+        )
 
 
 def test_trainer_validate_warns_that_only_fit_is_watched(tmp_path: Path):

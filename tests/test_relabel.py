@@ -301,8 +301,13 @@ def test_labels_that_are_not_the_class_names_are_refused(tmp_path, capsys):
     argv = ["apply", "--labels", str(labels), "--decisions", str(decisions), "-o", str(out)]
     assert main([*argv, "--class-names", "0", "1", "2"]) == 2
     err = capsys.readouterr().err
-    assert "labels that are not among the class names ['0', '1', '2']: cat, dog" in err
+    assert "none of the labels in the labels file is among the class names" in err
+    assert "['0', '1', '2']: cat, dog" in err
     assert not out.exists()
+    # a file of class names with an odd marker among them still applies
+    labels.write_text("sample_id,label\n7,1\n8,unknown\n")
+    assert main([*argv, "--class-names", "0", "1", "2"]) == 0
+    assert read_labels(out)["label"].tolist() == ["1", "unknown"]
 
 
 def test_spreadsheet_csv_with_semicolons_applies_and_other_formats_are_named(

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import (
-    BatchSampler,
+    DistributedSampler,
     IterableDataset,
     RandomSampler,
     SequentialSampler,
@@ -590,21 +590,28 @@ class LabelWatchLogic:
         loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
         if isinstance(getattr(loader, "dataset", None), IterableDataset):
             return  # a stream has no sampler: its order is the dataset's own
+        # What orders the samples: a batch sampler's own sampler when it has one (BatchSampler
+        # and most custom ones), else the batch sampler itself, else the loader's sampler.
         batches = getattr(loader, "batch_sampler", None)
-        order = batches.sampler if isinstance(batches, BatchSampler) else batches
+        order = getattr(batches, "sampler", None)
+        order = order if order is not None else batches
         order = order if order is not None else getattr(loader, "sampler", None)
+        random = isinstance(order, _RANDOM_ORDER)
+        in_order = isinstance(order, SequentialSampler)
+        if isinstance(order, DistributedSampler):  # Lightning's, even on one device
+            random, in_order = bool(order.shuffle), not order.shuffle
         fix = (
             f"Put {self.sample_id_key!r} in the batch or in validation_step's output (the"
             " dataset index, say)"
         )
-        if isinstance(order, _RANDOM_ORDER):
+        if random:
             raise ValueError(
                 f"LabelWatch: the validation dataloader draws samples in a random order"
                 f" ({type(order).__name__}) and its batches carry no sample ids, so each epoch"
                 " would give a sample another position (its row, history and streak would mix"
                 f" samples). {fix}, or validate in order (shuffle=False)."
             )
-        if order is not None and not isinstance(order, SequentialSampler):
+        if order is not None and not in_order:
             self._warn_once(
                 "positions",
                 f"LabelWatch: the validation batches carry no sample ids, so a sample's id is"

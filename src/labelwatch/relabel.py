@@ -246,7 +246,7 @@ def apply_decisions(
     """
     frames = [decisions] if isinstance(decisions, pd.DataFrame) else list(decisions)
     # a reviewed candidates table straight from pandas: read its `decision` column
-    frames = [f if "action" in f.columns else decisions_from_table(f) for f in frames]
+    frames = [f if "action" in f.columns else decisions_from_table(f) for f in frames if len(f)]
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     table = table.reindex(columns=list(DECISION_COLUMNS)).astype(object)
     if label_column not in labels.columns or "sample_id" not in labels.columns:
@@ -369,10 +369,12 @@ def _label_codec(values: list[str], class_names: Sequence[str] | None) -> tuple[
     if by_index:
         to_name = lambda v: names[int(v)] if v.isdigit() else v  # noqa: E731
         return to_name, (lambda n: str(names.index(n))), valid
-    strangers = sorted({v for v in present if v not in valid})
-    if strangers:  # a decision would write a class name unlike the file's own labels
+    if present and not any(v in valid for v in present):
+        # no label of the file is a class name: a decision would write a name unlike all of
+        # them (a model trained without class_names calls its classes '0', '1', ...)
+        strangers = sorted(set(present))
         raise RelabelError(
-            f"the labels file holds labels that are not among the class names {names}:"
+            f"none of the labels in the labels file is among the class names {names}:"
             f" {_listed(strangers)}. Pass the class names the labels use (--class-names),"
             " or --label-column if this is not the label column."
         )
@@ -415,7 +417,7 @@ def write_corrections(
     quoted with :func:`labelwatch.candidates.to_csv_safe`.
     """
     for path in (Path(output), Path(audit_path)):
-        if path.suffix.lower() != ".csv":
+        if path.suffix.lower() in (".parquet", ".pq", ".json", ".xlsx", ".xls"):
             raise RelabelError(
                 f"the corrected labels and the audit are CSV files, like the labels file:"
                 f" name them .csv, not {path.name!r}"
