@@ -341,7 +341,7 @@ class TupleClassifier(CountsTrainingSteps):
             MixedIds,
             lambda: DataLoader(BlobDataset(48), batch_size=16),
             {},
-            "`sample_ids` must be all integers or all strings",
+            "`sample_ids` must be of one kind, all integers or all strings",
         ),
     ],
     ids=[

@@ -324,13 +324,17 @@ def test_a_per_sample_minimum_agreement_spares_what_its_class_cannot_reach():
     probs = _probs(*[[0.9, 0.1]] * 4, [0.1, 0.9], [0.1, 0.9])
     labels = torch.tensor([0, 0, 0, 0, 1, 1])
     knn = _probs(*[[1.0, 0.0]] * 3, [0.75, 0.25], [0.75, 0.25], [0.75, 0.25])
-    flags = candidate_flags(probs, labels, knn, min_knn_agreement=0.5)
-    assert flags.tolist() == [False, False, False, False, True, True]
+    flags_at_half = candidate_flags(probs, labels, knn, min_knn_agreement=0.5)
+    assert flags_at_half.tolist() == [False, False, False, False, True, True]
     minimum = 0.5 * reachable_agreement(labels, 4)  # class 1 reaches 1/4: minimum 0.125
     flags = candidate_flags(probs, labels, knn, min_knn_agreement=minimum)
     assert flags.tolist() == [False] * 6
     with pytest.raises(ValueError, match="a number in"):
         candidate_flags(probs, labels, knn, min_knn_agreement=torch.full((6,), 1.5))
+    with pytest.raises(ValueError, match=r"shape \(6,\) with values in \[0, 1\]; got shape"):
+        candidate_flags(probs, labels, knn, min_knn_agreement=torch.full((5,), 0.1))
+    scalar = candidate_flags(probs, labels, knn, min_knn_agreement=torch.tensor(0.5))
+    assert scalar.tolist() == flags_at_half.tolist()
 
 
 def test_numpy_input_is_named_as_not_a_tensor():

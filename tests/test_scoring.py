@@ -167,11 +167,11 @@ def test_nonfinite_logits_are_skipped_counted_and_warned():
         ),
         (
             {"logits": torch.randn(2, 3), "labels": [0, 1], "sample_ids": [1, "1"]},
-            r"all integers or all strings; got int \(e.g. 1\), str \(e.g. '1'\)",
+            r"of one kind, all integers or all strings, say; got int \(e.g. 1\), str \(e.g.",
         ),
         (
-            {"logits": torch.randn(2, 3), "labels": [0, 1], "sample_ids": [0.5, 1.5]},
-            r"all integers or all strings; got float \(e.g. 0.5\)",
+            {"logits": torch.randn(2, 3), "labels": [0, 1], "sample_ids": [1, 1.5]},
+            r"of one kind.*got int \(e.g. 1\), float \(e.g. 1.5\)",
         ),
         ({"logits": torch.randn(2, 1), "labels": [0, 0]}, "at least 2 classes"),
         ({"logits": torch.randn(2, 3), "probs": torch.rand(2, 3), "labels": [0, 1]}, "exactly one"),
@@ -202,9 +202,12 @@ def test_scores_from_logits_equal_scores_from_their_softmax(seed: int):
     np.testing.assert_allclose(from_logits["margin"], from_probs["margin"], atol=1e-6)
 
 
-def test_integer_ids_of_any_integer_type_are_accepted():
-    """numpy integers mixed with Python ints are integers: no error, ids kept as given."""
+def test_ids_of_one_kind_are_accepted():
+    """numpy integers mixed with Python ints are integers; ids of any one kind (floats,
+    tuples) are kept as given."""
     frame = score_predictions(
         logits=torch.randn(3, 2), labels=[0, 1, 0], sample_ids=[np.int64(5), 6, np.int32(7)]
     )
     assert frame["sample_id"].tolist() == [5, 6, 7]
+    floats = score_predictions(logits=torch.randn(2, 2), labels=[0, 1], sample_ids=[0.5, 1.5])
+    assert floats["sample_id"].tolist() == [0.5, 1.5]

@@ -428,7 +428,7 @@ class LabelWatchLogic:
         if maps:
             waiting.append(f"{maps} map(s)")
         if self._last_logged is not None and not self._last_logged.done():
-            waiting.append("the W&B logging")
+            waiting.append("the W&B logging" if self._wandb is not None else "the file writing")
         if waiting:
             rank_zero_info(
                 f"LabelWatch: finishing {' and '.join(waiting)} of the last epochs before fit"

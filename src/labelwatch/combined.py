@@ -175,7 +175,7 @@ def history_scores(
         raise ValueError(f"`method` must be None or one of {COMBINED_METHODS}, got {method!r}")
     _check_probs_labels(averaged, labels)
     _check_weight(knn_weight)
-    _check_min_agreement(min_knn_agreement)
+    _check_min_agreement(min_knn_agreement, len(labels))
     labels = labels.to(averaged.device, torch.long)
     if knn_distribution is None:
         mixed = averaged.float()
@@ -337,7 +337,7 @@ def candidate_flags(
     """
     _check_probs_labels(probs, labels)
     _check_weight(knn_weight)
-    _check_min_agreement(min_knn_agreement)
+    _check_min_agreement(min_knn_agreement, len(labels))
     labels = labels.to(probs.device, torch.long)
     if knn_distribution is None:
         return compute_scores(probs.float(), labels).is_confident_mismatch
@@ -371,17 +371,21 @@ def _neighbours_disagree(
     return agreement.squeeze(1) < min_knn_agreement
 
 
-def _check_min_agreement(min_knn_agreement: float | torch.Tensor) -> None:
+def _check_min_agreement(
+    min_knn_agreement: float | torch.Tensor, num_samples: int | None = None
+) -> None:
     values = min_knn_agreement
-    if isinstance(values, torch.Tensor):
+    if isinstance(values, torch.Tensor) and values.ndim > 0:
         values = values.float()
-        if values.ndim != 1 or (len(values) and not (values.min() >= 0 and values.max() <= 1)):
+        if values.shape != (num_samples if num_samples is not None else len(values),) or (
+            len(values) and not (values.min() >= 0 and values.max() <= 1)
+        ):
             raise ValueError(
-                "`min_knn_agreement` must be a number in [0, 1] or a (N,) tensor of them,"
-                f" got shape {tuple(values.shape)}"
+                "`min_knn_agreement` must be a number in [0, 1] or one per sample, a tensor of"
+                f" shape ({num_samples},) with values in [0, 1]; got shape {tuple(values.shape)}"
             )
         return
-    if not 0.0 <= min_knn_agreement <= 1.0:
+    if not 0.0 <= float(min_knn_agreement) <= 1.0:
         raise ValueError(f"`min_knn_agreement` must be in [0, 1], got {min_knn_agreement!r}")
 
 

@@ -526,10 +526,11 @@ def _sample_ids(sample_ids: Sequence[Any] | None, num_samples: int) -> list[Any]
 
 
 def _check_id_kinds(ids: list[Any]) -> None:
-    """Ids are all integers or all strings: a mix sorts nowhere and writes no parquet column,
-    and 1 and "1" would name two samples that a CSV round trip makes one."""
+    """Ids are of one kind (integers of any type count as one): a mix sorts nowhere and
+    writes no parquet column, and 1 and "1" would name two samples that a CSV round trip
+    makes one."""
     kinds = {type(i) for i in ids}
-    if all(issubclass(k, str) for k in kinds):
+    if len(kinds) <= 1 or all(issubclass(k, str) for k in kinds):
         return
     if all(issubclass(k, numbers.Integral) and not issubclass(k, bool) for k in kinds):
         return
@@ -538,7 +539,7 @@ def _check_id_kinds(ids: list[Any]) -> None:
         examples.setdefault(type(i).__name__, i)
     found = ", ".join(f"{kind} (e.g. {value!r})" for kind, value in examples.items())
     raise ValueError(
-        f"`sample_ids` must be all integers or all strings; got {found}."
+        f"`sample_ids` must be of one kind, all integers or all strings, say; got {found}."
         " Give every sample an id of one kind (str(i) for each, say)."
     )
 
