@@ -165,3 +165,12 @@ def test_the_approximate_search_finds_the_exact_cosine_neighbours_above_8192_poi
     assert approximate.shape == exact.shape == (9000, 10)
     found = (approximate[:, :, None] == exact[:, None, :]).any(dim=2).float().mean()
     assert found >= 0.99
+
+
+def test_the_approximate_search_falls_back_to_the_exact_one_for_many_identical_rows():
+    """Half the rows all-zero (dead units) would make one giant cell, slower than the exact
+    search: the exact neighbours are returned instead, tie rule included."""
+    generator = torch.Generator().manual_seed(0)
+    points = torch.randn(400, 16, generator=generator)
+    points[::2] = 0
+    assert torch.equal(approximate_neighbours(points, k=10), knn_neighbours(points, k=10))

@@ -144,6 +144,10 @@ def approximate_neighbours(embeddings: torch.Tensor, *, k: int = 10, seed: int =
     k = min(k, len(points) - 1)
     if k < 1:
         return torch.empty(len(points), 0, dtype=torch.long)
+    if _largest_duplicate_share(points) > _MAX_DUPLICATE_SHARE:
+        # many identical rows (all-zero ones from dead units, a collapsed layer) make one
+        # giant cell, searched whole: slower than the exact search
+        return knn_neighbours(points, k=k).cpu()
     found, _ = approximate_knn(points.numpy(), k, seed=seed)
     neighbours = torch.from_numpy(found.astype(np.int64))
     short = (neighbours < 0).any(dim=1).nonzero().squeeze(1)
@@ -152,6 +156,21 @@ def approximate_neighbours(embeddings: torch.Tensor, *, k: int = 10, seed: int =
         sim[torch.arange(len(short)), short] = -torch.inf
         neighbours[short] = sim.topk(k, dim=1).indices
     return neighbours
+
+
+# Above this share of identical rows approximate_neighbours searches exactly (measured on
+# 20k x 256 clustered points with some rows zeroed: at 30% the approximate search still
+# took 3.1 s against 4.4 s exact, at 60% 8.1 s against 6.0 s).
+_MAX_DUPLICATE_SHARE = 0.4
+
+
+def _largest_duplicate_share(points: torch.Tensor) -> float:
+    """About the share of the rows that equal the most common row, from a fingerprint of
+    each row (its sum, first and last values): rows that differ rarely share one, and a
+    shared one only makes the search exact."""
+    fingerprints = torch.stack([points.sum(dim=1), points[:, 0], points[:, -1]], dim=1)
+    _, counts = torch.unique(fingerprints, dim=0, return_counts=True)
+    return float(counts.max()) / len(points)
 
 
 def label_distribution(neighbour_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
