@@ -75,8 +75,8 @@ log = logging.getLogger(__name__)
 MediaFn = Callable[[Mapping[str, Any]], Any]
 # kNN label agreement: neighbours per sample, and the largest epoch it is computed for on
 # a CPU (at epoch end, in the training process: above 8192 samples the approximate search
-# of labelwatch.ann, about 1.8 s at 50k x 256 on 2 cores; beyond this cap the column is
-# NaN there). Embeddings on an accelerator are searched exactly with no cap.
+# of labelwatch.ann, see benchmarks/knn.py; beyond this cap the column is NaN there).
+# Embeddings on an accelerator are searched exactly with no cap.
 KNN_NEIGHBOURS = 10
 KNN_MAX_SAMPLES = 50_000
 _EMBEDDINGS_DTYPES = {"float32": None, "float16": torch.float16}

@@ -371,14 +371,12 @@ def _neighbours_disagree(
     return agreement.squeeze(1) < min_knn_agreement
 
 
-def _check_min_agreement(
-    min_knn_agreement: float | torch.Tensor, num_samples: int | None = None
-) -> None:
+def _check_min_agreement(min_knn_agreement: float | torch.Tensor, num_samples: int) -> None:
     values = min_knn_agreement
     if isinstance(values, torch.Tensor) and values.ndim > 0:
         values = values.float()
-        if values.shape != (num_samples if num_samples is not None else len(values),) or (
-            len(values) and not (values.min() >= 0 and values.max() <= 1)
+        if values.shape != (num_samples,) or (
+            num_samples and not (values.min() >= 0 and values.max() <= 1)
         ):
             raise ValueError(
                 "`min_knn_agreement` must be a number in [0, 1] or one per sample, a tensor of"

@@ -130,9 +130,9 @@ def knn_neighbours(
 def approximate_neighbours(embeddings: torch.Tensor, *, k: int = 10, seed: int = 0) -> torch.Tensor:
     """:func:`knn_neighbours` by the map's inverted-file search (:mod:`labelwatch.ann`) on
     L2-normalised rows, whose Euclidean order is the cosine order: on a CPU above 8192
-    points several times faster than the exact search (30k x 256 clustered points: 0.9 s
-    against 6.2 s on 2 cores, with every exact neighbour found). Rows where it found fewer
-    than ``k`` neighbours get exact ones.
+    points several times faster than the exact search, finding (nearly) every exact
+    neighbour (``python benchmarks/knn.py``). Rows where it found fewer than ``k``
+    neighbours get exact ones.
 
     Returns:
         ``(N, min(k, N - 1))`` int64 tensor on the CPU.
@@ -158,9 +158,9 @@ def approximate_neighbours(embeddings: torch.Tensor, *, k: int = 10, seed: int =
     return neighbours
 
 
-# Above this share of identical rows approximate_neighbours searches exactly (measured on
-# 20k x 256 clustered points with some rows zeroed: at 30% the approximate search still
-# took 3.1 s against 4.4 s exact, at 60% 8.1 s against 6.0 s).
+# Above this share of identical rows approximate_neighbours searches exactly: they fill one
+# cell that is searched whole (benchmarks/knn.py: with 30% all-zero rows the approximate
+# search is still faster, with 60% it is not).
 _MAX_DUPLICATE_SHARE = 0.4
 
 
