@@ -42,3 +42,44 @@ def test_a_column_of_mixed_types_is_refused_as_wandb_refuses_it():
     frame = _frame().assign(path=["a.wav", 7, "c.wav", "d.wav"])
     with pytest.raises(TypeError, match="incompatible types"):
         _table(frame, None)
+
+
+def test_plain_cells_skip_wandbs_conversion_and_serialise_the_same(tmp_path):
+    """Inside `_plain_cells_as_they_are` a table goes into an artifact exactly as W&B itself
+    writes it (media, NaN and numpy values still take W&B's path), and W&B's converter is
+    back in place afterwards, also after an error."""
+    from wandb.sdk.data_types import table as table_module
+
+    from labelwatch.sinks.wandb import _plain_cells_as_they_are
+
+    audio = wandb.Audio(np.zeros(1600, dtype=np.float32), sample_rate=16000)
+    columns = ["id", "flag", "score", "name", "media", "other"]
+    rows = [
+        [1, True, 0.5, "dog_bark", audio, None],
+        [2**70, False, float("nan"), "x" * 20_000, None, np.float32(1.5)],
+        [-3, None, float("inf"), "", audio, np.int64(4)],
+    ]
+
+    def serialised() -> dict:
+        data = [list(row) for row in rows]
+        table = wandb.Table(columns=columns, data=data, allow_mixed_types=True)
+        return table.to_json(wandb.Artifact("t", type="run_table"))
+
+    convert = table_module._json_helper
+    expected = serialised()
+    with _plain_cells_as_they_are():
+        assert table_module._json_helper is not convert
+        fast = serialised()
+    assert table_module._json_helper is convert
+
+    # Media are written to temporary files under new names each time: compare the rest.
+    def strip(data: list) -> list:
+        return [[c.get("_type") if isinstance(c, dict) else c for c in row] for row in data]
+
+    assert strip(fast["data"]) == strip(expected["data"])
+    assert fast["data"][1][2] is None and fast["data"][2][2] == float("inf")
+    assert fast["data"][0][4]["_type"] == "audio-file"
+    assert fast["column_types"] == expected["column_types"]
+    with pytest.raises(RuntimeError), _plain_cells_as_they_are():
+        raise RuntimeError("logging failed")
+    assert table_module._json_helper is convert

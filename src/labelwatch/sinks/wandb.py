@@ -8,7 +8,9 @@ epochs), the candidates table, summary metrics, and the artifact
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,49 @@ def find_wandb_logger(loggers: list[Any]) -> Any | None:
     return next((lg for lg in loggers if isinstance(lg, tuple(classes))), None)
 
 
+_PLAIN_TYPES = (int, bool, type(None))
+_SHORT_STRING = 10_000  # W&B warns about longer values: let it see them
+_patch_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _plain_cells_as_they_are() -> Iterator[None]:
+    """While logging, let plain cells skip W&B's per-cell JSON conversion.
+
+    When a table goes into an artifact (W&B puts every logged table into its own
+    ``run_table`` artifact too) W&B passes each cell through ``_json_helper``: about 5 us a
+    cell, most of the CPU that logging a table takes in the training process. For ``int``,
+    ``bool``, ``None``, short ``str`` and non-NaN ``float``, the values our rows hold
+    (:func:`_table`), it returns the value itself, so they are returned directly; anything
+    else (media, NaN) still goes through W&B. Where W&B's internals differ from 0.31's,
+    nothing is changed.
+    """
+    try:
+        from wandb.sdk.data_types import table as table_module
+
+        convert = table_module._json_helper
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def convert_unless_plain(value: Any, artifact: Any) -> Any:
+        kind = type(value)
+        if (
+            kind in _PLAIN_TYPES
+            or (kind is float and value == value)
+            or (kind is str and len(value) < _SHORT_STRING)
+        ):
+            return value
+        return convert(value, artifact)
+
+    with _patch_lock:  # one logging thread at a time swaps it in and out
+        table_module._json_helper = convert_unless_plain
+        try:
+            yield
+        finally:
+            table_module._json_helper = convert
+
+
 class WandbSink:
     """Logs one epoch's results into the run of a WandbLogger."""
 
@@ -53,6 +98,7 @@ class WandbSink:
     def run(self) -> Any:
         return self.logger.experiment
 
+    @_plain_cells_as_they_are()  # the same JSON, less CPU
     def log_epoch(
         self,
         *,
