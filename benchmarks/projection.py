@@ -15,8 +15,9 @@ side by side (``--no-reference`` skips them).
 
 With ``--urban-sounds`` it also trains the urban-sounds example for ``--epochs`` epochs
 with LabelWatch(projection="umap") and without it, and prints the wall-time ratio
-(target <= 1.05), compilation included: once with numba's on-disk cache as a previous
-run left it, once with an empty cache (the first run on a machine).
+(target <= 1.05), compilation included: with numba's on-disk cache as a previous run
+left it, and with an empty cache (the first run on a machine). The three take turns for
+``--repeats`` rounds; the table gives each one's median and all its runs.
 
     python benchmarks/projection.py
     python benchmarks/projection.py --sizes 3000 --dims 128
@@ -108,36 +109,47 @@ def one_size(n: int, d: int, reference: bool) -> dict:
     return row | (umap_learn_reference(first_epoch, labels) if reference else {})
 
 
-def urban_sounds_ratio(epochs: int) -> pd.DataFrame:
+def urban_sounds_ratio(epochs: int, repeats: int) -> pd.DataFrame:
     """Wall time of the urban-sounds example without LabelWatch, with it, and with it on a
-    machine whose numba cache is empty (its first run there), each in a fresh process."""
+    machine whose numba cache is empty (its first run there), each in a fresh process.
+
+    The variants take turns, ``repeats`` rounds of them, and each gets its median: on a
+    shared 2-core machine one run of the same job varies by 10-20%, more than the effect."""
     import os
     import tempfile
 
-    rows = []
-    with tempfile.TemporaryDirectory() as empty_cache:
-        runs = [
-            ("without", False, {}),
-            ("with", True, {}),
-            ("with, empty numba cache", True, {"NUMBA_CACHE_DIR": empty_cache}),
-        ]
-        for name, with_labelwatch, env in runs:
-            command = [
-                sys.executable,
-                "-m",
-                "examples.urban_sounds.train",
-                "fit",
-                "--config",
-                "configs/urban_sounds.yaml",
-                f"--trainer.max_epochs={epochs}",
+    times: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as empty_cache:
+            runs = [
+                ("without", False, {}),
+                ("with", True, {}),
+                ("with, empty numba cache", True, {"NUMBA_CACHE_DIR": empty_cache}),
             ]
-            if not with_labelwatch:
-                command.append("--trainer.callbacks=[]")
-            start = time.perf_counter()
-            subprocess.run(command, check=True, capture_output=True, env=os.environ | env)
-            rows.append({"labelwatch": name, "wall_s": time.perf_counter() - start})
-    frame = pd.DataFrame(rows)
-    frame["ratio"] = frame["wall_s"] / frame["wall_s"].iloc[0]
+            for name, with_labelwatch, env in runs:
+                command = [
+                    sys.executable,
+                    "-m",
+                    "examples.urban_sounds.train",
+                    "fit",
+                    "--config",
+                    "configs/urban_sounds.yaml",
+                    f"--trainer.max_epochs={epochs}",
+                ]
+                if not with_labelwatch:
+                    command.append("--trainer.callbacks=[]")
+                start = time.perf_counter()
+                subprocess.run(command, check=True, capture_output=True, env=os.environ | env)
+                times.setdefault(name, []).append(time.perf_counter() - start)
+    frame = pd.DataFrame(
+        {
+            "labelwatch": name,
+            "wall_s": float(np.median(runs)),
+            "runs_s": " ".join(f"{run:.1f}" for run in runs),
+        }
+        for name, runs in times.items()
+    )
+    frame.insert(2, "ratio", frame["wall_s"] / frame["wall_s"].iloc[0])
     return frame
 
 
@@ -150,6 +162,9 @@ def main() -> None:
     )
     parser.add_argument("--urban-sounds", action="store_true")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds of the urban-sounds runs (medians)"
+    )
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -161,7 +176,7 @@ def main() -> None:
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.urban_sounds:
         print(f"\nurban-sounds example, {args.epochs} epochs:")
-        print(urban_sounds_ratio(args.epochs).to_string(index=False))
+        print(urban_sounds_ratio(args.epochs, args.repeats).to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ Prints one table, one row per (model, N samples, C classes) with D = 512 embeddi
   written, as one training batch is not enough time for it here).
 - ``peak_mem``: peak resident memory added during a real 2-epoch fit with LabelWatch
   (``projection="none"``) from the first validation epoch on: capture, gather, scoring,
-  the epoch history (``history_window=3``: the 2 past epochs' probability vectors per
-  sample, 1.33 x raw at C = 1000 in float32) and the local files, in a fresh process, over
+  the epoch history (``history_window=3`` and ``history_top_k=10``: for each sample the 2
+  past epochs' 10 largest probabilities, their classes and the rest, 0.03 x raw at C =
+  1000; whole probability vectors would take 1.33 x) and the local files, in a fresh process, over
   the raw tensors N x (C + D) x 4 bytes (target <= 1.5);
   ``peak_mem_f16`` the same with ``logits_dtype``, ``embeddings_dtype`` and
   ``history_dtype`` set to ``"float16"``. ``peak_mem_marginal`` / ``peak_mem_f16_marginal``:

@@ -590,6 +590,7 @@ def test_wandb_failure_warns_once_and_keeps_training_and_local_results(tmp_path:
         ({"table_key": "samples"}, "`table_key` must look like 'prefix/name'"),
         ({"embeddings_dtype": "bf16"}, "`embeddings_dtype` must be one of .* got 'bf16'"),
         ({"history_dtype": "float64"}, "`history_dtype` must be one of .* got 'float64'"),
+        ({"history_top_k": 0}, "`history_top_k` must be None or an integer >= 1, got 0"),
         ({"logits_dtype": "bf16"}, "`logits_dtype` must be one of .* got 'bf16'"),
         ({"class_names": "abcd"}, r"`class_names` must be a list, e.g. .* got 'abcd'"),
         ({"class_names": ["a", "a", "b"]}, r"`class_names` must be unique .* got \['a'\]"),

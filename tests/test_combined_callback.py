@@ -136,6 +136,24 @@ def test_float16_history_keeps_the_scores_and_candidates(tmp_path: Path):
     )
 
 
+def test_a_top_k_history_of_c_minus_one_classes_changes_nothing(tmp_path: Path):
+    """history_top_k=2 of 3 classes keeps each past vector's top 2 probabilities and gives
+    the rest to the third class: the same vectors, so the same scores and candidates as
+    whole vectors (history_top_k=None), through the real Trainer path."""
+    results = {}
+    for top_k in (None, 2):
+        _fit(tmp_path / str(top_k), history_top_k=top_k)
+        history = EpochHistory.load(tmp_path / str(top_k) / "labelwatch/epoch=2/history.arrow")
+        results[top_k] = (_read(tmp_path / str(top_k), 2), history)
+    (whole, whole_history), (top, top_history) = results[None], results[2]
+    assert (whole_history.keeps_top_k, top_history.keeps_top_k) == (False, True)
+    for column in ("label_quality", "averaged_self_confidence"):
+        np.testing.assert_allclose(top[column], whole[column], atol=1e-6)
+    assert top.loc[top["is_candidate"], "sample_id"].tolist() == (
+        whole.loc[whole["is_candidate"], "sample_id"].tolist()
+    )
+
+
 def test_float16_capture_keeps_the_scores_and_candidates(tmp_path: Path):
     """logits_dtype and embeddings_dtype "float16" (the memory-saving options): the scores
     move by less than 2e-3 and the candidates stay the same as in float32."""

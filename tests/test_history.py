@@ -69,17 +69,19 @@ def test_missing_ids_are_skipped_not_reset():
     assert streak.tolist() == [2, 2]
 
 
-def test_save_load_round_trip_continues_like_the_original(tmp_path):
+@pytest.mark.parametrize(("dtype", "top_k"), [(torch.float16, None), (torch.float32, 2)])
+def test_save_load_round_trip_continues_like_the_original(tmp_path, dtype, top_k):
     """After save/load (the resume case) the next update gives the same result."""
     generator = torch.Generator().manual_seed(0)
     ids = ["x", "y", "z"]
-    original = EpochHistory(window=3, dtype=torch.float16)
+    original = EpochHistory(window=3, dtype=dtype, top_k=top_k)
     for epoch in range(4):
         probs = torch.softmax(torch.randn(3, 4, generator=generator), dim=1)
         original.update(epoch, ids, probs, torch.rand(3, generator=generator) > 0.5)
     path = original.save(tmp_path / "epoch=3" / "history.arrow")
     restored = EpochHistory.load(path)
-    assert (restored.window, restored.dtype, restored.last_epoch) == (3, torch.float16, 3)
+    assert (restored.window, restored.dtype, restored.last_epoch) == (3, dtype, 3)
+    assert (restored.top_k, restored.keeps_top_k) == (top_k, top_k is not None)
     probs = torch.softmax(torch.randn(3, 4, generator=generator), dim=1)
     flags = torch.tensor([True, False, True])
     expected = original.update(4, ids[::-1], probs, flags)
@@ -89,11 +91,24 @@ def test_save_load_round_trip_continues_like_the_original(tmp_path):
     assert not list(path.parent.glob(".*.tmp"))  # the atomic write left no temporary
 
 
-def test_matches_a_per_id_reference_as_ids_come_and_go(tmp_path):
+def _top_k_and_the_rest(row: torch.Tensor, k: int | None) -> torch.Tensor:
+    """What a past vector becomes with `top_k`: its k largest values kept, the rest of the
+    probability spread evenly over the other classes."""
+    if k is None or k >= len(row):
+        return row
+    kept = torch.zeros_like(row, dtype=torch.bool)
+    kept[row.topk(k).indices] = True
+    return torch.where(kept, row, (1 - row[kept].sum()) / (len(row) - k))
+
+
+@pytest.mark.parametrize("top_k", [None, 2, 5])
+def test_matches_a_per_id_reference_as_ids_come_and_go(tmp_path, top_k):
     """Random subsets of ids in random orders (and, once, all ids in row order) average the
-    same as a plain per-id list of the last `window` vectors, before and after a save/load."""
+    same as a plain per-id list of the last `window` vectors, before and after a save/load;
+    with `top_k` the past vectors keep their top classes and the rest spread evenly (C = 5:
+    top_k=5 keeps whole vectors)."""
     generator = torch.Generator().manual_seed(1)
-    history, reference = EpochHistory(window=3), {}
+    history, reference = EpochHistory(window=3, top_k=top_k), {}
     every_id = [f"s{i}" for i in range(12)]
     for epoch in range(8):
         if epoch == 5:  # every id known, in row order: the fast path without a gather
@@ -103,10 +118,13 @@ def test_matches_a_per_id_reference_as_ids_come_and_go(tmp_path):
             ids = [every_id[i] for i in keep.tolist()]
         probs = torch.softmax(torch.randn(len(ids), 5, generator=generator), dim=1)
         averaged, _ = history.update(epoch, ids, probs, torch.zeros(len(ids), dtype=torch.bool))
-        for sample_id, row in zip(ids, probs, strict=True):
-            reference[sample_id] = ([*reference.get(sample_id, []), row])[-3:]
-        expected = torch.stack([torch.stack(reference[i]).mean(0) for i in ids])
+        past = [reference.get(sample_id, [])[-2:] for sample_id in ids]
+        rows = zip(past, probs, strict=True)
+        expected = torch.stack([torch.stack([*p, row]).mean(0) for p, row in rows])
         torch.testing.assert_close(averaged, expected)
+        for sample_id, row in zip(ids, probs, strict=True):
+            stored = _top_k_and_the_rest(row, top_k)
+            reference[sample_id] = [*reference.get(sample_id, []), stored][-2:]
         if epoch == 3:
             history = EpochHistory.load(history.save(tmp_path / "history.arrow"))
 
@@ -170,12 +188,13 @@ def test_combined_scores_in_unit_interval_lower_for_wrong_labels(method):
     assert quality[1] < quality[0]
 
 
-def test_chunked_steps_equal_one_update(monkeypatch):
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_chunked_steps_equal_one_update(monkeypatch, top_k):
     """begin/average a chunk of rows at a time gives update's averages; mean_at gives those
     averages at one column per row exactly, and refuses once the past is overwritten."""
     monkeypatch.setattr("labelwatch.history._CHUNK_VALUES", 12)  # 3 rows of 4 classes
     generator = torch.Generator().manual_seed(2)
-    whole, chunked = EpochHistory(window=3), EpochHistory(window=3)
+    whole, chunked = EpochHistory(window=3, top_k=top_k), EpochHistory(window=3, top_k=top_k)
     ids = list(range(10))
     for epoch, order in enumerate([ids, ids[::-1], ids, ids[3:] + [10, 11]]):
         probs = torch.softmax(torch.randn(len(order), 4, generator=generator), dim=1)
@@ -345,3 +364,46 @@ def test_numpy_input_is_named_as_not_a_tensor():
         history.update(0, [1, 2], torch.rand(2, 3), np.zeros(2, dtype=bool))
     with pytest.raises(ValueError, match=r"got a numpy.ndarray of shape \(2, 3\) \(not a tensor"):
         history_scores(np.full((2, 3), 1 / 3), torch.tensor([0, 1]))
+
+
+def test_top_k_stores_the_top_classes_and_the_rest_per_class():
+    """With top_k=2 of C=4 a past vector keeps its 2 largest probabilities and spreads the
+    other 0.2 over the 2 other classes; the past takes k values + k classes + 1 rest a row."""
+    history = EpochHistory(window=2, top_k=2)
+    no_flags = torch.zeros(1, dtype=torch.bool)
+    history.update(0, ["a"], _probs([0.5, 0.05, 0.3, 0.15]), no_flags)
+    assert history.keeps_top_k and tuple(history._past.shape) == (1, 1, 2)
+    averaged, _ = history.update(1, ["a"], _probs([0.0, 0.0, 0.0, 1.0]), no_flags)
+    torch.testing.assert_close(averaged, _probs([0.25, 0.05, 0.15, 0.55]))
+
+
+def test_a_top_k_of_at_least_c_keeps_whole_vectors():
+    generator = torch.Generator().manual_seed(4)
+    exact, wide = EpochHistory(window=3), EpochHistory(window=3, top_k=6)
+    for epoch in range(4):
+        probs = torch.softmax(torch.randn(5, 6, generator=generator), dim=1)
+        flags = torch.zeros(5, dtype=torch.bool)
+        assert torch.equal(
+            wide.update(epoch, range(5), probs, flags)[0],
+            exact.update(epoch, range(5), probs, flags)[0],
+        )
+    assert not wide.keeps_top_k
+
+
+@pytest.mark.parametrize("top_k", [0, -1, 2.5, True, "32"])
+def test_a_bad_top_k_is_refused(top_k):
+    with pytest.raises(ValueError, match="`top_k` must be None or an integer >= 1"):
+        EpochHistory(top_k=top_k)
+
+
+def test_stores_like_tells_which_top_k_keeps_vectors_the_same_way():
+    """A resume reuses a saved history only when `history_top_k` would store it alike: any
+    top_k >= C keeps whole vectors, as None does."""
+    no_flags = torch.zeros(1, dtype=torch.bool)
+    whole, top = EpochHistory(), EpochHistory(top_k=2)
+    assert whole.stores_like(2)  # C is not known yet: nothing stored
+    for history in (whole, top):
+        history.update(0, ["a"], _probs([0.4, 0.3, 0.2, 0.1]), no_flags)
+    assert whole.stores_like(None) and whole.stores_like(4) and whole.stores_like(32)
+    assert not whole.stores_like(2) and top.stores_like(2)
+    assert not top.stores_like(None) and not top.stores_like(3)

@@ -37,17 +37,19 @@ def _epochs(root: Path) -> dict[int, pd.DataFrame]:
     }
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path: Path):
-    """Stop after epoch 1, resume to epoch 3: same epochs, rows and scores as one run."""
+@pytest.mark.parametrize("history_top_k", [10, 1])
+def test_resume_matches_an_uninterrupted_run(tmp_path: Path, history_top_k: int):
+    """Stop after epoch 1, resume to epoch 3: same epochs, rows and scores as one run (with
+    whole vectors in the epoch history, and with each past epoch's top class only)."""
     train, val = _data()
     torch.manual_seed(0)
-    full = LabelWatch(projection="pca")
+    full = LabelWatch(projection="pca", history_top_k=history_top_k)
     Trainer(**trainer_kwargs(tmp_path / "full", callbacks=[full], max_epochs=4)).fit(
         TinyClassifier(), train, val
     )
 
     torch.manual_seed(0)
-    first = LabelWatch(projection="pca")
+    first = LabelWatch(projection="pca", history_top_k=history_top_k)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     kwargs = trainer_kwargs(tmp_path / "resumed", max_epochs=2, enable_checkpointing=True)
     Trainer(**{**kwargs, "callbacks": [first, checkpoint]}).fit(TinyClassifier(), train, val)
@@ -60,7 +62,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path):
     }
 
     # The resumed run's own default folder differs; the outputs continue where they were.
-    second = LabelWatch(projection="pca")
+    second = LabelWatch(projection="pca", history_top_k=history_top_k)
     kwargs = trainer_kwargs(tmp_path / "elsewhere", max_epochs=4, enable_checkpointing=True)
     Trainer(**{**kwargs, "callbacks": [second, ModelCheckpoint(dirpath=tmp_path / "ckpt")]}).fit(
         TinyClassifier(), train, val, ckpt_path=tmp_path / "ckpt/last.ckpt"
@@ -80,18 +82,29 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path):
     assert second.last_epoch == 3
 
 
-def test_resume_with_another_history_window_restarts_the_average(tmp_path: Path):
-    """A saved history whose window differs from `history_window` is not reused: a warning,
-    and the averaging starts again at the resumed epoch."""
+@pytest.mark.parametrize(
+    ("changed", "message"),
+    [
+        ({"history_window": 2}, r"\(window 3, top_k 10, .*`history_window`=2, `history_top_k`=10"),
+        ({"history_top_k": 1}, r"\(window 3, top_k 10, .*`history_window`=3, `history_top_k`=1"),
+    ],
+)
+def test_resume_with_another_history_window_restarts_the_average(
+    tmp_path: Path, changed: dict, message: str
+):
+    """A saved history whose window differs from `history_window`, or that keeps its
+    vectors otherwise than `history_top_k` would (C = 3: whole vectors, against the top
+    class only), is not reused: a warning, and the averaging starts again at the resumed
+    epoch."""
     train, val = _data()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     kwargs = trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=True)
     Trainer(**{**kwargs, "callbacks": [LabelWatch(projection="none"), checkpoint]}).fit(
         TinyClassifier(), train, val
     )
-    callback = LabelWatch(projection="none", history_window=2)
+    callback = LabelWatch(projection="none", **changed)
     kwargs = trainer_kwargs(tmp_path, max_epochs=3, enable_checkpointing=True)
-    with pytest.warns(UserWarning, match=r"does not match `history_window`=2 at run 1"):
+    with pytest.warns(UserWarning, match=message + " at run 1"):
         Trainer(
             **{**kwargs, "callbacks": [callback, ModelCheckpoint(dirpath=tmp_path / "ckpt")]}
         ).fit(TinyClassifier(), train, val, ckpt_path=tmp_path / "ckpt/last.ckpt")

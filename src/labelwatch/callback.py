@@ -137,6 +137,7 @@ class LabelWatchLogic:
         embeddings_dtype: Literal["float32", "float16"] = "float32",
         logits_dtype: Literal["float32", "float16"] = "float32",
         history_dtype: Literal["float32", "float16"] = "float32",
+        history_top_k: int | None = 10,
         offload_to_cpu: bool = False,
         max_points: int = 10_000,
         map_in_background: bool = True,
@@ -210,6 +211,14 @@ class LabelWatchLogic:
                 f"`history_dtype` must be one of {tuple(_HISTORY_DTYPES)},"
                 f" got {history_dtype!r}"
             )
+        if history_top_k is not None and (
+            isinstance(history_top_k, bool)
+            or not isinstance(history_top_k, int)
+            or history_top_k < 1
+        ):
+            raise ValueError(
+                f"`history_top_k` must be None or an integer >= 1, got {history_top_k!r}"
+            )
         if "/" not in table_key:
             raise ValueError(
                 "`table_key` must look like 'prefix/name' (e.g. 'labelwatch/samples'),"
@@ -240,6 +249,7 @@ class LabelWatchLogic:
         self.embeddings_dtype = embeddings_dtype
         self.logits_dtype = logits_dtype
         self.history_dtype = history_dtype
+        self.history_top_k = history_top_k
         self.offload_to_cpu = offload_to_cpu
         self.max_points = max_points
         self.map_in_background = map_in_background
@@ -1058,7 +1068,11 @@ class LabelWatchLogic:
         return WITHOUT_NEIGHBOURS[method]
 
     def _new_history(self) -> EpochHistory:
-        return EpochHistory(window=self.history_window, dtype=_HISTORY_DTYPES[self.history_dtype])
+        return EpochHistory(
+            window=self.history_window,
+            dtype=_HISTORY_DTYPES[self.history_dtype],
+            top_k=self.history_top_k,
+        )
 
     def _history(self, name: str | None) -> EpochHistory:
         """This dataloader's epoch history: in memory, or after a resume read back from the
@@ -1078,14 +1092,18 @@ class LabelWatchLogic:
                     " window starts again from this epoch."
                 )
             else:
-                if loaded.window == self.history_window and loaded.last_epoch == self.last_run:
+                if (loaded.window, loaded.last_epoch) == (
+                    self.history_window,
+                    self.last_run,
+                ) and loaded.stores_like(self.history_top_k):
                     history = loaded.to(_HISTORY_DTYPES[self.history_dtype])
                     self._history_files[name] = path
                 else:
                     rank_zero_warn(
-                        f"LabelWatch: the epoch history {path} (window {loaded.window}, validation"
-                        f" run {loaded.last_epoch}) does not match `history_window`="
-                        f"{self.history_window} at run {self.last_run} (epoch {self.last_epoch});"
+                        f"LabelWatch: the epoch history {path} (window {loaded.window}, top_k"
+                        f" {loaded.top_k}, validation run {loaded.last_epoch}) does not match"
+                        f" `history_window`={self.history_window}, `history_top_k`="
+                        f"{self.history_top_k} at run {self.last_run} (epoch {self.last_epoch});"
                         " the averaging window starts again from this epoch."
                     )
         self._histories[name] = history
@@ -1379,6 +1397,10 @@ class LabelWatch(LabelWatchLogic, Callback):
             float16 and their rows are left out of scoring.
         history_dtype: ``"float16"`` stores the epoch history's probabilities at half the
             memory and disk (about 3 significant digits: rankings do not change measurably).
+        history_top_k: the epoch history keeps each past epoch's ``history_top_k`` most
+            probable classes per sample and spreads the rest of the probability evenly over
+            the others (exact while C <= ``history_top_k``; None keeps whole vectors). At
+            C = 1000 the default keeps 1/48 of the memory (see :mod:`labelwatch.history`).
         offload_to_cpu: copy each batch to (pinned) host memory as it arrives.
         max_points: map and log to W&B at most this many rows: a class-stratified
             subsample that includes every candidate (the local files keep every row).
@@ -1413,4 +1435,3 @@ def _name_list(argument: str, value: Any, *, example: str) -> list[Any] | None:
     if isinstance(value, (str, bytes, int)) or not isinstance(value, Iterable):
         raise ValueError(f"`{argument}` must be a list, e.g. {argument}={example}; got {value!r}")
     return list(value)
-
