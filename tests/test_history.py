@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pyarrow.feather as feather
 import pytest
@@ -79,7 +81,9 @@ def test_save_load_round_trip_continues_like_the_original(tmp_path, dtype, top_k
         probs = torch.softmax(torch.randn(3, 4, generator=generator), dim=1)
         original.update(epoch, ids, probs, torch.rand(3, generator=generator) > 0.5)
     path = original.save(tmp_path / "epoch=3" / "history.arrow")
-    restored = EpochHistory.load(path)
+    with warnings.catch_warnings():  # e.g. torch's about read-only arrays: none
+        warnings.simplefilter("error")
+        restored = EpochHistory.load(path)
     assert (restored.window, restored.dtype, restored.last_epoch) == (3, dtype, 3)
     assert (restored.top_k, restored.keeps_top_k) == (top_k, top_k is not None)
     probs = torch.softmax(torch.randn(3, 4, generator=generator), dim=1)

@@ -19,11 +19,11 @@ trained epochs, so it is not offered. Two options shrink it:
   For 100k samples, 1000 classes and ``window=3`` the past takes 0.8 GB in full and
   17 MB with ``top_k=10``. The probabilities a model gives beyond its top 10 classes are
   small and nearly even, so little changes: on 20k synthetic samples with C = 1000 and
-  flat predictions (the top 10 classes hold only 14% of the probability) the 2,000
+  flat predictions (the top 10 classes hold only a seventh of the probability) the 2,000
   lowest averaged self-confidences were the same samples but 3, and confident-learning
-  flags agreed on 99.99% of the samples (scratch measurement, stop 17). Choosing the top
-  classes costs a ``torch.topk`` per epoch: about 0.2 s for 100k x 1000 on 2 cores (torch
-  is 2-3 times slower from ``k = 16`` on).
+  flags agreed on 99.99% of the samples (``python benchmarks/history_top_k.py``).
+  Choosing the top classes costs a ``torch.topk`` per epoch: about 0.2 s for 100k x 1000
+  on 2 cores (torch is 2-3 times slower from ``k = 16`` on).
 - ``dtype=torch.float16`` halves the stored probabilities; float16 keeps about 3
   significant digits, which moves a self-confidence by at most ~5e-4 and does not change
   rankings measurably.
@@ -341,10 +341,11 @@ class EpochHistory:
         slots = history.window - 1 if num_classes else 0
         history._allocate(len(ids))
         for s in range(slots):  # copied out of the mapped file
-            history._past[s] = _from_fixed_size_lists(table, f"probs_{s}", len(ids))
+            history._past[s].numpy()[:] = _from_fixed_size_lists(table, f"probs_{s}", len(ids))
             if history._past_classes is not None and history._past_rest is not None:
-                history._past_classes[s] = _from_fixed_size_lists(table, f"classes_{s}", len(ids))
-                history._past_rest[s] = torch.from_numpy(table.column(f"rest_{s}").to_numpy())
+                classes = _from_fixed_size_lists(table, f"classes_{s}", len(ids))
+                history._past_classes[s].numpy()[:] = classes
+                history._past_rest[s].numpy()[:] = table.column(f"rest_{s}").to_numpy()
         return history
 
     # ---------------------------------------------------------------------------- helpers
@@ -459,6 +460,7 @@ def _fixed_size_lists(values: torch.Tensor, width: int) -> Any:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.numpy().reshape(-1)), width)
 
 
-def _from_fixed_size_lists(table: Any, column: str, rows: int) -> torch.Tensor:
-    flat = table.column(column).combine_chunks().values.to_numpy()
-    return torch.from_numpy(flat.reshape(rows, -1))
+def _from_fixed_size_lists(table: Any, column: str, rows: int) -> np.ndarray:
+    """A fixed-size list column as a read-only ``(rows, width)`` view of the mapped file."""
+    lists = table.column(column).combine_chunks()
+    return lists.values.to_numpy().reshape(rows, lists.type.list_size)
