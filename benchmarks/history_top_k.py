@@ -81,7 +81,7 @@ def main() -> None:
     table = []
     for top_k in [None, *args.top_k]:
         mean, history, seconds = averaged(probs, top_k)
-        past = [history._past, history._past_classes, history._past_rest]
+        past = [history._past, *(history._past_top or ())]
         confidence = mean[rows, given]
         table.append(
             {
@@ -91,7 +91,7 @@ def main() -> None:
                 "lowest_kept": len(lowest & set(confidence.argsort()[: len(lowest)].tolist()))
                 / len(lowest),
                 "flags_kept": float((confident_flags(mean, given) == flags).float().mean()),
-                "past_mb": sum(t.numel() * t.element_size() for t in past if t is not None) / 1e6,
+                "past_mb": sum(t.numel() * t.element_size() for t in past) / 1e6,
                 "epoch_s": seconds,
             }
         )

@@ -22,8 +22,10 @@ trained epochs, so it is not offered. Two options shrink it:
   flat predictions (the top 10 classes hold only a seventh of the probability) the 2,000
   lowest averaged self-confidences were the same samples but 3, and confident-learning
   flags agreed on 99.99% of the samples (``python benchmarks/history_top_k.py``).
-  Choosing the top classes costs a ``torch.topk`` per epoch: about 0.2 s for 100k x 1000
-  on 2 cores (torch is 2-3 times slower from ``k = 16`` on).
+  Choosing the top classes costs a ``torch.topk`` per epoch, which on a CPU is slower from
+  ``k = 16`` on: one epoch's averaging of 100k x 1000 took 0.54 s with ``top_k=10``,
+  0.98 s with 16 and 0.61 s with whole vectors on 2 cores (``--samples 100000 --top-k
+  10 15 16 32``).
 - ``dtype=torch.float16`` halves the stored probabilities; float16 keeps about 3
   significant digits, which moves a self-confidence by at most ~5e-4 and does not change
   rankings measurably.
@@ -47,7 +49,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -64,6 +66,15 @@ _DENSE_FORMAT_VERSION = 3  # before top_k: read as a history that keeps whole ve
 _DTYPES = {torch.float32: "float32", torch.float16: "float16"}
 # Rows are averaged this many values at a time: no N x C temporary.
 _CHUNK_VALUES = 1 << 22
+
+
+class _TopClasses(NamedTuple):
+    """Past vectors kept as their top classes: the values are in ``_past``; here are their
+    classes ``(slots, rows, k)`` and, ``(slots, rows)``, the probability of every other
+    class (the rest spread evenly)."""
+
+    classes: torch.Tensor
+    rest: torch.Tensor
 
 
 class EpochHistory:
@@ -113,11 +124,9 @@ class EpochHistory:
         # (window - 1, rows, width): the past of each row's window, a ring per row, slot-major
         # so each slot is one contiguous block. A slot a row has not reached yet holds zeros,
         # so a window's sum needs no mask. Width C; or, when top_k < C, the top_k largest
-        # probabilities, with their classes in _past_classes and, in _past_rest
-        # (window - 1, rows), the probability of each other class (the rest spread evenly).
+        # probabilities, their classes and the rest in _past_top.
         self._past = torch.empty(window - 1, 0, 0, dtype=dtype)
-        self._past_classes: torch.Tensor | None = None
-        self._past_rest: torch.Tensor | None = None
+        self._past_top: _TopClasses | None = None
         self._count = torch.empty(0, dtype=torch.long)  # scored epochs seen (all of them)
         self._streak = torch.empty(0, dtype=torch.long)
         self._seen_epoch = torch.empty(0, dtype=torch.long)  # last epoch the id was scored
@@ -128,7 +137,7 @@ class EpochHistory:
     @property
     def keeps_top_k(self) -> bool:
         """Whether past vectors are kept as their top classes (``top_k`` < C)."""
-        return self._past_classes is not None
+        return self._past_top is not None
 
     def stores_like(self, top_k: int | None) -> bool:
         """Whether a history with this ``top_k`` keeps past vectors as this one does (any
@@ -238,40 +247,43 @@ class EpochHistory:
     def _add_past(self, slot: int, index: torch.Tensor | slice, total: torch.Tensor) -> None:
         """Add the vectors past slot ``slot`` holds for ``index`` to ``total`` (rows x C
         float32), in place: the rest everywhere, then the kept classes' difference."""
-        if self._past_classes is None or self._past_rest is None:
+        top = self._past_top
+        if top is None:
             total += self._past[slot, index]
             return
-        rest = self._past_rest[slot, index, None]
+        rest = top.rest[slot, index, None]
         total += rest
         kept = self._past[slot, index].float() - rest
-        total.scatter_add_(1, self._past_classes[slot, index].long(), kept)
+        total.scatter_add_(1, top.classes[slot, index].long(), kept)
 
     def _add_past_at(
         self, slot: int, rows: torch.Tensor, columns: torch.Tensor, total: torch.Tensor
     ) -> None:
         """:meth:`_add_past` at one class per row (``columns``), with the same arithmetic,
         so that the result is exactly the same."""
-        if self._past_classes is None or self._past_rest is None:
+        top = self._past_top
+        if top is None:
             total += self._past[slot, rows, columns]
             return
-        rest = self._past_rest[slot, rows]
+        rest = top.rest[slot, rows]
         total += rest
-        match = self._past_classes[slot, rows] == columns[:, None].to(torch.int32)
+        match = top.classes[slot, rows] == columns[:, None].to(torch.int32)
         total += ((self._past[slot, rows].float() - rest[:, None]) * match).sum(dim=1)
 
     def _store(
         self, slots: torch.Tensor | int, index: torch.Tensor | slice, current: torch.Tensor
     ) -> None:
         """Write this epoch's vectors (float32, rows x C) over past ``slots`` of ``index``."""
-        if self._past_classes is None or self._past_rest is None:
+        top = self._past_top
+        if top is None:
             self._past[slots, index] = current.to(self.dtype)
             return
         k = self._past.shape[2]
         values, classes = current.topk(k, dim=1, sorted=False)
         rest = (1.0 - values.sum(dim=1)).clamp_(min=0.0) / ((self.num_classes or k) - k)
         self._past[slots, index] = values.to(self.dtype)
-        self._past_classes[slots, index] = classes.to(torch.int32)
-        self._past_rest[slots, index] = rest
+        top.classes[slots, index] = classes.to(torch.int32)
+        top.rest[slots, index] = rest
 
     # ------------------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
@@ -292,9 +304,9 @@ class EpochHistory:
         for s in range(self.window - 1 if num_classes else 0):  # no vectors while empty
             # each slot is contiguous: handed to Arrow as it is
             columns[f"probs_{s}"] = _fixed_size_lists(self._past[s], width)
-            if self._past_classes is not None and self._past_rest is not None:
-                columns[f"classes_{s}"] = _fixed_size_lists(self._past_classes[s], width)
-                columns[f"rest_{s}"] = pa.array(self._past_rest[s].numpy())
+            if self._past_top is not None:
+                columns[f"classes_{s}"] = _fixed_size_lists(self._past_top.classes[s], width)
+                columns[f"rest_{s}"] = pa.array(self._past_top.rest[s].numpy())
         meta = {
             "version": _FORMAT_VERSION,
             "window": self.window,
@@ -342,10 +354,10 @@ class EpochHistory:
         history._allocate(len(ids))
         for s in range(slots):  # copied out of the mapped file
             history._past[s].numpy()[:] = _from_fixed_size_lists(table, f"probs_{s}", len(ids))
-            if history._past_classes is not None and history._past_rest is not None:
+            if history._past_top is not None:
                 classes = _from_fixed_size_lists(table, f"classes_{s}", len(ids))
-                history._past_classes[s].numpy()[:] = classes
-                history._past_rest[s].numpy()[:] = table.column(f"rest_{s}").to_numpy()
+                history._past_top.classes[s].numpy()[:] = classes
+                history._past_top.rest[s].numpy()[:] = table.column(f"rest_{s}").to_numpy()
         return history
 
     # ---------------------------------------------------------------------------- helpers
@@ -364,9 +376,8 @@ class EpochHistory:
                 self._allocate(start + grow)
             else:
                 self._past = _grow(self._past, grow)
-                if self._past_classes is not None and self._past_rest is not None:
-                    self._past_classes = _grow(self._past_classes, grow)
-                    self._past_rest = _grow(self._past_rest, grow)
+                if self._past_top is not None:
+                    self._past_top = _TopClasses(*(_grow(t, grow) for t in self._past_top))
             zeros = torch.zeros(grow, dtype=torch.long)
             self._count = torch.cat([self._count, zeros])
             self._streak = torch.cat([self._streak, zeros])
@@ -380,8 +391,13 @@ class EpochHistory:
         keep = self.top_k is not None and self.top_k < num_classes
         width = self.top_k if keep and self.top_k is not None else num_classes
         self._past = torch.zeros(slots, rows, width, dtype=self.dtype)
-        self._past_classes = torch.zeros(slots, rows, width, dtype=torch.int32) if keep else None
-        self._past_rest = torch.zeros(slots, rows) if keep else None
+        self._past_top = (
+            _TopClasses(
+                torch.zeros(slots, rows, width, dtype=torch.int32), torch.zeros(slots, rows)
+            )
+            if keep
+            else None
+        )
 
     def _known_rows(self, sample_ids: Sequence[Any]) -> torch.Tensor:
         ids = sample_ids.tolist() if hasattr(sample_ids, "tolist") else list(sample_ids)
