@@ -10,10 +10,14 @@ Prints one table, one row per (model, N samples, C classes) with D = 512 embeddi
   ``overhead_fresh`` the steady state when the capture slabs are not kept between epochs
   (how LabelWatch captured before: every epoch pays the page faults of fresh memory).
   ``overhead_cpu`` / ``overhead_fresh_cpu``: the same ratios of process CPU time, steadier
-  than wall time when other work shares the cores.
-  Models: ``head``, a 2-layer head on precomputed 512-d features (about 3 ms a batch of
-  1024 on 2 cores, the worst case for relative overhead); ``mlp``, a wider 4-layer MLP
-  (a validation step that costs more, as real models do).
+  than wall time when other work shares the cores. ``overhead_copy``: the overhead that
+  the capture alone implies, ``1 + capture_s / loop_s``, where ``capture_s`` is
+  ``EpochBuffer.add`` of the epoch's batches timed outside a Trainer (copying each batch's
+  logits and embeddings into memory kept from the last epoch); LabelWatch cannot go below
+  it without storing less (``embeddings_dtype``/``logits_dtype="float16"``).
+  Models: ``head``, a 2-layer head on precomputed 512-d features (about 5 ms a batch of
+  1024 at C = 10 on 2 cores, 12 ms at C = 1000: the worst case for relative overhead);
+  ``mlp``, a wider 4-layer MLP (a validation step that costs more, as real models do).
 - ``score_s``: ``score_predictions`` on the N x C logits; ``scoring_lw_s``: all of
   LabelWatch's scoring at epoch end in the steady state (those scores, kNN agreement, the
   epoch history and the candidate rule; target: 100k x 1000 <= 2 s); ``epoch_end_s``: its
@@ -194,6 +198,31 @@ def _timed_fit(
     return end.loops, end.loops_cpu, ends, end.scoring
 
 
+def _capture_time(n: int, c: int) -> float:
+    """Seconds that LabelWatch's capture alone (``EpochBuffer.add`` of every batch's logits,
+    embeddings, targets and ids) takes for one epoch outside a Trainer: the copies into
+    memory kept from the previous epoch, from the same batch each time (in cache, as a
+    forward pass leaves its output). Best of 3 epochs after a first one."""
+    from labelwatch.capture import EpochBuffer
+
+    generator = torch.Generator().manual_seed(2)
+    logits, embeddings = torch.randn(BATCH, c, generator=generator), torch.randn(BATCH, D)
+    targets = torch.randint(0, c, (BATCH,), generator=generator)
+    batches = -(-n // BATCH)
+    best, spare = float("inf"), None
+    for epoch in range(4):
+        buffer = EpochBuffer(expected_rows=batches * BATCH, reuse=spare)
+        start = time.perf_counter()
+        for i in range(batches):
+            ids = torch.arange(i * BATCH, (i + 1) * BATCH)
+            buffer.add(logits, targets, ids, embeddings=embeddings)
+        if epoch:
+            best = min(best, time.perf_counter() - start)
+        buffer.collect()
+        spare = buffer.slabs()
+    return best
+
+
 def _scoring_time(n: int, c: int) -> float:
     from labelwatch import score_predictions
 
@@ -329,6 +358,7 @@ def main() -> None:
                             "overhead_fresh": steady["lw_fresh"] / steady["none"],
                             "overhead_cpu": steady_cpu["lw"] / steady_cpu["none"],
                             "overhead_fresh_cpu": steady_cpu["lw_fresh"] / steady_cpu["none"],
+                            "overhead_copy": 1 + _capture_time(n, c) / steady["none"],
                             "score_s": _scoring_time(n, c),
                             "scoring_lw_s": min(scoring),
                             "epoch_end_s": min(epoch_end),
