@@ -14,7 +14,8 @@ Prints one table, one row per (model, N samples, C classes) with D = 512 embeddi
   the capture alone implies, ``1 + capture_s / loop_s``, where ``capture_s`` is
   ``EpochBuffer.add`` of the epoch's batches timed outside a Trainer (copying each batch's
   logits and embeddings into memory kept from the last epoch); LabelWatch cannot go below
-  it without storing less (``embeddings_dtype``/``logits_dtype="float16"``).
+  it without storing less; ``overhead_copy_f16`` the same with ``embeddings_dtype`` and
+  ``logits_dtype`` set to ``"float16"`` (half the bytes to write).
   Models: ``head``, a 2-layer head on precomputed 512-d features (about 5 ms a batch of
   1024 at C = 10 on 2 cores, 12 ms at C = 1000: the worst case for relative overhead);
   ``mlp``, a wider 4-layer MLP (a validation step that costs more, as real models do).
@@ -198,11 +199,12 @@ def _timed_fit(
     return end.loops, end.loops_cpu, ends, end.scoring
 
 
-def _capture_time(n: int, c: int) -> float:
+def _capture_time(n: int, c: int, dtype: torch.dtype | None = None) -> float:
     """Seconds that LabelWatch's capture alone (``EpochBuffer.add`` of every batch's logits,
     embeddings, targets and ids) takes for one epoch outside a Trainer: the copies into
     memory kept from the previous epoch, from the same batch each time (in cache, as a
-    forward pass leaves its output). Best of 3 epochs after a first one."""
+    forward pass leaves its output), stored in ``dtype`` (None: as they come). Best of 3
+    epochs after a first one."""
     from labelwatch.capture import EpochBuffer
 
     generator = torch.Generator().manual_seed(2)
@@ -211,7 +213,9 @@ def _capture_time(n: int, c: int) -> float:
     batches = -(-n // BATCH)
     best, spare = float("inf"), None
     for epoch in range(4):
-        buffer = EpochBuffer(expected_rows=batches * BATCH, reuse=spare)
+        buffer = EpochBuffer(
+            expected_rows=batches * BATCH, reuse=spare, embeddings_dtype=dtype, logits_dtype=dtype
+        )
         start = time.perf_counter()
         for i in range(batches):
             ids = torch.arange(i * BATCH, (i + 1) * BATCH)
@@ -359,6 +363,8 @@ def main() -> None:
                             "overhead_cpu": steady_cpu["lw"] / steady_cpu["none"],
                             "overhead_fresh_cpu": steady_cpu["lw_fresh"] / steady_cpu["none"],
                             "overhead_copy": 1 + _capture_time(n, c) / steady["none"],
+                            "overhead_copy_f16": 1
+                            + _capture_time(n, c, torch.float16) / steady["none"],
                             "score_s": _scoring_time(n, c),
                             "scoring_lw_s": min(scoring),
                             "epoch_end_s": min(epoch_end),
