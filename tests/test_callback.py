@@ -154,6 +154,31 @@ def test_fit_without_logger_writes_local_outputs(tmp_path: Path):
     assert candidates["label_quality"].is_monotonic_increasing
 
 
+def test_mixed_precision_scores_the_logits_the_model_gave(tmp_path: Path):
+    """Under autocast the logits come out in bfloat16 (Lightning's choice on a CPU for any
+    16-bit mixed precision): the last epoch's scores are those of the final model's own
+    bfloat16 logits, recomputed here the same way."""
+    from labelwatch import score_predictions
+
+    train, val = loaders(flip=4)
+    model = TinyClassifier()
+    callback = LabelWatch(projection="pca")
+    Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], precision="bf16-mixed")).fit(
+        model, train, val
+    )
+    samples = pd.read_parquet(tmp_path / "labelwatch/epoch=1/samples.parquet")
+    model.eval()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        batches = [(model(b["x"]), b["target"], b["sample_id"]) for b in val]
+    logits, targets, ids = (torch.cat(parts) for parts in zip(*batches, strict=True))
+    assert logits.dtype == torch.bfloat16
+    expected = score_predictions(logits=logits, labels=targets, sample_ids=ids.tolist())
+    assert len(samples) == 48
+    for column in ("self_confidence", "entropy", "predicted_label", "is_confident_mismatch"):
+        assert samples[column].tolist() == pytest.approx(expected[column].tolist(), abs=1e-6)
+    assert samples["label_quality"].notna().all()
+
+
 def test_module_without_validation_outputs_works_through_layer_hooks(tmp_path: Path):
     """validation_step returning None: logits and embeddings come from forward hooks."""
     train, val = loaders()
