@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -70,8 +72,8 @@ def _fit_in_a_script(
 ) -> None:
     """Run `_fit` with 2 processes from a fresh Python script, as users launch DDP. A fresh
     process also keeps the ranks clear of state that earlier tests leave in pytest's: with
-    ddp_spawn from inside pytest, a rank aborted at exit now and then (C++ "terminate
-    called without an active exception") after the whole suite, never when run alone."""
+    ddp_spawn from inside pytest, a rank aborted (C++ "terminate called without an active
+    exception") in 3 of 8 full suites. From a script it still does, about once in 20."""
     script = tmp_path / "train_ddp.py"
     script.write_text(textwrap.dedent(SCRIPT))
     # Keep the caller's PYTHONPATH after the repository root: it may pick the labelwatch
@@ -79,15 +81,26 @@ def _fit_in_a_script(
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path}
     arguments = [str(out), "1" if string_ids else "0", json.dumps(callback_args), strategy]
-    result = subprocess.run(
-        [sys.executable, str(script), *arguments],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    for attempt in (1, 2):
+        result = subprocess.run(
+            [sys.executable, str(script), *arguments],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if result.returncode == 0 or GLOO_ABORT not in result.stderr or attempt == 2:
+            break
+        # That abort has never been reproduced outside the full suite (not in loops of this
+        # script, nor with CPU hogs beside it): run once more, with a warning that shows in
+        # the test summary; the second run must pass the same assertions.
+        warnings.warn(f"{strategy} rank aborted ({GLOO_ABORT!r}); retrying once", stacklevel=1)
+        shutil.rmtree(out, ignore_errors=True)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+GLOO_ABORT = "terminate called without an active exception"
 
 
 @pytest.mark.parametrize(
