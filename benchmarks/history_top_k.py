@@ -22,6 +22,7 @@ import time
 import pandas as pd
 import torch
 
+from labelwatch.combined import candidate_flags
 from labelwatch.history import EpochHistory
 
 
@@ -54,17 +55,6 @@ def averaged(
     return mean, history, time.perf_counter() - start
 
 
-def confident_flags(probs: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
-    """Some other class j has p_j >= t_j, the mean p_j of the samples labelled j."""
-    rows, c = torch.arange(len(given)), probs.shape[1]
-    at_given = probs[rows, given]
-    counts = torch.bincount(given, minlength=c).clamp(min=1)
-    thresholds = torch.zeros(c).index_add_(0, given, at_given) / counts
-    above = probs >= thresholds
-    above[rows, given] = False
-    return above.any(dim=1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=20_000)
@@ -77,7 +67,7 @@ def main() -> None:
     rows = torch.arange(len(given))
     whole, _, _ = averaged(probs, None)
     lowest = set(whole[rows, given].argsort()[: len(given) // 10].tolist())
-    flags = confident_flags(whole, given)
+    flags = candidate_flags(whole, given)  # confident learning, as without neighbours
     table = []
     for top_k in [None, *args.top_k]:
         mean, history, seconds = averaged(probs, top_k)
@@ -90,7 +80,7 @@ def main() -> None:
                 "spearman": spearmanr(whole[rows, given].numpy(), confidence.numpy())[0],
                 "lowest_kept": len(lowest & set(confidence.argsort()[: len(lowest)].tolist()))
                 / len(lowest),
-                "flags_kept": float((confident_flags(mean, given) == flags).float().mean()),
+                "flags_kept": float((candidate_flags(mean, given) == flags).float().mean()),
                 "past_mb": sum(t.numel() * t.element_size() for t in past) / 1e6,
                 "epoch_s": seconds,
             }

@@ -171,14 +171,7 @@ class LabelWatchLogic:
                 or not (0.0 <= value <= 1.0)
             ):
                 raise ValueError(f"`{argument}` must be a number in [0, 1], got {value!r}")
-        if max_candidates is not None and (
-            isinstance(max_candidates, bool)
-            or not isinstance(max_candidates, int)
-            or max_candidates < 0
-        ):
-            raise ValueError(
-                f"`max_candidates` must be None or an integer >= 0, got {max_candidates!r}"
-            )
+        _check_optional_int("max_candidates", max_candidates, minimum=0)
         if isinstance(max_media_rows, bool) or not isinstance(max_media_rows, int) or (
             max_media_rows < 0
         ):
@@ -211,14 +204,7 @@ class LabelWatchLogic:
                 f"`history_dtype` must be one of {tuple(_HISTORY_DTYPES)},"
                 f" got {history_dtype!r}"
             )
-        if history_top_k is not None and (
-            isinstance(history_top_k, bool)
-            or not isinstance(history_top_k, int)
-            or history_top_k < 1
-        ):
-            raise ValueError(
-                f"`history_top_k` must be None or an integer >= 1, got {history_top_k!r}"
-            )
+        _check_optional_int("history_top_k", history_top_k, minimum=1)
         if "/" not in table_key:
             raise ValueError(
                 "`table_key` must look like 'prefix/name' (e.g. 'labelwatch/samples'),"
@@ -1426,6 +1412,13 @@ class LabelWatch(LabelWatchLogic, Callback):
 
 # Samplers whose order changes from epoch to epoch: positions cannot name samples.
 _RANDOM_ORDER = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+
+
+def _check_optional_int(argument: str, value: Any, *, minimum: int) -> None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or value < minimum
+    ):
+        raise ValueError(f"`{argument}` must be None or an integer >= {minimum}, got {value!r}")
 
 
 def _name_list(argument: str, value: Any, *, example: str) -> list[Any] | None:
