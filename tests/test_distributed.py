@@ -73,7 +73,7 @@ def _fit_in_a_script(
     """Run `_fit` with 2 processes from a fresh Python script, as users launch DDP. A fresh
     process also keeps the ranks clear of state that earlier tests leave in pytest's: with
     ddp_spawn from inside pytest, a rank aborted (C++ "terminate called without an active
-    exception") in 3 of 8 full suites. From a script it still does, about once in 20."""
+    exception") in 3 of 8 full suites. From a script it still did in 3 of 7 at stop 18."""
     script = tmp_path / "train_ddp.py"
     script.write_text(textwrap.dedent(SCRIPT))
     # Keep the caller's PYTHONPATH after the repository root: it may pick the labelwatch
