@@ -31,7 +31,14 @@ from torch.utils.data import (
 
 from labelwatch.ann import EXACT_KNN_POINTS
 from labelwatch.candidates import select_candidates
-from labelwatch.capture import CapturedEpoch, EpochBuffer, LayerTap, find_submodule, merge_ranks
+from labelwatch.capture import (
+    CapturedEpoch,
+    EpochBuffer,
+    LayerTap,
+    destroy_gloo_group_at_exit,
+    find_submodule,
+    merge_ranks,
+)
 from labelwatch.combined import (
     COMBINED_METHODS,
     DEFAULT_KNN_WEIGHT,
@@ -450,6 +457,8 @@ class LabelWatchLogic:
         self._stop_worker()
         self._wait_for_history_saves()
         self._wait_for_logging()
+        if stage == "fit":  # only after a fit that ended well: no collective is in flight
+            destroy_gloo_group_at_exit()
 
     def _release_capture(self) -> None:
         self._remove_taps()

@@ -6,6 +6,7 @@ epoch end, so capturing adds no host synchronisation to the validation loop.
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["CapturedEpoch", "EpochBuffer", "LayerTap", "find_submodule", "merge_ranks"]
+__all__ = [
+    "CapturedEpoch",
+    "EpochBuffer",
+    "LayerTap",
+    "destroy_gloo_group_at_exit",
+    "find_submodule",
+    "merge_ranks",
+]
 
 
 @dataclass
@@ -239,6 +247,32 @@ class EpochBuffer:
             embeddings=embeddings,
             metadata={key: _flatten(chunks) for key, chunks in self._metadata.items()},
         )
+
+
+_destroy_registered = False
+
+
+def destroy_gloo_group_at_exit() -> None:
+    """Destroy this process's gloo process group when Python exits, before it finalizes.
+
+    Left to finalization, a gloo worker thread can release the last reference to a
+    tensor whose Python object is already gone, and take the GIL of an interpreter being
+    torn down: the rank aborts ("terminate called without an active exception",
+    pytorch/pytorch#190489), and ddp_spawn then kills the other ranks, rank zero's
+    unfinished epoch-end writes included. Lightning destroys NCCL groups at exit, not
+    gloo ones. Registered once per process.
+    """
+    global _destroy_registered
+    if _destroy_registered or not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() == "gloo":
+        atexit.register(_destroy_process_group)
+        _destroy_registered = True
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():  # the script may have destroyed it already
+        dist.destroy_process_group()
 
 
 def merge_ranks(local: CapturedEpoch | None) -> CapturedEpoch | None:
