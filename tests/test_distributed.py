@@ -18,18 +18,34 @@ import pytest
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import WandbLogger
 from torch.utils.data import DataLoader
 
 from labelwatch import LabelWatch
-from tests.helpers import BlobDataset, TinyClassifier, trainer_kwargs
+from labelwatch.sinks.wandb import ARTIFACT_TYPE
+from tests.helpers import (
+    BlobDataset,
+    TinyClassifier,
+    offline_run_dir,
+    trainer_kwargs,
+    wandb_records,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_VAL = 45  # odd: DistributedSampler pads one repeated sample onto rank 1
 
 
 def _fit(
-    out: Path, string_ids: bool, callback_args: dict | None = None, **trainer_overrides
+    out: Path,
+    string_ids: bool,
+    callback_args: dict | None = None,
+    wandb: bool = False,
+    **trainer_overrides,
 ) -> None:
+    if wandb:  # offline, its run folder under `out`
+        trainer_overrides["logger"] = WandbLogger(
+            project="labelwatch-tests", save_dir=str(out), offline=True
+        )
     torch.manual_seed(0)
     model = TinyClassifier(lr=0.0)  # weights stay put: every run scores the same model
     train = DataLoader(BlobDataset(32, seed=1), batch_size=16)
@@ -83,15 +99,20 @@ from tests.test_distributed import _fit, report_group_at_exit
 atexit.register(report_group_at_exit)  # in ddp_spawn's workers too: they import this file
 
 if __name__ == "__main__":  # ddp_spawn's workers import this script again
-    out, string_ids, callback_args, strategy = sys.argv[1:]
+    out, string_ids, callback_args, strategy, wandb = sys.argv[1:]
     _fit(Path(out), string_ids=string_ids == "1", callback_args=json.loads(callback_args),
-         strategy=strategy, devices=2)
+         wandb=wandb == "1", strategy=strategy, devices=2)
 """
 
 
 def _fit_in_a_script(
-    tmp_path: Path, out: Path, strategy: str, string_ids: bool, callback_args: dict
-) -> None:
+    tmp_path: Path,
+    out: Path,
+    strategy: str,
+    string_ids: bool,
+    callback_args: dict,
+    wandb: bool = False,
+) -> subprocess.CompletedProcess:
     """Run `_fit` with 2 processes from a fresh Python script, as users launch DDP. Each
     rank destroys its gloo group before Python finalizes (see the exit test below)."""
     script = tmp_path / "train_ddp.py"
@@ -101,7 +122,7 @@ def _fit_in_a_script(
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     result = subprocess.run(
         [sys.executable, str(script), str(out), "1" if string_ids else "0"]
-        + [json.dumps(callback_args), strategy],
+        + [json.dumps(callback_args), strategy, "1" if wandb else "0"],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": path},
         capture_output=True,
@@ -111,6 +132,7 @@ def _fit_in_a_script(
     assert result.returncode == 0, result.stderr[-3000:]
     # ddp_spawn's launcher never joins the group: it reports too
     _assert_destroyed_at_exit(result.stderr, 3 if strategy == "ddp_spawn" else 2)
+    return result
 
 
 @pytest.mark.parametrize(
@@ -129,6 +151,28 @@ def test_ddp_launched_from_a_script_equals_a_single_process(tmp_path: Path):
     _fit_in_a_script(tmp_path, tmp_path / "ddp", "ddp", True, {})
     _fit(tmp_path / "single", string_ids=True)
     _assert_same_results(tmp_path / "single", tmp_path / "ddp")
+
+
+def test_ddp_spawn_logs_one_wandb_run_and_says_where_its_tables_went(tmp_path: Path):
+    """ddp_spawn with a WandbLogger: one W&B run (rank zero's) with one candidates artifact.
+    W&B writes the re-attached run's media under ./wandb, away from the run's folder in
+    save_dir, and LabelWatch's warning names the folder where the tables really are."""
+    out = tmp_path / "ddp"
+    result = _fit_in_a_script(tmp_path, out, "ddp_spawn", False, {}, wandb=True)
+    run_dir = offline_run_dir(out)  # exactly one run under save_dir, not one per rank
+    records = wandb_records(next(run_dir.glob("run-*.wandb")))
+    artifacts = [
+        r.artifact
+        for r in records
+        if r.WhichOneof("record_type") == "artifact" and r.artifact.type == ARTIFACT_TYPE
+    ]
+    assert [sorted(a.aliases) for a in artifacts] == [["epoch-0", "latest"]]
+    (table,) = tmp_path.glob("wandb/offline-run-*/files/media/table/labelwatch/samples_*.json")
+    assert len(json.loads(table.read_text())["data"]) == NUM_VAL
+    media_dir = table.parents[3].resolve()  # files/media/table/labelwatch/<table>
+    assert f"W&B writes this run's media, the LabelWatch tables included, to {media_dir}," in (
+        result.stderr
+    )
 
 
 class NoIds(BlobDataset):

@@ -83,3 +83,18 @@ def test_plain_cells_skip_wandbs_conversion_and_serialise_the_same(tmp_path):
     with pytest.raises(RuntimeError), _plain_cells_as_they_are():
         raise RuntimeError("logging failed")
     assert table_module._json_helper is convert
+
+
+@pytest.mark.parametrize("mode", ["offline", "disabled"])
+def test_a_run_started_here_keeps_its_media_in_save_dir(tmp_path, mode):
+    """Only a run whose media go outside save_dir is reported (ddp_spawn's re-attached run,
+    in tests/test_distributed.py); a disabled run writes nothing."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from labelwatch.sinks.wandb import WandbSink
+
+    logger = WandbLogger(project="labelwatch-tests", save_dir=str(tmp_path), mode=mode)
+    sink = WandbSink(logger)
+    assert sink.stray_media_dir() is None
+    if mode == "offline":  # the check looked at a real folder
+        assert sink.run.dir.startswith(str(tmp_path))

@@ -304,6 +304,8 @@ class LabelWatchLogic:
                 find_submodule(pl_module, name, argument)
         logger = find_wandb_logger(trainer.loggers)
         self._wandb = WandbSink(logger, table_key=self.table_key) if logger is not None else None
+        if self._wandb is not None and stage == "fit" and trainer.is_global_zero:
+            self._warn_if_media_go_astray(self._wandb)
         if stage == "fit" and trainer.is_global_zero and self._wants_worker():
             # Started now so numba compiles while the first epoch trains.
             self._worker = MapWorker(
@@ -507,6 +509,19 @@ class LabelWatchLogic:
             " and counted in the averaging window and flag streaks, but the local folder"
             " epoch=<n> keeps only the epoch's last one.",
         )
+
+    def _warn_if_media_go_astray(self, sink: WandbSink) -> None:
+        media_dir = sink.stray_media_dir()
+        if media_dir is not None:
+            save_dir = sink.logger.save_dir
+            self._warn_once(
+                "stray-media",
+                f"LabelWatch: W&B writes this run's media, the LabelWatch tables included, to"
+                f" {media_dir}, not to the run's folder under the WandbLogger's save_dir"
+                f" ({save_dir}): ddp_spawn re-attaches the run in a new process that does not"
+                f" know its folder. Set WANDB_DIR={save_dir} before fit, or use"
+                " strategy='ddp', to keep the tables with the run.",
+            )
 
     def _start_afresh(self) -> None:
         """Forget the last fit's outputs, per-sample state and warnings. A resumed fit gets

@@ -98,6 +98,18 @@ class WandbSink:
     def run(self) -> Any:
         return self.logger.experiment
 
+    def stray_media_dir(self) -> Path | None:
+        """The folder W&B writes this run's media to, when it is outside the logger's
+        ``save_dir`` (None otherwise). Under ddp_spawn the run is re-attached in a fresh
+        process that no longer knows its folder: media go under ``./wandb`` while the
+        run's record log stays under ``save_dir``."""
+        save_dir = getattr(self.logger, "save_dir", None)
+        media_dir = getattr(self.run, "dir", None)
+        if not save_dir or not isinstance(media_dir, str) or getattr(self.run, "disabled", False):
+            return None  # a disabled run writes nothing
+        media_dir = Path(media_dir).resolve()
+        return None if media_dir.is_relative_to(Path(save_dir).resolve()) else media_dir
+
     @_plain_cells_as_they_are()  # the same JSON, less CPU
     def log_epoch(
         self,
