@@ -511,7 +511,11 @@ class LabelWatchLogic:
         )
 
     def _warn_if_media_go_astray(self, sink: WandbSink) -> None:
-        media_dir = sink.stray_media_dir()
+        try:
+            media_dir = sink.stray_media_dir()
+        except Exception:  # only a check: never let it stop the fit
+            log.debug("LabelWatch: could not compare W&B folders", exc_info=True)
+            return
         if media_dir is not None:
             save_dir = sink.logger.save_dir
             self._warn_once(
