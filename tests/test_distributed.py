@@ -72,6 +72,14 @@ def _assert_same_results(single: Path, distributed: Path) -> None:
     assert sorted(ca["sample_id"]) == sorted(cb["sample_id"])
 
 
+def _script_env() -> dict[str, str]:
+    """The environment for a test's own Python script: the repository root first on the
+    path, then the caller's PYTHONPATH (which may pick the labelwatch under test, a
+    checkout other than the installed one)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
 def report_group_at_exit() -> None:
     """Say on stderr whether this process still has a process group and gloo worker
     threads (torch names them on Linux). Registered first, so it runs after every other
@@ -117,14 +125,11 @@ def _fit_in_a_script(
     rank destroys its gloo group before Python finalizes (see the exit test below)."""
     script = tmp_path / "train_ddp.py"
     script.write_text(textwrap.dedent(SCRIPT))
-    # Keep the caller's PYTHONPATH after the repository root: it may pick the labelwatch
-    # under test (a checkout other than the installed one).
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     result = subprocess.run(
         [sys.executable, str(script), str(out), "1" if string_ids else "0"]
         + [json.dumps(callback_args), strategy, "1" if wandb else "0"],
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": path},
+        env=_script_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -243,12 +248,11 @@ def _gather_in_two_processes(tmp_path: Path, same_ids: bool) -> object:
     script.write_text(GATHER_SCRIPT)
     port = _free_port()
     out = tmp_path / "merged.pt"
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     arguments = [port, str(out), "1" if same_ids else "0"]
     ranks = [
         subprocess.Popen(
             [sys.executable, str(script), str(rank), *arguments],
-            env={**os.environ, "PYTHONPATH": path},
+            env=_script_env(),
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -299,10 +303,9 @@ def test_the_gloo_group_is_destroyed_before_python_finalizes(tmp_path: Path, reg
     (pytorch/pytorch#190489); after a fit LabelWatch has it destroyed at exit instead."""
     script = tmp_path / "exit.py"
     script.write_text(EXIT_SCRIPT)
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     result = subprocess.run(
         [sys.executable, str(script), _free_port(), "1" if registered else "0"],
-        env={**os.environ, "PYTHONPATH": path},
+        env=_script_env(),
         capture_output=True,
         text=True,
         timeout=120,
