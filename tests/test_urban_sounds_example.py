@@ -166,6 +166,11 @@ def test_evaluate_counts_corrupted_labels_and_hidden_sirens_as_right() -> None:
     assert numbers["recall_corrupted"] == 0.5
     assert (numbers["num_dog_siren"], numbers["num_dog_siren_found"]) == (1, 1)
     assert numbers["accuracy_vs_truth"] == pytest.approx(4 / 6)
+    assert "num_watch_flagged" not in numbers
+    candidates["is_watch_candidate"] = [True, False, True]  # wrong, -, hidden siren
+    numbers = evaluate(samples, candidates, truth, top=2)
+    assert (numbers["num_watch_flagged"], numbers["num_watch_right"]) == (2, 1)
+    assert numbers["num_watch_hidden_sirens"] == 1
     assert set(evaluate(samples, candidates, None)) == {
         "num_samples",
         "num_candidates",
@@ -255,6 +260,8 @@ def test_demo_trains_through_the_cli_config_and_logs_audio_to_wandb(
     assert f"wandb sync {run_dir}" in printed
     assert f"labelwatch candidates {outputs} --top 20 -o review.csv" in printed
     assert "precision@10" in printed and "recall of corrupted labels" in printed
+    assert "watching sirens: " in printed  # the config watches sirens
+    assert "watch_siren" in samples.columns and summary["watch_classes"] == ["siren"]
 
 
 @pytest.mark.parametrize("steps", [1, 5, 12])

@@ -194,6 +194,15 @@ def evaluate(
             ),
         }
     )
+    if "is_watch_candidate" in candidates.columns:  # the config watches sirens
+        watched = candidates["is_watch_candidate"].astype(bool).to_numpy()
+        numbers.update(
+            {
+                "num_watch_flagged": int(watched.sum()),
+                "num_watch_right": int(hits[watched].sum()),
+                "num_watch_hidden_sirens": int(hidden_siren.loc[ids[watched]].sum()),
+            }
+        )
     return numbers
 
 
@@ -248,6 +257,12 @@ def _report(where: dict[str, Any], candidates: pd.DataFrame, n: dict[str, Any], 
             f" {n['num_hidden_sirens']}; dog barks hiding a siren: {n['num_dog_siren_found']}"
             f" of {n['num_dog_siren']}"
         )
+        if "num_watch_flagged" in n:
+            print(
+                f"watching sirens: {n['num_watch_flagged']} candidates lean toward siren"
+                f" (watch_siren >= 3), {n['num_watch_right']} of them corrupted labels or"
+                f" hidden sirens; {n['num_watch_hidden_sirens']} hidden sirens among them"
+            )
 
     print("\nnext:")
     if run_dir is not None:

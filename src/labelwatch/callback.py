@@ -74,6 +74,7 @@ from labelwatch.scoring import (
     score_predictions,
 )
 from labelwatch.sinks import LocalSink, WandbSink, find_wandb_logger
+from labelwatch.watch import DEFAULT_MIN_WATCH_SCORE, watch_scores, watched_indices
 
 __all__ = ["LabelWatch", "LabelWatchLogic"]
 
@@ -136,6 +137,8 @@ class LabelWatchLogic:
         knn_weight: float = DEFAULT_KNN_WEIGHT,
         min_knn_agreement: float = DEFAULT_MIN_KNN_AGREEMENT,
         max_candidates: int | None = None,
+        watch_classes: Sequence[str | int] | None = None,
+        min_watch_score: float = DEFAULT_MIN_WATCH_SCORE,
         ignore_index: int = -100,
         dirpath: str | Path | None = None,
         table_key: str = "labelwatch/samples",
@@ -196,6 +199,15 @@ class LabelWatchLogic:
                     " than once"
                 )
         metadata_keys = _name_list("metadata_keys", metadata_keys, example="['path']")
+        watch_classes = _name_list("watch_classes", watch_classes, example="['siren']")
+        if watch_classes is not None and class_names is not None:
+            watched_indices(watch_classes, class_names)  # a misspelt name fails here
+        if (
+            isinstance(min_watch_score, bool)
+            or not isinstance(min_watch_score, (int, float))
+            or not min_watch_score > 0
+        ):
+            raise ValueError(f"`min_watch_score` must be a number > 0, got {min_watch_score!r}")
         dataloaders = _name_list("dataloaders", dataloaders, example="[0] or ['clean']")
         if embeddings_dtype not in _EMBEDDINGS_DTYPES:
             raise ValueError(
@@ -234,6 +246,8 @@ class LabelWatchLogic:
         self.knn_weight = float(knn_weight)
         self.min_knn_agreement = float(min_knn_agreement)
         self.max_candidates = max_candidates
+        self.watch_classes = tuple(watch_classes or ())
+        self.min_watch_score = float(min_watch_score)
         self.ignore_index = ignore_index
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.table_key = table_key
@@ -655,6 +669,8 @@ class LabelWatchLogic:
                 sample_ids=captured.sample_ids,
                 ignore_index=self.ignore_index,
             )
+            names = self.class_names or [str(k) for k in range(captured.logits.shape[1])]
+            watched_indices(self.watch_classes, names)
 
     def _metadata(self, batch: Any) -> dict[str, Any]:
         if not self.metadata_keys:
@@ -694,7 +710,12 @@ class LabelWatchLogic:
                 " or all ignored or non-finite); nothing logged.",
             )
             return
-        candidates = select_candidates(samples, self.max_candidates, flag_column="is_candidate")
+        candidates = select_candidates(
+            samples,
+            self.max_candidates,
+            flag_column="is_candidate",
+            keep_column="is_watch_candidate",
+        )
         summary = self._summary(samples, candidates, host, epoch, trainer.global_step)
         summary["dataloader"] = name
         summary.update(self._wandb_run_ids())
@@ -957,7 +978,43 @@ class LabelWatchLogic:
         samples.insert(column + 3, "flag_streak", self._flag_streaks(name, samples))
         logits = captured.logits if kept_all else captured.logits[index]
         self._add_history_columns(samples, logits, labels, neighbour_labels, agreement, name, run)
+        if self.watch_classes:
+            if embeddings is not None and not kept_all:
+                embeddings = embeddings[index.to(embeddings.device)]
+            self._add_watch_columns(samples, embeddings, labels)
         return samples
+
+    def _add_watch_columns(
+        self, samples: pd.DataFrame, embeddings: torch.Tensor | None, labels: torch.Tensor
+    ) -> None:
+        """A `watch_<class>` score per watched class (:mod:`labelwatch.watch`); a sample
+        scoring `min_watch_score` or more for one becomes a candidate (`is_watch_candidate`),
+        suggested as that class unless the candidate rule already flags it."""
+        names = list(samples.attrs["class_names"])
+        watched = watched_indices(self.watch_classes, names)
+        if embeddings is None or embeddings.shape[1] < 2:
+            self._warn_once(
+                "watch-no-embeddings",
+                "LabelWatch: `watch_classes` needs embeddings of two or more dimensions (set"
+                " `embedding_layer` or return `embeddings` from validation_step); the watch"
+                " scores are NaN and flag nothing.",
+            )
+            scores = torch.full((len(labels), len(watched)), float("nan"))
+        else:
+            scores = watch_scores(embeddings, labels, watched, len(names))
+        for column, index in enumerate(watched):
+            samples[f"watch_{names[index]}"] = scores[:, column].double().numpy()
+        reached = torch.nan_to_num(scores, nan=-math.inf) >= self.min_watch_score
+        flagged = reached.any(dim=1).numpy()
+        only_watched = flagged & ~samples["is_candidate"].to_numpy(bool)
+        if only_watched.any():
+            best = torch.nan_to_num(scores, nan=-math.inf).argmax(dim=1).numpy()
+            suggested = samples["suggested_label"].to_numpy(np.int64).copy()
+            suggested[only_watched] = np.asarray(watched)[best[only_watched]]
+            samples["suggested_label"] = suggested
+            samples["suggested_name"] = np.asarray(names, dtype=object)[suggested]
+        samples["is_watch_candidate"] = flagged
+        samples["is_candidate"] = samples["is_candidate"].to_numpy(bool) | flagged
 
     def _neighbour_labels(
         self, embeddings: torch.Tensor | None, rows: torch.Tensor | None, labels: torch.Tensor
@@ -1214,11 +1271,22 @@ class LabelWatchLogic:
             "history_window": self.history_window,
             "knn_weight": self.knn_weight,
             "min_knn_agreement": self.min_knn_agreement,
+            **self._watch_summary(samples),
             "projection": (
                 "pending"
                 if captured.embeddings is not None and self.projection != "none"
                 else "none"
             ),
+        }
+
+    def _watch_summary(self, samples: pd.DataFrame) -> dict[str, Any]:
+        if not self.watch_classes:
+            return {}
+        names = samples.attrs["class_names"]
+        return {
+            "watch_classes": [names[i] for i in watched_indices(self.watch_classes, names)],
+            "min_watch_score": self.min_watch_score,
+            "num_watch_flagged": int(samples["is_watch_candidate"].sum()),
         }
 
     def _wandb_run_ids(self) -> dict[str, str]:
@@ -1395,7 +1463,15 @@ class LabelWatch(LabelWatchLogic, Callback):
             scaled down for a class too small to fill the neighbourhood
             (:func:`labelwatch.combined.reachable_agreement`).
         max_candidates: keep at most this many candidates per epoch, those with the lowest
-            ``label_quality`` (None = every flagged row).
+            ``label_quality`` (None = every flagged row), plus every watched-class flag.
+        watch_classes: classes to watch for where the label leaves them out (names or
+            indices; a siren behind a dog bark labelled ``dog_bark``). Each adds a column
+            ``watch_<class>``: how far the sample's embedding leans toward that class's
+            samples, as a robust z-score among the samples with its own label (see
+            :mod:`labelwatch.watch`). Needs embeddings.
+        min_watch_score: a sample with a watch score at least this is a candidate
+            (``is_watch_candidate``), suggested as that class unless the candidate rule
+            flags it anyway.
         ignore_index: target value of unlabelled samples; skipped and counted.
         dirpath: local output folder; defaults to ``<save_dir>/<name>/<version>/labelwatch``
             of the first logger (like ``ModelCheckpoint``), or ``<default_root_dir>/labelwatch``.

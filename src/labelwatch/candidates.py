@@ -86,15 +86,23 @@ def select_candidates(
     max_candidates: int | None = None,
     *,
     flag_column: str = "is_confident_mismatch",
+    keep_column: str | None = None,
 ) -> pd.DataFrame:
     """The rows flagged in ``flag_column``, most likely mislabelled first (lowest
-    ``label_quality``), at most ``max_candidates``. LabelWatch passes ``"is_candidate"``."""
+    ``label_quality``), at most ``max_candidates`` plus those flagged in ``keep_column``,
+    which the budget never drops. LabelWatch passes ``"is_candidate"`` and
+    ``"is_watch_candidate"`` (the watched classes' flags, when it has them)."""
     # Rank positions first and copy the chosen rows once (at 100k rows a filtered and
     # then sorted frame was two full copies).
     flagged = np.flatnonzero(samples[flag_column].astype(bool).to_numpy())
     quality = samples["label_quality"].to_numpy(float)[flagged]
     order = flagged[np.argsort(quality, kind="stable")]  # NaN last, as sort_values
-    ranked = samples.take(order[:max_candidates]).reset_index(drop=True)
+    if max_candidates is not None:
+        within = np.arange(len(order)) < max_candidates
+        if keep_column is not None and keep_column in samples.columns:
+            within |= samples[keep_column].astype(bool).to_numpy()[order]
+        order = order[within]
+    ranked = samples.take(order).reset_index(drop=True)
     ranked.insert(0, "rank", range(1, len(ranked) + 1))
     return ranked
 

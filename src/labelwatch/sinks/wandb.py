@@ -165,6 +165,8 @@ _ARTIFACT_METADATA = (
     "candidate_rule",
     "num_flagged",
     "history_window",
+    "watch_classes",  # these two only when classes are watched
+    "num_watch_flagged",
     "dataloader",
 )
 

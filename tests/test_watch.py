@@ -1,0 +1,205 @@
+"""Watch scores: how far a sample's embedding leans toward a class its label leaves out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import WandbLogger
+
+from labelwatch import LabelWatch
+from labelwatch.watch import MIN_CLASS_SAMPLES, watch_scores, watched_indices
+from tests.helpers import (
+    TinyClassifier,
+    finish_wandb,
+    loaders,
+    offline_run_dir,
+    trainer_kwargs,
+    wandb_records,
+)
+
+DOG, SIREN, DRILL = 0, 1, 2
+CLASS_NAMES = ["dog_bark", "siren", "drilling"]
+
+
+def _clusters(per_class: int = 40, dims: int = 8, seed: int = 0):
+    """Three classes around orthogonal centres; the first 3 dog barks also hold a siren."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(3 * per_class) % 3
+    centres = torch.eye(3, dims) * 4
+    embeddings = centres[labels] + 0.5 * torch.randn(len(labels), dims, generator=generator)
+    hidden = torch.tensor([0, 3, 6])  # labelled dog (index % 3 == 0)
+    embeddings[hidden] += 0.7 * centres[SIREN]
+    return embeddings, labels, hidden
+
+
+def test_dog_barks_hiding_a_siren_score_highest_and_above_three():
+    embeddings, labels, hidden = _clusters()
+    scores = watch_scores(embeddings, labels, [SIREN], 3)[:, 0]
+    dogs = torch.nonzero(labels == DOG).flatten()
+    top = dogs[scores[dogs].argsort(descending=True)[:3]]
+    assert sorted(top.tolist()) == hidden.tolist()
+    assert (scores[hidden] >= 3).all()
+    others = torch.ones(len(labels), dtype=torch.bool)
+    others[hidden] = False
+    others &= labels != SIREN
+    assert (scores[others] < 3).float().mean() > 0.95
+    # the watched class's own samples have no score; the others are z-scores per label
+    assert scores[labels == SIREN].isnan().all()
+    drills = scores[labels == DRILL]
+    assert abs(float(drills.median())) < 1e-5
+
+
+def test_scores_do_not_depend_on_a_samples_scale_or_the_chunk_size():
+    """Cosine geometry: a louder clip (a larger embedding) scores the same."""
+    embeddings, labels, _ = _clusters()
+    scales = torch.rand(len(labels), 1, generator=torch.Generator().manual_seed(1)) * 10 + 0.1
+    expected = watch_scores(embeddings, labels, [SIREN, DRILL], 3)
+    torch.testing.assert_close(
+        watch_scores(embeddings * scales, labels, [SIREN, DRILL], 3, chunk_rows=7),
+        expected,
+        equal_nan=True,
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    assert expected.shape == (len(labels), 2)
+    assert expected.dtype == torch.float32
+    assert expected[labels == DRILL, 1].isnan().all()
+
+
+def test_no_score_where_a_label_has_too_few_samples_no_spread_or_no_watched_samples():
+    embeddings, labels, _ = _clusters()
+    few = torch.cat([embeddings, torch.randn(MIN_CLASS_SAMPLES - 1, 8)])
+    few_labels = torch.cat([labels, torch.full((MIN_CLASS_SAMPLES - 1,), 3)])
+    scores = watch_scores(few, few_labels, [SIREN], 4)[:, 0]
+    assert scores[few_labels == 3].isnan().all()
+    assert not scores[few_labels == DOG].isnan().any()
+    # every drill embedding the same: no spread to measure a lean against
+    same = embeddings.clone()
+    same[labels == DRILL] = same[labels == DRILL][0]
+    assert watch_scores(same, labels, [SIREN], 3)[labels == DRILL].isnan().all()
+    # no sample labelled siren: nothing to lean toward
+    no_siren = labels != SIREN
+    scores = watch_scores(embeddings[no_siren], labels[no_siren], [SIREN], 3)
+    assert scores.isnan().all()
+
+
+def test_bad_inputs_are_clear_errors():
+    embeddings, labels, _ = _clusters()
+    with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 2\)"):
+        watch_scores(embeddings, labels, [SIREN], 2)
+    with pytest.raises(ValueError, match=r"watched classes \[5\] are not in \[0, 3\)"):
+        watch_scores(embeddings, labels, [5], 3)
+    with pytest.raises(ValueError, match="must be a tensor of shape"):
+        watch_scores(embeddings, labels[:-1], [SIREN], 3)
+    with pytest.raises(ValueError, match="2-D tensor"):
+        watch_scores(embeddings[0], labels, [SIREN], 3)
+
+
+def test_watched_classes_by_name_or_index():
+    names = ["dog_bark", "siren", "drilling"]
+    assert watched_indices(["siren", 2], names) == [1, 2]
+    with pytest.raises(ValueError, match=r"names 'sirens', which is not a class: give one of"):
+        watched_indices(["sirens"], names)
+    with pytest.raises(ValueError, match="an index below 3"):
+        watched_indices([3], names)
+    with pytest.raises(ValueError, match=r"names \['siren'\] more than once"):
+        watched_indices(["siren", 1], names)
+    with pytest.raises(ValueError, match="True, which is not a class"):
+        watched_indices([True], names)
+
+
+class InputEmbeddings(TinyClassifier):
+    """The inputs as the embeddings: what leans where is set by the data, not by training."""
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"logits": self(batch["x"]), "embeddings": batch["x"]}
+
+
+def test_a_fit_that_watches_sirens_makes_the_leaning_dog_barks_candidates(tmp_path: Path):
+    """In a real fit: a watch_siren column, the leaning dog barks flagged as candidates
+    (kept beyond max_candidates, suggested as siren), and the summary, the W&B table and
+    the artifact's metadata say so."""
+    torch.manual_seed(0)  # the model's initial weights: the same run whatever ran before
+    train, val = loaders(num_val=60)
+    leaning = [0, 3, 6]  # labelled dog_bark (index % 3 == 0); ids 1000, 1003, 1006
+    val.dataset.x[leaning] += val.dataset.x[1]  # a siren behind each bark
+    callback = LabelWatch(
+        class_names=CLASS_NAMES, projection="none", watch_classes=["siren"], max_candidates=1
+    )
+    logger = WandbLogger(project="labelwatch-tests", save_dir=str(tmp_path), offline=True)
+    trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], logger=logger))
+    trainer.fit(InputEmbeddings(), train, val)
+    finish_wandb()
+    out = callback.output_root / "epoch=1"
+    samples = pd.read_parquet(out / "samples.parquet").set_index("sample_id")
+    assert list(samples.columns[-2:]) == ["watch_siren", "is_watch_candidate"]
+    dogs = samples[samples["given_name"] == "dog_bark"]
+    top = dogs["watch_siren"].nlargest(3).index
+    assert sorted(top) == [1000, 1003, 1006]
+    assert samples.loc[top, "is_watch_candidate"].all()
+    assert samples.loc[top, "is_candidate"].all()
+    assert samples.loc[samples["given_name"] == "siren", "watch_siren"].isna().all()
+    flagged = samples[samples["is_watch_candidate"]]
+    assert (flagged["watch_siren"] >= 3).all()
+    candidates = pd.read_parquet(out / "candidates.parquet").set_index("sample_id")
+    assert set(flagged.index) <= set(candidates.index)  # the budget of 1 drops none of them
+    assert candidates["label_quality"].is_monotonic_increasing
+    only_watched = candidates[
+        candidates["is_watch_candidate"] & ~candidates["is_mixed_confident_mismatch"]
+    ]
+    only_watched = only_watched[only_watched["knn_agreement"] >= 0.2]
+    assert len(only_watched) and (only_watched["suggested_name"] == "siren").all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["watch_classes"] == ["siren"]
+    assert summary["min_watch_score"] == 3.0
+    assert summary["num_watch_flagged"] == len(flagged)
+
+    run_dir = offline_run_dir(tmp_path)
+    tables = (run_dir / "files/media/table/labelwatch").glob("samples_*.table.json")
+    last = max(tables, key=lambda path: int(path.name.split("_")[1]))  # samples_<step>_...
+    logged = json.loads(last.read_text())
+    assert {"watch_siren", "is_watch_candidate"} <= set(logged["columns"])
+    (log_file,) = run_dir.glob("*.wandb")
+    (metadata, *_) = [
+        json.loads(r.artifact.metadata)
+        for r in reversed(list(wandb_records(log_file)))
+        if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "relabel-candidates"
+    ]
+    assert metadata["watch_classes"] == ["siren"]
+    assert metadata["num_watch_flagged"] == len(flagged)
+
+
+def test_watch_classes_are_checked_before_training(tmp_path: Path):
+    with pytest.raises(ValueError, match="`watch_classes` names 'sirens', which is not a class"):
+        LabelWatch(class_names=CLASS_NAMES, watch_classes=["sirens"])
+    with pytest.raises(ValueError, match="`watch_classes` must be a list"):
+        LabelWatch(watch_classes="siren")
+    with pytest.raises(ValueError, match="`min_watch_score` must be a number > 0, got 0"):
+        LabelWatch(watch_classes=["siren"], min_watch_score=0)
+    # without class names, the names are "0", "1", ...: the sanity check catches "siren"
+    train, val = loaders()
+    module = TinyClassifier()
+    callback = LabelWatch(projection="none", watch_classes=["siren"])
+    trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], num_sanity_val_steps=2))
+    with pytest.raises(ValueError, match=r"give one of the class names \['0', '1', '2'\]"):
+        trainer.fit(module, train, val)
+    assert trainer.global_step == 0  # stopped before the first training step
+
+
+def test_watching_without_embeddings_warns_and_flags_nothing(tmp_path: Path):
+    train, val = loaders()
+    callback = LabelWatch(
+        class_names=CLASS_NAMES, projection="none", watch_classes=["siren"], embeddings_key="none"
+    )
+    with pytest.warns(UserWarning, match="`watch_classes` needs embeddings"):
+        Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=1)).fit(
+            TinyClassifier(), train, val
+        )
+    samples = pd.read_parquet(tmp_path / "labelwatch" / "epoch=0" / "samples.parquet")
+    assert samples["watch_siren"].isna().all()
+    assert not samples["is_watch_candidate"].any()
