@@ -51,7 +51,24 @@ def test_dog_barks_hiding_a_siren_score_highest_and_above_three():
     # the watched class's own samples have no score; the others are z-scores per label
     assert scores[labels == SIREN].isnan().all()
     drills = scores[labels == DRILL]
-    assert abs(float(drills.median())) < 1e-5
+    assert abs(float(drills.quantile(0.5))) < 1e-5
+
+
+def test_a_sample_unlike_its_label_but_not_like_the_watched_class_is_not_flagged():
+    """A drill labelled dog_bark is far from the dog barks, but no closer to the sirens:
+    only what sets sirens apart from dog barks counts, not distance from the dog barks."""
+    embeddings, labels, hidden = _clusters()
+    drill = torch.nonzero(labels == DRILL).flatten()[0]
+    labels = labels.clone()
+    labels[drill] = DOG
+    scores = watch_scores(embeddings, labels, [SIREN], 3)[:, 0]
+    assert scores[drill] < 3 <= scores[hidden].min()
+    # the plain difference of the means would have flagged it
+    e = torch.nn.functional.normalize(embeddings, dim=1)
+    means = torch.stack([e[labels == c].mean(0) for c in range(3)])
+    plain = e[labels == DOG] @ (means[SIREN] - means[DOG])
+    dog_rows = torch.nonzero(labels == DOG).flatten()
+    assert plain.argmax() == (dog_rows == drill).nonzero().item()
 
 
 def test_scores_do_not_depend_on_a_samples_scale_or_the_chunk_size():
@@ -127,7 +144,10 @@ def test_a_fit_that_watches_sirens_makes_the_leaning_dog_barks_candidates(tmp_pa
     torch.manual_seed(0)  # the model's initial weights: the same run whatever ran before
     train, val = loaders(num_val=60)
     leaning = [0, 3, 6]  # labelled dog_bark (index % 3 == 0); ids 1000, 1003, 1006
-    val.dataset.x[leaning] += val.dataset.x[1]  # a siren behind each bark
+    data = val.dataset
+    centres = torch.eye(3, data.x.shape[1]) * 4  # the blobs' centres (tests.helpers)
+    data.x = centres[data.targets] + 0.3 * (data.x - centres[data.targets])  # tighter blobs
+    data.x[leaning] += 0.5 * centres[1]  # a siren behind each bark, at half its loudness
     callback = LabelWatch(
         class_names=CLASS_NAMES, projection="none", watch_classes=["siren"], max_candidates=1
     )

@@ -236,6 +236,13 @@ def _report(where: dict[str, Any], candidates: pd.DataFrame, n: dict[str, Any], 
         head = candidates[[c for c in shown if c in candidates.columns]].head(top)
         print(head.to_string(index=False) if len(head) else "  (none)")
 
+        # Each watched class's own ranking (by label_quality its candidates come last).
+        for column in [c for c in candidates.columns if c.startswith("watch_")]:
+            leaning = candidates[candidates["is_watch_candidate"]].nlargest(top // 2, column)
+            print(f"\ntop {len(leaning)} candidates leaning toward {column[len('watch_') :]}:")
+            columns = [c for c in shown if c in leaning.columns] + [column]
+            print(leaning[columns].to_string(index=False) if len(leaning) else "  (none)")
+
     print(f"\nvalidation accuracy (annotated labels): {n['val_acc']:.3f}")
     if "precision_at_candidates" not in n:
         print("no metadata/ground_truth.csv: candidate precision and recall not computed")

@@ -1466,9 +1466,9 @@ class LabelWatch(LabelWatchLogic, Callback):
             ``label_quality`` (None = every flagged row), plus every watched-class flag.
         watch_classes: classes to watch for where the label leaves them out (names or
             indices; a siren behind a dog bark labelled ``dog_bark``). Each adds a column
-            ``watch_<class>``: how far the sample's embedding leans toward that class's
-            samples, as a robust z-score among the samples with its own label (see
-            :mod:`labelwatch.watch`). Needs embeddings.
+            ``watch_<class>``: how far the sample's embedding leans toward that class (along
+            what sets it apart from the sample's own label), as a robust z-score among the
+            samples with that label (see :mod:`labelwatch.watch`). Needs embeddings.
         min_watch_score: a sample with a watch score at least this is a candidate
             (``is_watch_candidate``), suggested as that class unless the candidate rule
             flags it anyway.
