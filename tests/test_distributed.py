@@ -66,6 +66,9 @@ def _assert_same_results(single: Path, distributed: Path) -> None:
     pd.testing.assert_frame_equal(a[exact], b[exact])
     for column in ("confidence", "self_confidence", "margin", "entropy", "label_quality"):
         np.testing.assert_allclose(a[column], b[column], rtol=1e-5, atol=1e-6)
+    if "watch_1" in a:  # rank zero scores the gathered embeddings as one process would
+        np.testing.assert_allclose(a["watch_1"], b["watch_1"], rtol=1e-4, atol=1e-4)
+        pd.testing.assert_series_equal(a["is_watch_candidate"], b["is_watch_candidate"])
     ca = pd.read_parquet(single / "epoch=0/candidates.parquet")
     cb = pd.read_parquet(distributed / "epoch=0/candidates.parquet")
     assert len(ca) > 0
@@ -141,11 +144,13 @@ def _fit_in_a_script(
 
 
 @pytest.mark.parametrize(
-    "callback_args", [{}, {"logits_dtype": "float16", "embeddings_dtype": "float16"}]
+    "callback_args",
+    [{}, {"logits_dtype": "float16", "embeddings_dtype": "float16", "watch_classes": ["1"]}],
 )
 def test_ddp_spawn_equals_a_single_process(tmp_path: Path, callback_args: dict):
     """ddp_spawn on 2 CPU processes: same samples (padding dropped), scores and candidates;
-    float16 logits and embeddings are gathered as float16."""
+    float16 logits and embeddings are gathered as float16, and a watched class's scores
+    are those of one process."""
     _fit(tmp_path / "single", string_ids=False, callback_args=callback_args)
     _fit_in_a_script(tmp_path, tmp_path / "ddp", "ddp_spawn", False, callback_args)
     _assert_same_results(tmp_path / "single", tmp_path / "ddp")
