@@ -262,6 +262,7 @@ def test_demo_trains_through_the_cli_config_and_logs_audio_to_wandb(
     assert "precision@10" in printed and "recall of corrupted labels" in printed
     assert "watching sirens: " in printed  # the config watches sirens
     assert "candidates leaning toward siren:" in printed
+    assert f"labelwatch candidates {outputs} --leaning siren -o siren.csv" in printed
     assert "watch_siren" in samples.columns and summary["watch_classes"] == ["siren"]
 
 

@@ -12,6 +12,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import WandbLogger
 
 from labelwatch import LabelWatch
+from labelwatch.cli import main
 from labelwatch.watch import MIN_CLASS_SAMPLES, watch_scores, watched_indices
 from tests.helpers import (
     TinyClassifier,
@@ -137,10 +138,11 @@ class InputEmbeddings(TinyClassifier):
         return {"logits": self(batch["x"]), "embeddings": batch["x"]}
 
 
-def test_a_fit_that_watches_sirens_makes_the_leaning_dog_barks_candidates(tmp_path: Path):
-    """In a real fit: a watch_siren column, the leaning dog barks flagged as candidates
-    (kept beyond max_candidates, suggested as siren), and the summary, the W&B table and
-    the artifact's metadata say so."""
+@pytest.fixture(scope="module")
+def watch_fit(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 2-epoch fit watching sirens, 3 of whose dog barks hide one; W&B offline. Returns
+    the W&B save_dir and LabelWatch's outputs folder."""
+    tmp_path = tmp_path_factory.mktemp("watch-fit")
     torch.manual_seed(0)  # the model's initial weights: the same run whatever ran before
     train, val = loaders(num_val=60)
     leaning = [0, 3, 6]  # labelled dog_bark (index % 3 == 0); ids 1000, 1003, 1006
@@ -155,7 +157,15 @@ def test_a_fit_that_watches_sirens_makes_the_leaning_dog_barks_candidates(tmp_pa
     trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], logger=logger))
     trainer.fit(InputEmbeddings(), train, val)
     finish_wandb()
-    out = callback.output_root / "epoch=1"
+    return tmp_path, callback.output_root
+
+
+def test_a_fit_that_watches_sirens_makes_the_leaning_dog_barks_candidates(watch_fit):
+    """In a real fit: a watch_siren column, the leaning dog barks flagged as candidates
+    (kept beyond max_candidates, suggested as siren), and the summary, the W&B table and
+    the artifact's metadata say so."""
+    save_dir, outputs = watch_fit
+    out = outputs / "epoch=1"
     samples = pd.read_parquet(out / "samples.parquet").set_index("sample_id")
     assert list(samples.columns[-2:]) == ["watch_siren", "is_watch_candidate"]
     dogs = samples[samples["given_name"] == "dog_bark"]
@@ -179,7 +189,7 @@ def test_a_fit_that_watches_sirens_makes_the_leaning_dog_barks_candidates(tmp_pa
     assert summary["min_watch_score"] == 3.0
     assert summary["num_watch_flagged"] == len(flagged)
 
-    run_dir = offline_run_dir(tmp_path)
+    run_dir = offline_run_dir(save_dir)
     tables = (run_dir / "files/media/table/labelwatch").glob("samples_*.table.json")
     last = max(tables, key=lambda path: int(path.name.split("_")[1]))  # samples_<step>_...
     logged = json.loads(last.read_text())
@@ -192,6 +202,23 @@ def test_a_fit_that_watches_sirens_makes_the_leaning_dog_barks_candidates(tmp_pa
     ]
     assert metadata["watch_classes"] == ["siren"]
     assert metadata["num_watch_flagged"] == len(flagged)
+
+
+def test_cli_lists_the_candidates_leaning_toward_a_watched_class(watch_fit, tmp_path, capsys):
+    """`labelwatch candidates SOURCE --leaning siren` keeps the watched flags, most leaning
+    first; a class that was not watched is a clear error."""
+    _, outputs = watch_fit
+    target = tmp_path / "sirens.csv"
+    assert main(["candidates", str(outputs), "--leaning", "siren", "-o", str(target)]) == 0
+    written = pd.read_csv(target)
+    flagged = pd.read_parquet(outputs / "epoch=1" / "samples.parquet")
+    assert len(written) == int(flagged["is_watch_candidate"].sum()) >= 3
+    assert written["is_watch_candidate"].all()
+    assert written["watch_siren"].is_monotonic_decreasing
+    assert sorted(written["sample_id"].head(3)) == [1000, 1003, 1006]
+    assert "watch_siren" in capsys.readouterr().out
+    assert main(["candidates", str(outputs), "--leaning", "drilling"]) == 2
+    assert "the run did not watch that class (watched: ['siren'])" in capsys.readouterr().err
 
 
 def test_watch_classes_are_checked_before_training(tmp_path: Path):

@@ -275,6 +275,9 @@ def _report(where: dict[str, Any], candidates: pd.DataFrame, n: dict[str, Any], 
     if run_dir is not None:
         print(f"  wandb sync {run_dir}    # upload the run and the artifact (needs a login)")
     print(f"  labelwatch candidates {outputs} --top 20 -o review.csv")
+    for column in [c for c in candidates.columns if c.startswith("watch_")]:
+        name = column[len("watch_") :]
+        print(f"  labelwatch candidates {outputs} --leaning {name} -o {name}.csv")
 
 
 if __name__ == "__main__":

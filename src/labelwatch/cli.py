@@ -1,6 +1,7 @@
 """The `labelwatch` command line.
 
-- ``labelwatch candidates SOURCE [--epoch N] [--top K] [-o FILE] [--format csv|parquet|json]``
+- ``labelwatch candidates SOURCE [--epoch N] [--top K] [--leaning CLASS] [-o FILE]
+  [--format csv|parquet|json]``
 - ``labelwatch export-label-studio SOURCE --data-template URL -o tasks.json [--media ...]``
 - ``labelwatch apply --labels labels.csv --decisions FILE -o corrected.csv [--audit ...]``
 
@@ -179,15 +180,32 @@ def _source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="SOURCE")
     parser.add_argument("--epoch", type=int, default=None, help="epoch to read (default: latest)")
     parser.add_argument("--top", type=int, default=None, metavar="K", help="keep the top K")
+    parser.add_argument(
+        "--leaning",
+        metavar="CLASS",
+        help="only the candidates a watched class flagged (LabelWatch(watch_classes=...)),"
+        " those leaning furthest toward CLASS first",
+    )
 
 
 def _read_source(args: argparse.Namespace) -> CandidateSet:
     if args.top is not None and args.top < 1:
         raise ValueError(f"--top must be >= 1, got {args.top}")
     found = read_candidates(args.source, epoch=args.epoch)
+    frame = found.frame
+    if args.leaning is not None:
+        column = f"watch_{args.leaning}"
+        if column not in frame.columns:
+            watched = [c[len("watch_") :] for c in frame.columns if c.startswith("watch_")]
+            raise ValueError(
+                f"--leaning {args.leaning}: the run did not watch that class (watched:"
+                f" {watched or 'none'}); LabelWatch(watch_classes=[...]) sets what is watched"
+            )
+        frame = frame[frame["is_watch_candidate"].astype(bool)]
+        frame = frame.sort_values(column, ascending=False, kind="stable")
     if args.top is not None:
-        found = replace(found, frame=found.frame.head(args.top))
-    return found
+        frame = frame.head(args.top)
+    return replace(found, frame=frame)
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -199,6 +217,8 @@ def _candidates(args: argparse.Namespace) -> int:
     if args.output is not None:
         refuse_input_overwrite(args.output, found.inputs)
     shown = [c for c in _SHOWN_COLUMNS if c in frame.columns]
+    if args.leaning is not None:
+        shown.append(f"watch_{args.leaning}")
     with pd.option_context("display.width", 160, "display.max_colwidth", 40):
         print(frame[shown].to_string(index=False) if len(frame) else "no candidates")
     if args.output is not None:
