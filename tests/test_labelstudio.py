@@ -183,3 +183,19 @@ def test_export_reader_refuses_other_shapes(tmp_path: Path):
     path.write_text(json.dumps([task]))
     with pytest.raises(ValueError, match=r"pick several classes: clip-7 \(task 6\)"):
         read_export(path)
+
+
+def test_the_review_note_says_where_the_suggestion_comes_from():
+    """A suggestion that is not the model's argmax (a watched class's, say) is not put in
+    the model's mouth, and a watched class's lean is named with its score."""
+    found = _candidates()
+    found.frame["predicted_name"] = ["siren", "dog_bark"]
+    found.frame["watch_siren"] = [math.nan, 4.26]
+    found.frame["is_watch_candidate"] = [False, True]
+    found.frame.loc[1, ["given_name", "suggested_name"]] = ["dog_bark", "siren"]
+    first, second = (t["data"]["review_note"] for t in to_tasks(found, data_template="{path}"))
+    assert first == "labelled dog_bark; model suggests siren (p=0.97); rank 1"
+    assert second == (
+        "labelled dog_bark; suggested siren; model predicts dog_bark (p=0.81);"
+        " leans toward siren (watch score 4.3); rank 2"
+    )

@@ -14,7 +14,9 @@ Import tasks (what :func:`to_tasks` makes; a JSON list, one task per candidate):
                                    "type": "choices", "value": {"choices": ["siren"]}}]}]}]
 
 ``data`` holds the media URL under the media tag's name (``audio`` or ``image``), the
-``sample_id`` (how annotations map back to samples), a one-line ``review_note``, and
+``sample_id`` (how annotations map back to samples), a one-line ``review_note`` (it says
+``suggested X; model predicts Y`` when the suggestion is not the model's own, and adds
+``leans toward W (watch score s)`` for a watched class's candidate), and
 every candidate column (scores and metadata such as ``path``; NaN as null). The one
 prediction is the suggested label; its ``score`` is the model's top probability
 (``confidence``), which Label Studio can sort tasks by. The reviewer submits it as it
@@ -178,9 +180,18 @@ def to_tasks(
 
 
 def _review_note(row: Mapping[str, Any]) -> str:
-    note = f"labelled {row.get('given_name')}; model suggests {row.get('suggested_name')}"
+    given, suggested = row.get("given_name"), row.get("suggested_name")
+    predicted = row.get("predicted_name", suggested)
+    if predicted == suggested:
+        note = f"labelled {given}; model suggests {suggested}"
+    else:  # the suggestion comes from the neighbours or a watched class, not the argmax
+        note = f"labelled {given}; suggested {suggested}; model predicts {predicted}"
     if row.get("confidence") is not None:
         note += f" (p={row['confidence']:.2f})"
+    leaning = {k: v for k, v in row.items() if k.startswith("watch_") and v is not None}
+    if row.get("is_watch_candidate") and leaning:
+        column = max(leaning, key=leaning.get)
+        note += f"; leans toward {column[len('watch_') :]} (watch score {leaning[column]:.1f})"
     if row.get("rank") is not None:
         note += f"; rank {row['rank']}"
     return note
