@@ -250,3 +250,25 @@ def test_watching_without_embeddings_warns_and_flags_nothing(tmp_path: Path):
     samples = pd.read_parquet(tmp_path / "labelwatch" / "epoch=0" / "samples.parquet")
     assert samples["watch_siren"].isna().all()
     assert not samples["is_watch_candidate"].any()
+
+
+def test_watch_scores_follow_their_samples_when_scoring_drops_rows(tmp_path: Path):
+    """Rows left out of scoring (ignore_index targets) leave the other rows' embeddings
+    aligned: each row's watch_siren is that of its own embedding among the scored rows."""
+    torch.manual_seed(0)
+    train, val = loaders(num_val=60)
+    data = val.dataset
+    data.labels[[4, 10, 20]] = -100  # unlabelled: skipped and counted
+    callback = LabelWatch(class_names=CLASS_NAMES, projection="none", watch_classes=[1])
+    Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=1)).fit(
+        InputEmbeddings(), train, val
+    )
+    samples = pd.read_parquet(tmp_path / "labelwatch" / "epoch=0" / "samples.parquet")
+    assert len(samples) == 57
+    kept = torch.tensor(samples["sample_id"].to_numpy() - 1000)
+    expected = watch_scores(data.x[kept], data.labels[kept], [SIREN], 3)[:, 0]
+    torch.testing.assert_close(
+        torch.tensor(samples["watch_siren"].to_numpy(), dtype=torch.float32),
+        expected,
+        equal_nan=True,
+    )
