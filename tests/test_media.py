@@ -71,3 +71,13 @@ def test_image_from_path_without_pillow_says_what_to_install(monkeypatch):
     )
     with pytest.raises(ImportError, match=r"pip install 'labelwatch\[images\]'"):
         ImageFromPath(root=".")
+
+
+def test_the_caption_names_the_label_and_the_suggestion():
+    """The suggestion may be the neighbours' or a watched class's: not put on the model."""
+    from labelwatch.media import AudioFromPath
+
+    media = AudioFromPath()
+    row = {"sample_id": "7", "given_name": "dog_bark", "suggested_name": "siren"}
+    assert media.caption(row) == "7: labelled dog_bark, suggested siren"
+    assert media.caption(row | {"suggested_name": "dog_bark"}) == "7: labelled dog_bark"

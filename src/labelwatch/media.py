@@ -38,7 +38,8 @@ class _FromPath:
         given, suggested = row.get("given_name"), row.get("suggested_name")
         caption = f"{row.get('sample_id')}: labelled {given}"
         if suggested is not None and suggested != given:
-            caption += f", model suggests {suggested}"
+            # the model's argmax, the neighbours' or a watched class's guess
+            caption += f", suggested {suggested}"
         return caption
 
     def __call__(self, row: Mapping[str, Any]) -> Any:
