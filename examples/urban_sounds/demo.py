@@ -207,6 +207,7 @@ def evaluate(
 
 
 def _report(where: dict[str, Any], candidates: pd.DataFrame, n: dict[str, Any], top: int) -> None:
+    from labelwatch.candidates import watch_columns
     from labelwatch.sinks.wandb import artifact_name
 
     rule = "-" * 78
@@ -237,9 +238,9 @@ def _report(where: dict[str, Any], candidates: pd.DataFrame, n: dict[str, Any], 
         print(head.to_string(index=False) if len(head) else "  (none)")
 
         # Each watched class's own ranking (by label_quality its candidates come last).
-        for column in [c for c in candidates.columns if c.startswith("watch_")]:
+        for name, column in watch_columns(candidates.columns).items():
             leaning = candidates[candidates["is_watch_candidate"]].nlargest(top // 2, column)
-            print(f"\ntop {len(leaning)} candidates leaning toward {column[len('watch_') :]}:")
+            print(f"\ntop {len(leaning)} candidates leaning toward {name}:")
             columns = [c for c in shown if c in leaning.columns] + [column]
             print(leaning[columns].to_string(index=False) if len(leaning) else "  (none)")
 
@@ -275,8 +276,7 @@ def _report(where: dict[str, Any], candidates: pd.DataFrame, n: dict[str, Any], 
     if run_dir is not None:
         print(f"  wandb sync {run_dir}    # upload the run and the artifact (needs a login)")
     print(f"  labelwatch candidates {outputs} --top 20 -o review.csv")
-    for column in [c for c in candidates.columns if c.startswith("watch_")]:
-        name = column[len("watch_") :]
+    for name in watch_columns(candidates.columns):
         print(f"  labelwatch candidates {outputs} --leaning {name} -o {name}.csv")
 
 

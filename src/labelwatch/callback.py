@@ -30,7 +30,7 @@ from torch.utils.data import (
 )
 
 from labelwatch.ann import EXACT_KNN_POINTS
-from labelwatch.candidates import select_candidates
+from labelwatch.candidates import select_candidates, watch_column
 from labelwatch.capture import (
     CapturedEpoch,
     EpochBuffer,
@@ -662,14 +662,13 @@ class LabelWatchLogic:
         so a mistake shows before training rather than after the first epoch. Nothing is
         scored or kept (every rank runs this, on its own batches)."""
         if captured is not None:
-            check_predictions(
+            _, _, names, _, _ = check_predictions(
                 captured.logits,
                 captured.targets,
                 class_names=self.class_names,
                 sample_ids=captured.sample_ids,
                 ignore_index=self.ignore_index,
             )
-            names = self.class_names or [str(k) for k in range(captured.logits.shape[1])]
             watched_indices(self.watch_classes, names)
 
     def _metadata(self, batch: Any) -> dict[str, Any]:
@@ -1003,12 +1002,12 @@ class LabelWatchLogic:
         else:
             scores = watch_scores(embeddings, labels, watched, len(names))
         for column, index in enumerate(watched):
-            samples[f"watch_{names[index]}"] = scores[:, column].double().numpy()
-        reached = torch.nan_to_num(scores, nan=-math.inf) >= self.min_watch_score
-        flagged = reached.any(dim=1).numpy()
+            samples[watch_column(names[index])] = scores[:, column].double().numpy()
+        scores = torch.nan_to_num(scores, nan=-math.inf)  # NaN: no score, flags nothing
+        flagged = (scores >= self.min_watch_score).any(dim=1).numpy()
         only_watched = flagged & ~samples["is_candidate"].to_numpy(bool)
         if only_watched.any():
-            best = torch.nan_to_num(scores, nan=-math.inf).argmax(dim=1).numpy()
+            best = scores.argmax(dim=1).numpy()
             suggested = samples["suggested_label"].to_numpy(np.int64).copy()
             suggested[only_watched] = np.asarray(watched)[best[only_watched]]
             samples["suggested_label"] = suggested

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,8 @@ __all__ = [
     "select_candidates",
     "to_csv_safe",
     "to_records",
+    "watch_column",
+    "watch_columns",
     "write_table",
 ]
 
@@ -41,6 +44,19 @@ _FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 _ESCAPED_PREFIXES = (*_FORMULA_PREFIXES, "'")
 TableFormat = Literal["csv", "parquet", "json"]
 TABLE_FORMATS: tuple[str, ...] = ("csv", "parquet", "json")
+_WATCH_PREFIX = "watch_"
+
+
+def watch_column(class_name: str) -> str:
+    """The column of a watched class's scores (``LabelWatch(watch_classes=...)``)."""
+    return f"{_WATCH_PREFIX}{class_name}"
+
+
+def watch_columns(columns: Iterable[Any]) -> dict[str, str]:
+    """The watched classes' score columns among ``columns``, by class name."""
+    return {
+        str(c).removeprefix(_WATCH_PREFIX): c for c in columns if str(c).startswith(_WATCH_PREFIX)
+    }
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ from labelwatch.candidates import (
     CandidateSet,
     read_candidates,
     refuse_input_overwrite,
+    watch_column,
+    watch_columns,
     write_table,
 )
 from labelwatch.sinks.local import write_atomic
@@ -194,9 +196,9 @@ def _read_source(args: argparse.Namespace) -> CandidateSet:
     found = read_candidates(args.source, epoch=args.epoch)
     frame = found.frame
     if args.leaning is not None:
-        column = f"watch_{args.leaning}"
+        column = watch_column(args.leaning)
         if column not in frame.columns:
-            watched = [c[len("watch_") :] for c in frame.columns if c.startswith("watch_")]
+            watched = list(watch_columns(frame.columns))
             raise ValueError(
                 f"--leaning {args.leaning}: the run did not watch that class (watched:"
                 f" {watched or 'none'}); LabelWatch(watch_classes=[...]) sets what is watched"
@@ -218,7 +220,7 @@ def _candidates(args: argparse.Namespace) -> int:
         refuse_input_overwrite(args.output, found.inputs)
     shown = [c for c in _SHOWN_COLUMNS if c in frame.columns]
     if args.leaning is not None:
-        shown.append(f"watch_{args.leaning}")
+        shown.append(watch_column(args.leaning))
     with pd.option_context("display.width", 160, "display.max_colwidth", 40):
         print(frame[shown].to_string(index=False) if len(frame) else "no candidates")
     if args.output is not None:

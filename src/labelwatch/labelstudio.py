@@ -61,7 +61,7 @@ from xml.sax.saxutils import quoteattr
 
 import pandas as pd
 
-from labelwatch.candidates import CandidateSet, to_records
+from labelwatch.candidates import CandidateSet, to_records, watch_columns
 from labelwatch.relabel import DECISION_COLUMNS
 
 __all__ = ["MEDIA_TAGS", "fill_template", "labeling_config", "read_export", "to_tasks"]
@@ -188,10 +188,10 @@ def _review_note(row: Mapping[str, Any]) -> str:
         note = f"labelled {given}; suggested {suggested}; model predicts {predicted}"
     if row.get("confidence") is not None:
         note += f" (p={row['confidence']:.2f})"
-    leaning = {k: v for k, v in row.items() if k.startswith("watch_") and v is not None}
-    if row.get("is_watch_candidate") and leaning:
-        column = max(leaning, key=leaning.get)
-        note += f"; leans toward {column[len('watch_') :]} (watch score {leaning[column]:.1f})"
+    scores = {name: row[c] for name, c in watch_columns(row).items() if row[c] is not None}
+    if row.get("is_watch_candidate") and scores:
+        name = max(scores, key=scores.get)
+        note += f"; leans toward {name} (watch score {scores[name]:.1f})"
     if row.get("rank") is not None:
         note += f"; rank {row['rank']}"
     return note
