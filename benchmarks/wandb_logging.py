@@ -6,8 +6,9 @@ the GIL that training needs. Prints one table, one row per N (rows of the per-sa
 table): CPU seconds of the thread that logs one epoch to an offline run (the per-sample
 table with audio for ``--media`` rows, the candidates table, metrics and the
 ``relabel-candidates`` artifact), the median over ``--epochs`` epochs that take turns:
-``wandb_s`` with every table cell through W&B's own JSON conversion, ``labelwatch_s``
-with plain cells kept as they are (``labelwatch.sinks.wandb``), and ``ratio``.
+``wandb_s`` with every table cell through W&B's own conversions, ``labelwatch_s`` with
+plain cells and rows kept as they are and the artifact's JSON encoded in one go
+(``labelwatch.sinks.wandb``: the same files), and ``ratio``.
 
     python benchmarks/wandb_logging.py
     python benchmarks/wandb_logging.py --sizes 1000 --epochs 6

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -83,6 +85,52 @@ def test_plain_cells_skip_wandbs_conversion_and_serialise_the_same(tmp_path):
     with pytest.raises(RuntimeError), _plain_cells_as_they_are():
         raise RuntimeError("logging failed")
     assert table_module._json_helper is convert
+
+
+def test_plain_rows_are_written_as_wandb_writes_them(tmp_path):
+    """Inside `_plain_cells_as_they_are`, the run's copy of a table keeps plain rows as W&B's
+    `_numpy_arrays_to_lists` would return them (numpy values and media still go through it),
+    and the artifact's copy is written to the same text; both are back afterwards."""
+    from wandb.sdk.artifacts import artifact as artifact_module
+    from wandb.sdk.data_types import table as table_module
+
+    from labelwatch.sinks.wandb import _plain_cells_as_they_are
+
+    audio = wandb.Audio(np.zeros(1600, dtype=np.float32), sample_rate=16000)
+    payload = {
+        "columns": ["id", "flag", "score", "name", "other"],
+        "data": [
+            [1, True, 0.5, "dog_bark", None],
+            [2, False, float("nan"), "x" * 20_000, np.float32(1.5)],
+            [3, None, float("inf"), "", np.arange(3)],
+            [4, True, 0.25, "siren", audio],
+        ],
+    }
+    to_lists, artifact_json = table_module._numpy_arrays_to_lists, artifact_module.json
+    expected = to_lists(payload)
+
+    def written() -> str:
+        rows = [[1, True, 0.5, "dog_bark"], [2**70, None, float("nan"), "x" * 20_000]]
+        table = wandb.Table(columns=["id", "flag", "score", "name"], data=rows)
+        artifact = wandb.Artifact("t", type="run_table")
+        artifact.add(table, "t")
+        return Path(artifact.manifest.entries["t.table.json"].local_path).read_text()
+
+    expected_text = written()
+    with _plain_cells_as_they_are():
+        assert table_module._numpy_arrays_to_lists is not to_lists
+        assert artifact_module.json is not artifact_json
+        fast = table_module._numpy_arrays_to_lists(payload)
+        fast_text = written()
+    assert table_module._numpy_arrays_to_lists is to_lists
+    assert artifact_module.json is artifact_json
+    assert fast_text == expected_text and '"NaN"' not in fast_text
+    assert fast["columns"] == expected["columns"]
+    assert fast["data"][0] is payload["data"][0]  # plain: kept as it was
+    assert fast["data"][1][:4] == payload["data"][1][:4] and np.isnan(fast["data"][1][2])
+    assert fast["data"][1][4] == expected["data"][1][4] == 1.5
+    assert fast["data"][2][4] == expected["data"][2][4] == [0, 1, 2]
+    assert fast["data"][3][4] == expected["data"][3][4] == "Audio"
 
 
 @pytest.mark.parametrize("mode", ["offline", "disabled"])
