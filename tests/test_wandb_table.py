@@ -21,6 +21,9 @@ def _frame() -> pd.DataFrame:
             "is_candidate": [False, True, False, True],
             "x": [np.nan, np.nan, 0.5, -1.0],  # missing first, then present
             "path": ["a.wav", None, "c.wav", "d.wav"],
+            "count": pd.array([1, None, 3, 4], dtype="Int64"),  # pandas' nullable dtypes
+            "name": pd.array(["a", "b", None, "d"], dtype="string"),
+            "score": [np.float32(0.5), None, 1.0, np.float64(2.0)],  # numpy values in objects
         }
     )
 
@@ -38,6 +41,13 @@ def test_types_and_rows_equal_those_of_wandb_table():
     assert "Audio" in repr(fast._column_types) and "Number" in repr(fast._column_types)
     assert fast.data == reference.data and len(fast.data) == len(frame)
     assert fast.data[1][2] is None and fast.data[1][-1] is audio and fast.data[0][-1] is None
+    assert [row[6:9] for row in fast.data] == [
+        [1, "a", 0.5],
+        [None, "b", None],
+        [3, None, 1.0],
+        [4, "d", 2.0],
+    ]
+    assert {type(row[8]) for row in fast.data} == {float, type(None)}
 
 
 def test_a_column_of_mixed_types_is_refused_as_wandb_refuses_it():
