@@ -282,7 +282,9 @@ def score_half(
     for filter_by in CLEANLAB_FILTERS:
         flags_out[f"cleanlab {filter_by}"] = find_label_issues(labels, last, filter_by=filter_by)
     if watch_siren:
-        scores = watch_scores(torch.from_numpy(embeddings), labels_t, [SIREN], 10)[:, 0]
+        predicted = torch.from_numpy(last.argmax(1))
+        embedded = torch.from_numpy(embeddings)
+        scores = watch_scores(embedded, labels_t, [SIREN], 10, predictions=predicted)[:, 0]
         leaning = (scores >= DEFAULTS["min_watch_score"]).numpy()  # NaN compares False
         flags_out[WATCH_FLAG] = default.is_candidate.numpy() | leaning
     return rankings, flags_out

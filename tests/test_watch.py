@@ -72,13 +72,40 @@ def test_a_sample_unlike_its_label_but_not_like_the_watched_class_is_not_flagged
     assert plain.argmax() == (dog_rows == drill).nonzero().item()
 
 
+def test_what_the_predicted_class_explains_does_not_count():
+    """Drills sound a little like sirens here. A drill labelled dog_bark leans toward the
+    sirens as far as any drill does; the model predicts drilling, and once the drills'
+    part is taken out, it does not lean at all. The hidden sirens, predicted dog_bark,
+    still do."""
+    embeddings, labels, hidden = _clusters()
+    embeddings[labels == DRILL] += torch.eye(3, 8)[SIREN] * 4
+    drill = torch.nonzero(labels == DRILL).flatten()[0]
+    labels = labels.clone()
+    labels[drill] = DOG
+    predicted = labels.clone()
+    predicted[drill] = DRILL
+    label_only = watch_scores(embeddings, labels, [SIREN], 3)[:, 0]
+    scores = watch_scores(embeddings, labels, [SIREN], 3, predictions=predicted)[:, 0]
+    assert label_only[drill] >= 3 and scores[drill] < 1
+    assert (scores[hidden] >= 3).all()
+    # predictions that agree with the labels, or name the watched class, change nothing
+    as_labelled = watch_scores(embeddings, labels, [SIREN], 3, predictions=labels)
+    torch.testing.assert_close(as_labelled[:, 0], label_only, equal_nan=True)
+    predicted[drill] = SIREN
+    as_siren = watch_scores(embeddings, labels, [SIREN], 3, predictions=predicted)[:, 0]
+    torch.testing.assert_close(as_siren, label_only, equal_nan=True)
+
+
 def test_scores_do_not_depend_on_a_samples_scale_or_the_chunk_size():
     """Cosine geometry: a louder clip (a larger embedding) scores the same."""
     embeddings, labels, _ = _clusters()
     scales = torch.rand(len(labels), 1, generator=torch.Generator().manual_seed(1)) * 10 + 0.1
-    expected = watch_scores(embeddings, labels, [SIREN, DRILL], 3)
+    predicted = (labels + (torch.arange(len(labels)) % 5 == 0).long()) % 3  # a fifth wrong
+    expected = watch_scores(embeddings, labels, [SIREN, DRILL], 3, predictions=predicted)
     torch.testing.assert_close(
-        watch_scores(embeddings * scales, labels, [SIREN, DRILL], 3, chunk_rows=7),
+        watch_scores(
+            embeddings * scales, labels, [SIREN, DRILL], 3, predictions=predicted, chunk_rows=7
+        ),
         expected,
         equal_nan=True,
         atol=1e-4,
@@ -116,6 +143,10 @@ def test_bad_inputs_are_clear_errors():
         watch_scores(embeddings, labels[:-1], [SIREN], 3)
     with pytest.raises(ValueError, match="2-D tensor"):
         watch_scores(embeddings[0], labels, [SIREN], 3)
+    with pytest.raises(ValueError, match=r"`predictions` must lie in \[0, 3\)"):
+        watch_scores(embeddings, labels, [SIREN], 3, predictions=labels + 1)
+    with pytest.raises(ValueError, match=r"`predictions` must be a tensor of shape \(120,\)"):
+        watch_scores(embeddings, labels, [SIREN], 3, predictions=labels[:5])
 
 
 def test_watched_classes_by_name_or_index():
@@ -266,7 +297,9 @@ def test_watch_scores_follow_their_samples_when_scoring_drops_rows(tmp_path: Pat
     samples = pd.read_parquet(tmp_path / "labelwatch" / "epoch=0" / "samples.parquet")
     assert len(samples) == 57
     kept = torch.tensor(samples["sample_id"].to_numpy() - 1000)
-    expected = watch_scores(data.x[kept], data.labels[kept], [SIREN], 3)[:, 0]
+    predicted = torch.tensor(samples["predicted_label"].to_numpy())
+    expected = watch_scores(data.x[kept], data.labels[kept], [SIREN], 3, predictions=predicted)
+    expected = expected[:, 0]
     torch.testing.assert_close(
         torch.tensor(samples["watch_siren"].to_numpy(), dtype=torch.float32),
         expected,

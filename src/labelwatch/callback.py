@@ -1000,7 +1000,8 @@ class LabelWatchLogic:
             )
             scores = torch.full((len(labels), len(watched)), float("nan"))
         else:
-            scores = watch_scores(embeddings, labels, watched, len(names))
+            predictions = torch.from_numpy(samples["predicted_label"].to_numpy(np.int64))
+            scores = watch_scores(embeddings, labels, watched, len(names), predictions=predictions)
         for column, index in enumerate(watched):
             samples[watch_column(names[index])] = scores[:, column].double().numpy()
         scores = torch.nan_to_num(scores, nan=-math.inf)  # NaN: no score, flags nothing
