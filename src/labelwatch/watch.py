@@ -79,7 +79,7 @@ def watch_scores(
     if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2:
         raise ValueError("`embeddings` must be a 2-D tensor (N, D)")
     for name, values in (("labels", labels), ("predictions", predictions)):
-        if values is None and name == "predictions":
+        if name == "predictions" and values is None:  # optional
             continue
         if not isinstance(values, torch.Tensor) or values.shape != (len(embeddings),):
             raise ValueError(f"`{name}` must be a tensor of shape ({len(embeddings)},)")
@@ -106,26 +106,28 @@ def watch_scores(
     means = sums / counts.clamp(min=1)[:, None]
     columns = torch.tensor(watched, device=device)
     gram = means @ means.T  # (C, C) inner products of the class means
-    norms = gram.diagonal().clamp(min=1e-12)
-    beta = gram[:, columns] / norms[:, None]  # (C, W): mu_w's part along mu_g
+    squared_norms = gram.diagonal().clamp(min=1e-12)
+    beta = gram[:, columns] / squared_norms[:, None]  # (C, W): mu_w's part along mu_g
     if predictions is not None:
         predictions = predictions.to(device)
     blocks = []
     for start in starts:
         rows, e = labels[start : start + chunk_rows], normalised(start)
-        along_label = (e * means[rows]).sum(1, keepdim=True)
+        along_label = (e * means[rows]).sum(1)
         # <e_i, mu_w> - beta[g, w] <e_i, mu_g>, one (chunk, W) block at a time
-        block = e @ means[columns].T - beta[rows] * along_label
+        block = e @ means[columns].T - beta[rows] * along_label[:, None]
         if predictions is not None:
             # less the part along v = mu_c without its part along mu_g (Gram-Schmidt)
             predicted = predictions[start : start + chunk_rows]
-            gamma = gram[predicted, rows] / norms[rows]
-            along_v = (e * means[predicted]).sum(1) - gamma * along_label[:, 0]
-            v_norm = gram[predicted, predicted] - gamma * gram[predicted, rows]
-            w_along_v = gram[predicted][:, columns] - gamma[:, None] * gram[rows][:, columns]
+            gamma = gram[predicted, rows] / squared_norms[rows]
+            along_v = (e * means[predicted]).sum(1) - gamma * along_label
+            v_squared = gram[predicted, predicted] - gamma * gram[predicted, rows]
+            watched_along_v = (
+                gram[predicted[:, None], columns] - gamma[:, None] * gram[rows[:, None], columns]
+            )
             third = (predicted != rows)[:, None] & (predicted[:, None] != columns)
-            third &= (v_norm > 1e-12)[:, None]
-            correction = w_along_v * (along_v / v_norm.clamp(min=1e-12))[:, None]
+            third &= (v_squared > 1e-12)[:, None]
+            correction = watched_along_v * (along_v / v_squared.clamp(min=1e-12))[:, None]
             block = block - torch.where(third, correction, torch.zeros_like(correction))
         blocks.append(block)
     projections = torch.cat(blocks).cpu()
