@@ -187,15 +187,21 @@ def test_export_reader_refuses_other_shapes(tmp_path: Path):
 
 def test_the_review_note_says_where_the_suggestion_comes_from():
     """A suggestion that is not the model's argmax (a watched class's, say) is not put in
-    the model's mouth, and a watched class's lean is named with its score."""
+    the model's mouth, nor given the model's probability of another class as its score,
+    and a watched class's lean is named with its score."""
     found = _candidates()
     found.frame["predicted_name"] = ["siren", "dog_bark"]
     found.frame["watch_siren"] = [math.nan, 4.26]
     found.frame["is_watch_candidate"] = [False, True]
     found.frame.loc[1, ["given_name", "suggested_name"]] = ["dog_bark", "siren"]
-    first, second = (t["data"]["review_note"] for t in to_tasks(found, data_template="{path}"))
-    assert first == "labelled dog_bark; model suggests siren (p=0.97); rank 1"
-    assert second == (
+    first, second = to_tasks(found, data_template="{path}")
+    assert first["data"]["review_note"] == (
+        "labelled dog_bark; model suggests siren (p=0.97); rank 1"
+    )
+    assert second["data"]["review_note"] == (
         "labelled dog_bark; suggested siren; model predicts dog_bark (p=0.81);"
         " leans toward siren (watch score 4.3); rank 2"
     )
+    assert first["predictions"][0]["score"] == pytest.approx(0.97)
+    assert "score" not in second["predictions"][0]
+    assert second["predictions"][0]["result"][0]["value"] == {"choices": ["siren"]}

@@ -19,8 +19,9 @@ Import tasks (what :func:`to_tasks` makes; a JSON list, one task per candidate):
 ``leans toward W (watch score s)`` for a watched class's candidate), and
 every candidate column (scores and metadata such as ``path``; NaN as null). The one
 prediction is the suggested label; its ``score`` is the model's top probability
-(``confidence``), which Label Studio can sort tasks by. The reviewer submits it as it
-is (accept) or picks another class.
+(``confidence``), which Label Studio can sort tasks by, when the suggestion is the
+model's prediction (a suggestion from the neighbours or a watched class has no score).
+The reviewer submits it as it is (accept) or picks another class.
 
 Labelling config (what :func:`labeling_config` makes)::
 
@@ -173,7 +174,9 @@ def to_tasks(
                 }
             ],
         }
-        if plain.get("confidence") is not None:
+        # The model's probability is the suggestion's score only when the model made it.
+        own = plain.get("predicted_name", plain["suggested_name"]) == plain["suggested_name"]
+        if own and plain.get("confidence") is not None:
             prediction["score"] = plain["confidence"]
         tasks.append({"data": data, "predictions": [prediction]})
     return tasks
