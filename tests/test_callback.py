@@ -603,6 +603,8 @@ def test_wandb_failure_warns_once_and_keeps_training_and_local_results(tmp_path:
     ("kwargs", "message"),
     [
         ({"every_n_epochs": 0}, "`every_n_epochs` must be an integer >= 1, got 0"),
+        ({"every_n_epochs": True}, "`every_n_epochs` must be an integer >= 1, got True"),
+        ({"max_points": 0.5}, "`max_points` must be an integer >= 1, got 0.5"),
         ({"projection": "tsne"}, "`projection` must be one of .* got 'tsne'"),
         ({"label_quality": "margin"}, "`label_quality` must be one of .* got 'margin'"),
         ({"max_candidates": -1}, "`max_candidates` must be None or an integer >= 0, got -1"),

@@ -154,11 +154,9 @@ class LabelWatchLogic:
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ValueError(f"`every_n_epochs` must be an integer >= 1, got {every_n_epochs!r}")
+        _check_int("every_n_epochs", every_n_epochs, minimum=1)
         check_projection(projection)
-        if not isinstance(max_points, int) or max_points < 1:
-            raise ValueError(f"`max_points` must be an integer >= 1, got {max_points!r}")
+        _check_int("max_points", max_points, minimum=1)
         if label_quality not in ALL_LABEL_QUALITY_METHODS:
             raise ValueError(
                 f"`label_quality` must be one of {ALL_LABEL_QUALITY_METHODS}, got {label_quality!r}"
@@ -167,12 +165,7 @@ class LabelWatchLogic:
             raise ValueError(
                 f"`candidate_rule` must be one of {CANDIDATE_RULES}, got {candidate_rule!r}"
             )
-        if (
-            isinstance(history_window, bool)
-            or not isinstance(history_window, int)
-            or (history_window < 1)
-        ):
-            raise ValueError(f"`history_window` must be an integer >= 1, got {history_window!r}")
+        _check_int("history_window", history_window, minimum=1)
         fractions = (("knn_weight", knn_weight), ("min_knn_agreement", min_knn_agreement))
         for argument, value in fractions:
             if (
@@ -181,11 +174,8 @@ class LabelWatchLogic:
                 or not (0.0 <= value <= 1.0)
             ):
                 raise ValueError(f"`{argument}` must be a number in [0, 1], got {value!r}")
-        _check_optional_int("max_candidates", max_candidates, minimum=0)
-        if isinstance(max_media_rows, bool) or not isinstance(max_media_rows, int) or (
-            max_media_rows < 0
-        ):
-            raise ValueError(f"`max_media_rows` must be an integer >= 0, got {max_media_rows!r}")
+        _check_int("max_candidates", max_candidates, minimum=0, optional=True)
+        _check_int("max_media_rows", max_media_rows, minimum=0)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise ValueError(f"`ignore_index` must be an integer, got {ignore_index!r}")
         if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
@@ -223,7 +213,7 @@ class LabelWatchLogic:
                 f"`history_dtype` must be one of {tuple(_HISTORY_DTYPES)},"
                 f" got {history_dtype!r}"
             )
-        _check_optional_int("history_top_k", history_top_k, minimum=1)
+        _check_int("history_top_k", history_top_k, minimum=1, optional=True)
         if "/" not in table_key:
             raise ValueError(
                 "`table_key` must look like 'prefix/name' (e.g. 'labelwatch/samples'),"
@@ -1518,11 +1508,13 @@ class LabelWatch(LabelWatchLogic, Callback):
 _RANDOM_ORDER = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
 
 
-def _check_optional_int(argument: str, value: Any, *, minimum: int) -> None:
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, int) or value < minimum
-    ):
-        raise ValueError(f"`{argument}` must be None or an integer >= {minimum}, got {value!r}")
+def _check_int(argument: str, value: Any, *, minimum: int, optional: bool = False) -> None:
+    """An integer (not a bool) >= ``minimum``; None too when ``optional``."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "None or an integer" if optional else "an integer"
+        raise ValueError(f"`{argument}` must be {kind} >= {minimum}, got {value!r}")
 
 
 def _name_list(argument: str, value: Any, *, example: str) -> list[Any] | None:
