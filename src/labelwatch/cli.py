@@ -89,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
         help="write the candidates as Label Studio tasks with the suggested label",
         description="Write Label Studio import tasks (a JSON list): per candidate its media"
         " URL, sample id, scores and metadata, and a prediction holding the suggested label"
-        " with its score, which the reviewer submits or changes. Import them into a project"
+        " (scored with the model's probability when it is the model's own prediction), which"
+        " the reviewer submits or changes. Import them into a project"
         " whose labelling config is --config-out. Then export the project as JSON and run"
         f" `labelwatch apply`. {_SOURCE_HELP}",
     )
