@@ -175,20 +175,24 @@ def to_tasks(
             ],
         }
         # The model's probability is the suggestion's score only when the model made it.
-        own = plain.get("predicted_name", plain["suggested_name"]) == plain["suggested_name"]
-        if own and plain.get("confidence") is not None:
+        if _suggested_by_the_model(plain) and plain.get("confidence") is not None:
             prediction["score"] = plain["confidence"]
         tasks.append({"data": data, "predictions": [prediction]})
     return tasks
 
 
+def _suggested_by_the_model(row: Mapping[str, Any]) -> bool:
+    """Whether the suggestion is the model's argmax, not the neighbours' or a watched
+    class's guess (rows without ``predicted_name`` count as the model's)."""
+    return row.get("predicted_name", row.get("suggested_name")) == row.get("suggested_name")
+
+
 def _review_note(row: Mapping[str, Any]) -> str:
     given, suggested = row.get("given_name"), row.get("suggested_name")
-    predicted = row.get("predicted_name", suggested)
-    if predicted == suggested:
+    if _suggested_by_the_model(row):
         note = f"labelled {given}; model suggests {suggested}"
-    else:  # the suggestion comes from the neighbours or a watched class, not the argmax
-        note = f"labelled {given}; suggested {suggested}; model predicts {predicted}"
+    else:
+        note = f"labelled {given}; suggested {suggested}; model predicts {row['predicted_name']}"
     if row.get("confidence") is not None:
         note += f" (p={row['confidence']:.2f})"
     scores = {name: row[c] for name, c in watch_columns(row).items() if row[c] is not None}
