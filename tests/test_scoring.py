@@ -173,7 +173,10 @@ def test_nonfinite_logits_are_skipped_counted_and_warned():
             {"logits": torch.randn(2, 3), "labels": [0, 1], "sample_ids": [1, 1.5]},
             r"of one kind.*got int \(e.g. 1\), float \(e.g. 1.5\)",
         ),
-        ({"logits": torch.randn(2, 1), "labels": [0, 0]}, "at least 2 classes"),
+        (
+            {"logits": torch.randn(2, 1), "labels": [0, 0]},
+            r"at least 2 classes \(columns\), got 1. A binary classifier with one logit z",
+        ),
         ({"logits": torch.randn(2, 3), "probs": torch.rand(2, 3), "labels": [0, 1]}, "exactly one"),
         ({"logits": torch.randn(2, 3), "labels": [0.0, 1.0]}, "integer class indices"),
         ({"logits": torch.randn(2, 3), "labels": [0, 1], "label_quality": "x"}, "must be one of"),
@@ -183,6 +186,16 @@ def test_bad_input_raises_a_clear_error(kwargs, message):
     """Each malformed input names the problem and the fix."""
     with pytest.raises(ValueError, match=message):
         score_predictions(**kwargs)
+
+
+def test_the_binary_fix_in_the_error_scores_sigmoid_probabilities():
+    """A single logit z, padded as the error says, scores p(1) = sigmoid(z)."""
+    z = torch.tensor([[-2.0], [0.5], [3.0]])
+    samples = score_predictions(logits=torch.cat([torch.zeros_like(z), z], 1), labels=[1, 1, 0])
+    expected = torch.sigmoid(z[:, 0]).double().numpy()
+    np.testing.assert_allclose(
+        samples["self_confidence"], [*expected[:2], 1 - expected[2]], rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("seed", range(10))

@@ -107,7 +107,15 @@ def check_predictions(
         )
     num_samples, num_classes = values.shape
     if num_classes < 2:
-        raise ValueError(f"`{name}` must have at least 2 classes (columns), got {num_classes}.")
+        fix = (
+            " A binary classifier with one logit z: pass `torch.cat([torch.zeros_like(z), z], 1)`"
+            " (its softmax is [1 - sigmoid(z), sigmoid(z)])."
+            if name == "logits" and num_classes == 1
+            else ""
+        )
+        raise ValueError(
+            f"`{name}` must have at least 2 classes (columns), got {num_classes}.{fix}"
+        )
     if name == "probs":
         _check_probabilities(values)
     labels_t = _as_tensor(labels, "labels")
