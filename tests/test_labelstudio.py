@@ -188,10 +188,12 @@ def test_export_reader_refuses_other_shapes(tmp_path: Path):
 def test_the_review_note_says_where_the_suggestion_comes_from():
     """A suggestion that is not the model's argmax (a watched class's, say) is not put in
     the model's mouth, nor given the model's probability of another class as its score,
-    and a watched class's lean is named with its score."""
+    and a watched class's lean is named with its score (the larger of now and the first
+    validation's)."""
     found = _candidates()
     found.frame["predicted_name"] = ["siren", "dog_bark"]
-    found.frame["watch_siren"] = [math.nan, 4.26]
+    found.frame["watch_siren"] = [math.nan, 1.2]
+    found.frame["first_watch_siren"] = [math.nan, 4.26]
     found.frame["is_watch_candidate"] = [False, True]
     found.frame.loc[1, ["given_name", "suggested_name"]] = ["dog_bark", "siren"]
     first, second = to_tasks(found, data_template="{path}")

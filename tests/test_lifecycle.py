@@ -39,17 +39,19 @@ def _epochs(root: Path) -> dict[int, pd.DataFrame]:
 
 @pytest.mark.parametrize("history_top_k", [10, 1])
 def test_resume_matches_an_uninterrupted_run(tmp_path: Path, history_top_k: int):
-    """Stop after epoch 1, resume to epoch 3: same epochs, rows and scores as one run (with
-    whole vectors in the epoch history, and with each past epoch's top class only)."""
+    """Stop after epoch 1, resume to epoch 3: same epochs, rows and scores (the first
+    epoch's watch scores included) as one run (with whole vectors in the epoch history, and
+    with each past epoch's top class only)."""
+    settings = dict(projection="pca", history_top_k=history_top_k, watch_classes=[1])
     train, val = _data()
     torch.manual_seed(0)
-    full = LabelWatch(projection="pca", history_top_k=history_top_k)
+    full = LabelWatch(**settings)
     Trainer(**trainer_kwargs(tmp_path / "full", callbacks=[full], max_epochs=4)).fit(
         TinyClassifier(), train, val
     )
 
     torch.manual_seed(0)
-    first = LabelWatch(projection="pca", history_top_k=history_top_k)
+    first = LabelWatch(**settings)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     kwargs = trainer_kwargs(tmp_path / "resumed", max_epochs=2, enable_checkpointing=True)
     Trainer(**{**kwargs, "callbacks": [first, checkpoint]}).fit(TinyClassifier(), train, val)
@@ -62,7 +64,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path, history_top_k: int)
     }
 
     # The resumed run's own default folder differs; the outputs continue where they were.
-    second = LabelWatch(projection="pca", history_top_k=history_top_k)
+    second = LabelWatch(**settings)
     kwargs = trainer_kwargs(tmp_path / "elsewhere", max_epochs=4, enable_checkpointing=True)
     Trainer(**{**kwargs, "callbacks": [second, ModelCheckpoint(dirpath=tmp_path / "ckpt")]}).fit(
         TinyClassifier(), train, val, ckpt_path=tmp_path / "ckpt/last.ckpt"
@@ -76,6 +78,10 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path, history_top_k: int)
         pd.testing.assert_frame_equal(resumed[epoch], uninterrupted[epoch], check_exact=False)
     # the 3-epoch averaging window continued from the history saved before the stop
     assert resumed[2]["averaged_epochs"].eq(3).all()
+    # and the first watch scores are those of epoch 0 (read back from its last epoch's files)
+    first = resumed[0].set_index("sample_id")["watch_1"]
+    later = resumed[3].set_index("sample_id")["first_watch_1"]
+    pd.testing.assert_series_equal(later, first, check_names=False)
     histories = sorted((tmp_path / "resumed/labelwatch").glob("*/history.arrow"))
     assert [p.parent.name for p in histories] == ["epoch=3"]
     assert not (tmp_path / "elsewhere/labelwatch").exists()

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
 from labelwatch import LabelWatch
@@ -169,6 +170,63 @@ class InputEmbeddings(TinyClassifier):
         return {"logits": self(batch["x"]), "embeddings": batch["x"]}
 
 
+class EarlyLeaning(InputEmbeddings):
+    """The inputs as embeddings, with a siren behind the `leaning` rows in the first epoch
+    only: later epochs no longer hear it, as a model that learns the annotators' habit."""
+
+    leaning = [0, 3, 6]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        out = super().validation_step(batch, batch_idx)
+        if self.current_epoch == 0:
+            rows = torch.isin(batch["sample_id"] - 1000, torch.tensor(self.leaning))
+            siren = torch.eye(3, batch["x"].shape[1])[SIREN] * 4  # its blob's centre
+            out["embeddings"] = out["embeddings"] + 0.5 * rows[:, None] * siren
+        return out
+
+
+def _tight_blobs(val) -> None:
+    data = val.dataset
+    centres = torch.eye(3, data.x.shape[1]) * 4  # the blobs' centres (tests.helpers)
+    data.x = centres[data.targets] + 0.3 * (data.x - centres[data.targets])
+
+
+def test_a_sample_that_leaned_in_its_first_validation_stays_a_candidate(tmp_path: Path):
+    """Dog barks that lean toward the sirens in the first epoch only keep that first score
+    (first_watch_siren) and stay watch candidates, also after a resume, which reads the
+    first scores back from the last epoch's samples."""
+    torch.manual_seed(0)
+    train, val = loaders(num_val=60)
+    _tight_blobs(val)
+    ids = [1000 + i for i in EarlyLeaning.leaning]
+
+    def fit(max_epochs: int, ckpt_path: Path | None = None) -> None:
+        callback = LabelWatch(class_names=CLASS_NAMES, projection="none", watch_classes=["siren"])
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        kwargs = trainer_kwargs(tmp_path, max_epochs=max_epochs, enable_checkpointing=True)
+        Trainer(**{**kwargs, "callbacks": [callback, checkpoint]}).fit(
+            EarlyLeaning(), train, val, ckpt_path=ckpt_path
+        )
+
+    fit(max_epochs=2)
+    fit(max_epochs=3, ckpt_path=tmp_path / "ckpt/last.ckpt")
+    epochs = [
+        pd.read_parquet(tmp_path / f"labelwatch/epoch={e}/samples.parquet").set_index("sample_id")
+        for e in range(3)
+    ]
+    assert (epochs[0].loc[ids, "watch_siren"] >= 3).all()
+    for later in epochs[1:]:
+        assert (later.loc[ids, "watch_siren"] < 3).all()  # no longer leaning now
+        pd.testing.assert_series_equal(
+            later["first_watch_siren"], epochs[0]["watch_siren"], check_names=False
+        )
+        assert later.loc[ids, "is_watch_candidate"].all()
+        assert later.loc[ids, "is_candidate"].all()
+        # flagged by either score, and by nothing else
+        leans = later[["watch_siren", "first_watch_siren"]].max(axis=1) >= 3
+        pd.testing.assert_series_equal(later["is_watch_candidate"], leans, check_names=False)
+
+
 @pytest.fixture(scope="module")
 def watch_fit(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A 2-epoch fit watching sirens, 3 of whose dog barks hide one; W&B offline. Returns
@@ -177,10 +235,9 @@ def watch_fit(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     torch.manual_seed(0)  # the model's initial weights: the same run whatever ran before
     train, val = loaders(num_val=60)
     leaning = [0, 3, 6]  # labelled dog_bark (index % 3 == 0); ids 1000, 1003, 1006
+    _tight_blobs(val)
     data = val.dataset
-    centres = torch.eye(3, data.x.shape[1]) * 4  # the blobs' centres (tests.helpers)
-    data.x = centres[data.targets] + 0.3 * (data.x - centres[data.targets])  # tighter blobs
-    data.x[leaning] += 0.5 * centres[1]  # a siren behind each bark, at half its loudness
+    data.x[leaning] += 0.5 * torch.eye(3, data.x.shape[1])[SIREN] * 4  # a siren at half volume
     callback = LabelWatch(
         class_names=CLASS_NAMES, projection="none", watch_classes=["siren"], max_candidates=1
     )
@@ -198,7 +255,15 @@ def test_a_fit_that_watches_sirens_makes_the_leaning_dog_barks_candidates(watch_
     save_dir, outputs = watch_fit
     out = outputs / "epoch=1"
     samples = pd.read_parquet(out / "samples.parquet").set_index("sample_id")
-    assert list(samples.columns[-2:]) == ["watch_siren", "is_watch_candidate"]
+    assert list(samples.columns[-3:]) == [
+        "watch_siren",
+        "first_watch_siren",
+        "is_watch_candidate",
+    ]
+    first = pd.read_parquet(outputs / "epoch=0" / "samples.parquet").set_index("sample_id")
+    pd.testing.assert_series_equal(
+        samples["first_watch_siren"], first["watch_siren"], check_names=False
+    )
     dogs = samples[samples["given_name"] == "dog_bark"]
     top = dogs["watch_siren"].nlargest(3).index
     assert sorted(top) == [1000, 1003, 1006]
@@ -206,7 +271,7 @@ def test_a_fit_that_watches_sirens_makes_the_leaning_dog_barks_candidates(watch_
     assert samples.loc[top, "is_candidate"].all()
     assert samples.loc[samples["given_name"] == "siren", "watch_siren"].isna().all()
     flagged = samples[samples["is_watch_candidate"]]
-    assert (flagged["watch_siren"] >= 3).all()
+    assert (flagged[["watch_siren", "first_watch_siren"]].max(axis=1) >= 3).all()
     candidates = pd.read_parquet(out / "candidates.parquet").set_index("sample_id")
     assert set(flagged.index) <= set(candidates.index)  # the budget of 1 drops none of them
     assert candidates["label_quality"].is_monotonic_increasing
@@ -245,9 +310,10 @@ def test_cli_lists_the_candidates_leaning_toward_a_watched_class(watch_fit, tmp_
     flagged = pd.read_parquet(outputs / "epoch=1" / "samples.parquet")
     assert len(written) == int(flagged["is_watch_candidate"].sum()) >= 3
     assert written["is_watch_candidate"].all()
-    assert written["watch_siren"].is_monotonic_decreasing
+    furthest = written[["watch_siren", "first_watch_siren"]].max(axis=1)
+    assert furthest.is_monotonic_decreasing
     assert sorted(written["sample_id"].head(3)) == [1000, 1003, 1006]
-    assert "watch_siren" in capsys.readouterr().out
+    assert {"watch_siren", "first_watch_siren"} <= set(capsys.readouterr().out.split())
     assert main(["candidates", str(outputs), "--leaning", "drilling"]) == 2
     assert "the run did not watch that class (watched: ['siren'])" in capsys.readouterr().err
 

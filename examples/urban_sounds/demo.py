@@ -207,7 +207,7 @@ def evaluate(
 
 
 def _report(where: dict[str, Any], candidates: pd.DataFrame, n: dict[str, Any], top: int) -> None:
-    from labelwatch.candidates import watch_columns
+    from labelwatch.candidates import first_watch_column, leaning, watch_columns
     from labelwatch.sinks.wandb import artifact_name
 
     rule = "-" * 78
@@ -239,10 +239,12 @@ def _report(where: dict[str, Any], candidates: pd.DataFrame, n: dict[str, Any], 
 
         # Each watched class's own ranking (by label_quality its candidates come last).
         for name, column in watch_columns(candidates.columns).items():
-            leaning = candidates[candidates["is_watch_candidate"]].nlargest(top // 2, column)
-            print(f"\ntop {len(leaning)} candidates leaning toward {name}:")
-            columns = [c for c in shown if c in leaning.columns] + [column]
-            print(leaning[columns].to_string(index=False) if len(leaning) else "  (none)")
+            flagged = candidates[candidates["is_watch_candidate"]]
+            furthest = flagged.loc[leaning(flagged, name).nlargest(top // 2).index]
+            print(f"\ntop {len(furthest)} candidates leaning toward {name}:")
+            wanted = [*shown, column, first_watch_column(name)]
+            columns = [c for c in wanted if c in furthest.columns]
+            print(furthest[columns].to_string(index=False) if len(furthest) else "  (none)")
 
     print(f"\nvalidation accuracy (annotated labels): {n['val_acc']:.3f}")
     if "precision_at_candidates" not in n:
@@ -268,8 +270,9 @@ def _report(where: dict[str, Any], candidates: pd.DataFrame, n: dict[str, Any], 
         if "num_watch_flagged" in n:
             print(
                 f"watching sirens: {n['num_watch_flagged']} candidates lean toward siren"
-                f" (watch_siren >= 3), {n['num_watch_right']} of them corrupted labels or"
-                f" hidden sirens; {n['num_watch_hidden_sirens']} hidden sirens among them"
+                f" (watch_siren >= 3, now or in the first epoch), {n['num_watch_right']} of them"
+                f" corrupted labels or hidden sirens; {n['num_watch_hidden_sirens']} hidden"
+                " sirens among them"
             )
 
     print("\nnext:")

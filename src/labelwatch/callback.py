@@ -30,7 +30,7 @@ from torch.utils.data import (
 )
 
 from labelwatch.ann import EXACT_KNN_POINTS
-from labelwatch.candidates import select_candidates, watch_column
+from labelwatch.candidates import first_watch_column, select_candidates, watch_column
 from labelwatch.capture import (
     CapturedEpoch,
     EpochBuffer,
@@ -273,6 +273,7 @@ class LabelWatchLogic:
         self._previous_maps: dict[str | None, dict[Any, tuple[float, float]]] = {}
         self._previous_epochs: dict[str | None, int] = {}
         self._streaks: dict[str | None, pd.Series] = {}  # flag streak by sample id
+        self._first_watch: dict[str | None, pd.DataFrame] = {}  # first watch scores by id
         # Per dataloader: the window of probabilities (rank zero only; on disk, not in the
         # checkpoint) and where its newest copy was written.
         self._histories: dict[str | None, EpochHistory] = {}
@@ -542,6 +543,7 @@ class LabelWatchLogic:
             self._previous_maps,
             self._previous_epochs,
             self._streaks,
+            self._first_watch,
             self._histories,
             self._history_files,
             self._warned,  # a new fit warns again about what still holds for it
@@ -970,15 +972,26 @@ class LabelWatchLogic:
         if self.watch_classes:
             if embeddings is not None and not kept_all:
                 embeddings = embeddings[index.to(embeddings.device)]
-            self._add_watch_columns(samples, embeddings, labels)
+            self._add_watch_columns(samples, embeddings, labels, name)
         return samples
 
     def _add_watch_columns(
-        self, samples: pd.DataFrame, embeddings: torch.Tensor | None, labels: torch.Tensor
+        self,
+        samples: pd.DataFrame,
+        embeddings: torch.Tensor | None,
+        labels: torch.Tensor,
+        name: str | None,
     ) -> None:
-        """A `watch_<class>` score per watched class (:mod:`labelwatch.watch`); a sample
-        scoring `min_watch_score` or more for one becomes a candidate (`is_watch_candidate`),
-        suggested as that class unless the candidate rule already flags it."""
+        """A `watch_<class>` score per watched class (:mod:`labelwatch.watch`), and
+        `first_watch_<class>`, the sample's score in the first validation that scored it. A
+        sample with either at `min_watch_score` or more for a class becomes a candidate
+        (`is_watch_candidate`), suggested as that class unless the candidate rule already
+        flags it.
+
+        Why the first validation: the model learns the annotators' habits as it trains.
+        Early on, a bark over a siren still leans toward the sirens; once the model has
+        learned from its training clips that such a clip is called `dog_bark`, it may no
+        longer lean."""
         names = list(samples.attrs["class_names"])
         watched = watched_indices(self.watch_classes, names)
         if embeddings is None or embeddings.shape[1] < 2:
@@ -990,11 +1003,17 @@ class LabelWatchLogic:
             )
             scores = torch.full((len(labels), len(watched)), float("nan"))
         else:
-            predictions = torch.from_numpy(samples["predicted_label"].to_numpy(np.int64))
+            predictions = torch.tensor(samples["predicted_label"].to_numpy(np.int64))
             scores = watch_scores(embeddings, labels, watched, len(names), predictions=predictions)
-        for column, index in enumerate(watched):
-            samples[watch_column(names[index])] = scores[:, column].double().numpy()
-        scores = torch.nan_to_num(scores, nan=-math.inf)  # NaN: no score, flags nothing
+        classes = [names[index] for index in watched]
+        for watched_name, values in zip(classes, scores.double().numpy().T, strict=True):
+            samples[watch_column(watched_name)] = values
+        first = self._first_watch_scores(name, samples, classes)
+        for watched_name, values in zip(classes, first.T, strict=True):
+            samples[first_watch_column(watched_name)] = values
+        # Either score flags; NaN is no score and flags nothing.
+        scores = torch.from_numpy(np.fmax(scores.double().numpy(), first))
+        scores = torch.nan_to_num(scores, nan=-math.inf)
         flagged = (scores >= self.min_watch_score).any(dim=1).numpy()
         only_watched = flagged & ~samples["is_candidate"].to_numpy(bool)
         if only_watched.any():
@@ -1200,6 +1219,27 @@ class LabelWatchLogic:
         if previous is not None and previous != path:
             previous.unlink(missing_ok=True)
         self._history_files[name] = path
+
+    def _first_watch_scores(
+        self, name: str | None, samples: pd.DataFrame, classes: list[str]
+    ) -> np.ndarray:
+        """``(N, W)`` watch scores of each sample's first scored validation: this one's for
+        a sample not seen before; kept by id across epochs and, after a resume, read back
+        from the last epoch's samples.parquet."""
+        columns = [watch_column(c) for c in classes]
+        firsts = [first_watch_column(c) for c in classes]
+        previous = self._first_watch.get(name)
+        if previous is None:
+            last = self._last_epoch_samples(name, ["sample_id", *firsts])
+            previous = (
+                last.set_index("sample_id") if last is not None else pd.DataFrame(columns=firsts)
+            )
+        now = pd.DataFrame(samples[columns].to_numpy(), index=samples["sample_id"], columns=firsts)
+        known = now.index.isin(previous.index)
+        now.loc[known] = previous.loc[now.index[known], firsts].to_numpy()
+        missing = previous[~previous.index.isin(now.index)]  # kept for when they come back
+        self._first_watch[name] = pd.concat([missing, now]) if len(missing) else now
+        return now.to_numpy(np.float64)
 
     def _flag_streaks(self, name: str | None, samples: pd.DataFrame) -> np.ndarray:
         """Consecutive epochs each sample has been a confident mismatch, this one included.
@@ -1458,10 +1498,12 @@ class LabelWatch(LabelWatchLogic, Callback):
             indices; a siren behind a dog bark labelled ``dog_bark``). Each adds a column
             ``watch_<class>``: how far the sample's embedding leans toward that class (along
             what sets it apart from the sample's own label), as a robust z-score among the
-            samples with that label (see :mod:`labelwatch.watch`). Needs embeddings.
-        min_watch_score: a sample with a watch score at least this is a candidate
-            (``is_watch_candidate``), suggested as that class unless the candidate rule
-            flags it anyway.
+            samples with that label (see :mod:`labelwatch.watch`), and
+            ``first_watch_<class>``, its score in the first validation that scored it,
+            before the model learned to overlook the class. Needs embeddings.
+        min_watch_score: a sample with a watch score at least this, now or in its first
+            validation, is a candidate (``is_watch_candidate``), suggested as that class
+            unless the candidate rule flags it anyway.
         ignore_index: target value of unlabelled samples; skipped and counted.
         dirpath: local output folder; defaults to ``<save_dir>/<name>/<version>/labelwatch``
             of the first logger (like ``ModelCheckpoint``), or ``<default_root_dir>/labelwatch``.

@@ -33,6 +33,8 @@ __all__ = [
     "select_candidates",
     "to_csv_safe",
     "to_records",
+    "first_watch_column",
+    "leaning",
     "watch_column",
     "watch_columns",
     "write_table",
@@ -45,6 +47,7 @@ _ESCAPED_PREFIXES = (*_FORMULA_PREFIXES, "'")
 TableFormat = Literal["csv", "parquet", "json"]
 TABLE_FORMATS: tuple[str, ...] = ("csv", "parquet", "json")
 _WATCH_PREFIX = "watch_"
+_FIRST_PREFIX = "first_"
 
 
 def watch_column(class_name: str) -> str:
@@ -52,11 +55,28 @@ def watch_column(class_name: str) -> str:
     return f"{_WATCH_PREFIX}{class_name}"
 
 
+def first_watch_column(class_name: str) -> str:
+    """The column of a watched class's scores in the first validation that scored each
+    sample, before the model learned to overlook the class (``LabelWatch(watch_classes=...)``)."""
+    return f"{_FIRST_PREFIX}{watch_column(class_name)}"
+
+
 def watch_columns(columns: Iterable[Any]) -> dict[str, str]:
     """The watched classes' score columns among ``columns``, by class name."""
     return {
         str(c).removeprefix(_WATCH_PREFIX): c for c in columns if str(c).startswith(_WATCH_PREFIX)
     }
+
+
+def leaning(frame: pd.DataFrame, class_name: str) -> pd.Series:
+    """How far each row leans toward a watched class: the larger of its watch score now
+    and in its first validation (the scores that make it a watch candidate); NaN where
+    neither is known."""
+    score = frame[watch_column(class_name)].astype(float)
+    first = first_watch_column(class_name)
+    if first in frame.columns:
+        score = pd.Series(np.fmax(score, frame[first].astype(float)), index=frame.index)
+    return score
 
 
 @dataclass(frozen=True)

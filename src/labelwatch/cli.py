@@ -23,6 +23,8 @@ import pandas as pd
 from labelwatch.candidates import (
     TABLE_FORMATS,
     CandidateSet,
+    first_watch_column,
+    leaning,
     read_candidates,
     refuse_input_overwrite,
     watch_column,
@@ -187,7 +189,7 @@ def _source_arguments(parser: argparse.ArgumentParser) -> None:
         "--leaning",
         metavar="CLASS",
         help="only the candidates a watched class flagged (LabelWatch(watch_classes=...)),"
-        " those leaning furthest toward CLASS first",
+        " those leaning furthest toward CLASS (now or in their first validation) first",
     )
 
 
@@ -205,7 +207,8 @@ def _read_source(args: argparse.Namespace) -> CandidateSet:
                 f" {watched or 'none'}); LabelWatch(watch_classes=[...]) sets what is watched"
             )
         frame = frame[frame["is_watch_candidate"].astype(bool)]
-        frame = frame.sort_values(column, ascending=False, kind="stable")
+        order = leaning(frame, args.leaning).sort_values(ascending=False, kind="stable")
+        frame = frame.loc[order.index]
     if args.top is not None:
         frame = frame.head(args.top)
     return replace(found, frame=frame)
@@ -221,7 +224,8 @@ def _candidates(args: argparse.Namespace) -> int:
         refuse_input_overwrite(args.output, found.inputs)
     shown = [c for c in _SHOWN_COLUMNS if c in frame.columns]
     if args.leaning is not None:
-        shown.append(watch_column(args.leaning))
+        columns = (watch_column(args.leaning), first_watch_column(args.leaning))
+        shown += [c for c in columns if c in frame.columns]
     with pd.option_context("display.width", 160, "display.max_colwidth", 40):
         print(frame[shown].to_string(index=False) if len(frame) else "no candidates")
     if args.output is not None:

@@ -62,7 +62,7 @@ from xml.sax.saxutils import quoteattr
 
 import pandas as pd
 
-from labelwatch.candidates import CandidateSet, to_records, watch_columns
+from labelwatch.candidates import CandidateSet, first_watch_column, to_records, watch_columns
 from labelwatch.relabel import DECISION_COLUMNS
 
 __all__ = ["MEDIA_TAGS", "fill_template", "labeling_config", "read_export", "to_tasks"]
@@ -195,7 +195,12 @@ def _review_note(row: Mapping[str, Any]) -> str:
         note = f"labelled {given}; suggested {suggested}; model predicts {row['predicted_name']}"
     if row.get("confidence") is not None:
         note += f" (p={row['confidence']:.2f})"
-    scores = {name: row[c] for name, c in watch_columns(row).items() if row[c] is not None}
+    scores = {}  # how far the row leans, now or in its first validation
+    for name, column in watch_columns(row).items():
+        values = [row.get(c) for c in (column, first_watch_column(name))]
+        values = [v for v in values if v is not None]  # None: no score (NaN in the table)
+        if values:
+            scores[name] = max(values)
     if row.get("is_watch_candidate") and scores:
         name = max(scores, key=scores.get)
         note += f"; leans toward {name} (watch score {scores[name]:.1f})"
