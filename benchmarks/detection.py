@@ -62,13 +62,14 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
 
 from labelwatch import score_predictions
-from labelwatch.callback import KNN_NEIGHBOURS, LabelWatchLogic
+from labelwatch.callback import LabelWatchLogic
 from labelwatch.combined import (
     candidate_flags,
     combined_quality,
     history_scores,
     reachable_agreement,
 )
+from labelwatch.epoch_scoring import KNN_NEIGHBOURS
 from labelwatch.history import EpochHistory
 from labelwatch.neighbours import knn_label_distribution
 from labelwatch.scoring import LABEL_QUALITY_METHODS

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import warnings
 import weakref
 from pathlib import Path
@@ -678,12 +679,27 @@ def test_flag_streaks_skip_samples_missing_from_an_epoch():
         frame = pd.DataFrame(
             {"sample_id": list(flags), "is_confident_mismatch": list(flags.values())}
         )
-        return callback._flag_streaks(None, frame).tolist()
+        return callback._scorer(None)._flag_streaks(frame).tolist()
 
     assert epoch({"a": True, "b": True, "c": False}) == [1, 1, 0]
     assert epoch({"a": True, "c": True}) == [2, 1]  # b missing
     assert epoch({"b": True, "c": True, "d": True}) == [2, 2, 1]  # b back: 1 + 1
     assert epoch({"a": False, "d": True}) == [0, 2]
+
+
+def test_first_watch_scores_are_each_samples_first_and_survive_an_absence():
+    """A sample keeps the watch score of the first epoch it was scored in: one first seen
+    later gets that epoch's, and one missing from an epoch keeps its own for its return."""
+    scorer = LabelWatch(projection="none", watch_classes=["1"])._scorer(None)
+
+    def epoch(scores: dict[str, float]) -> list[float]:
+        frame = pd.DataFrame({"sample_id": list(scores), "watch_1": list(scores.values())})
+        return scorer._first_watch_scores(frame, ["1"])[:, 0].tolist()
+
+    assert epoch({"a": 4.0, "b": 1.0}) == [4.0, 1.0]
+    assert epoch({"a": 0.5, "c": 3.5}) == [4.0, 3.5]  # c is new; b missing
+    assert epoch({"b": 9.0, "c": 0.0, "d": float("nan")})[:2] == [1.0, 3.5]  # b back
+    assert math.isnan(epoch({"d": 2.0})[0])  # d's first validation gave no score
 
 
 def test_wandb_logging_runs_beside_training_and_is_complete_when_fit_returns(

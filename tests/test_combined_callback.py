@@ -271,7 +271,7 @@ def test_without_embeddings_the_default_uses_the_averaged_probabilities(tmp_path
 def test_above_the_cpu_cap_there_are_no_neighbours(tmp_path: Path, monkeypatch):
     """Embeddings on a CPU and more samples than KNN_MAX_SAMPLES: knn_agreement is NaN and
     the default ranking falls back to the averaged margin, as without embeddings."""
-    monkeypatch.setattr("labelwatch.callback.KNN_MAX_SAMPLES", 59)
+    monkeypatch.setattr("labelwatch.epoch_scoring.KNN_MAX_SAMPLES", 59)
     _fit(tmp_path, max_epochs=1)
     samples = _read(tmp_path, 0)
     assert len(samples) == 60 and samples["knn_agreement"].isna().all()
@@ -377,7 +377,7 @@ def test_a_large_epoch_on_a_cpu_uses_the_approximate_search_and_a_capped_one_war
     """Above EXACT_KNN_POINTS on a CPU the neighbours come from the approximate search
     (exact below ann's own threshold, so the columns equal the exact search's here); above
     KNN_MAX_SAMPLES there are none, and one warning says what falls back."""
-    import labelwatch.callback as module
+    import labelwatch.epoch_scoring as module
 
     def fit(out: Path) -> pd.DataFrame:
         torch.manual_seed(0)

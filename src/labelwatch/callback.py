@@ -6,7 +6,6 @@ import logging
 import math
 import os
 import pickle
-import warnings
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -29,8 +28,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from labelwatch.ann import EXACT_KNN_POINTS
-from labelwatch.candidates import first_watch_column, select_candidates, watch_column
+from labelwatch.candidates import select_candidates
 from labelwatch.capture import (
     CapturedEpoch,
     EpochBuffer,
@@ -43,20 +41,9 @@ from labelwatch.combined import (
     COMBINED_METHODS,
     DEFAULT_KNN_WEIGHT,
     DEFAULT_MIN_KNN_AGREEMENT,
-    WITHOUT_NEIGHBOURS,
     CombinedMethod,
-    HistoryScores,
-    history_scores,
-    mixed_thresholds,
-    reachable_agreement,
 )
-from labelwatch.history import HISTORY_FILE, EpochHistory
-from labelwatch.neighbours import (
-    approximate_neighbours,
-    knn_neighbours,
-    label_agreement,
-    label_distribution,
-)
+from labelwatch.epoch_scoring import EpochScorer, ScoringOptions, effective_label_quality
 from labelwatch.projection import (
     MapJob,
     MapResult,
@@ -71,22 +58,16 @@ from labelwatch.scoring import (
     LABEL_QUALITY_METHODS,
     LabelQualityMethod,
     check_predictions,
-    score_predictions,
 )
 from labelwatch.sinks import LocalSink, WandbSink, find_wandb_logger
-from labelwatch.watch import DEFAULT_MIN_WATCH_SCORE, watch_scores, watched_indices
+from labelwatch.sinks.local import read_samples
+from labelwatch.watch import DEFAULT_MIN_WATCH_SCORE, watched_indices
 
 __all__ = ["LabelWatch", "LabelWatchLogic"]
 
 log = logging.getLogger(__name__)
 
 MediaFn = Callable[[Mapping[str, Any]], Any]
-# kNN label agreement: neighbours per sample, and the largest epoch it is computed for on
-# a CPU (at epoch end, in the training process: above 8192 samples the approximate search
-# of labelwatch.ann, see benchmarks/knn.py; beyond this cap the column is NaN there).
-# Embeddings on an accelerator are searched exactly with no cap.
-KNN_NEIGHBOURS = 10
-KNN_MAX_SAMPLES = 50_000
 _EMBEDDINGS_DTYPES = {"float32": None, "float16": torch.float16}
 _LOGITS_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _HISTORY_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -272,16 +253,13 @@ class LabelWatchLogic:
         self._pending: deque[_PendingEpoch] = deque()
         self._previous_maps: dict[str | None, dict[Any, tuple[float, float]]] = {}
         self._previous_epochs: dict[str | None, int] = {}
-        self._streaks: dict[str | None, pd.Series] = {}  # flag streak by sample id
-        self._first_watch: dict[str | None, pd.DataFrame] = {}  # first watch scores by id
-        # Per dataloader: the window of probabilities (rank zero only; on disk, not in the
-        # checkpoint) and where its newest copy was written.
-        self._histories: dict[str | None, EpochHistory] = {}
-        self._history_files: dict[str | None, Path] = {}
+        # Per dataloader: its scores and what its samples carry from epoch to epoch (rank
+        # zero only): the epoch history (on disk, not in the checkpoint), flag streaks and
+        # first watch scores.
+        self._scorers: dict[str | None, EpochScorer] = {}
         # The history file ((window - 1) x N x C floats, 0.8 GB at 100k x 1000) is written on its
         # own thread; a history is not updated again until its previous save is done.
         self._history_saver: ThreadPoolExecutor | None = None
-        self._history_saves: dict[str | None, Future] = {}
         self._logits_tap: LayerTap | None = None
         self._embedding_tap: LayerTap | None = None
         self._wandb: WandbSink | None = None
@@ -477,7 +455,6 @@ class LabelWatchLogic:
         if self._history_saver is not None:
             self._history_saver.shutdown(wait=True)
             self._history_saver = None
-        self._history_saves.clear()
 
     def _wait_for_logging(self) -> None:
         """Block until everything handed to the logging thread is done."""
@@ -542,10 +519,7 @@ class LabelWatchLogic:
         for state in (
             self._previous_maps,
             self._previous_epochs,
-            self._streaks,
-            self._first_watch,
-            self._histories,
-            self._history_files,
+            self._scorers,
             self._warned,  # a new fit warns again about what still holds for it
         ):
             state.clear()
@@ -790,16 +764,7 @@ class LabelWatchLogic:
 
     def _last_epoch_samples(self, name: str | None, columns: list[str]) -> pd.DataFrame | None:
         """Columns of the newest samples.parquet before now (what a resumed run continues)."""
-        folder = self._last_epoch_dir(name)
-        if folder is None:
-            return None
-        path = folder / "samples.parquet"
-        if not path.is_file():
-            return None
-        try:
-            return pd.read_parquet(path, columns=columns)
-        except (OSError, ValueError, KeyError):  # an older or partial file: start afresh
-            return None
+        return read_samples(self._last_epoch_dir(name), columns)
 
     def _map_or_warn(self, compute: Callable[[], MapResult], epoch: int) -> MapResult | None:
         try:
@@ -921,348 +886,47 @@ class LabelWatchLogic:
         *,
         run: int,
     ) -> pd.DataFrame:
-        """Scores of the host copy ``captured``; neighbours are searched where the embeddings
-        were captured (``device_embeddings``, the GPU when the model is there). ``run`` is
-        the validation run's step in the epoch history."""
-        single_epoch = self.label_quality in LABEL_QUALITY_METHODS
-        with warnings.catch_warnings():  # warned below, once, with the epoch
-            warnings.filterwarnings("ignore", message=".*NaN or infinite", category=RuntimeWarning)
-            samples = score_predictions(
-                logits=captured.logits,
-                labels=captured.targets,
+        """Scores of the host copy ``captured`` (:class:`EpochScorer`); ``run`` is the
+        validation run's step in the epoch history."""
+        return self._scorer(name).score(captured, epoch, device_embeddings, run=run)
+
+    def _scorer(self, name: str | None) -> EpochScorer:
+        """This dataloader's scorer; a resumed fit's reads what its samples carry over
+        from the last epoch's files."""
+        scorer = self._scorers.get(name)
+        if scorer is None:
+            options = ScoringOptions(
                 class_names=self.class_names,
-                sample_ids=captured.sample_ids,
-                epoch=epoch,
-                label_quality=self.label_quality if single_epoch else "self_confidence",
+                label_quality=self.label_quality,
+                candidate_rule=self.candidate_rule,
+                history_window=self.history_window,
+                history_dtype=_HISTORY_DTYPES[self.history_dtype],
+                history_top_k=self.history_top_k,
+                knn_weight=self.knn_weight,
+                min_knn_agreement=self.min_knn_agreement,
+                watch_classes=self.watch_classes,
+                min_watch_score=self.min_watch_score,
                 ignore_index=self.ignore_index,
+                seed=self.seed,
             )
-        skipped = samples.attrs["num_nonfinite"]
-        if skipped:
-            rank_zero_warn(
-                f"LabelWatch: {skipped} validation samples had NaN or infinite logits in epoch"
-                f" {epoch}; they were left out of scoring."
+            scorer = EpochScorer(
+                options,
+                self._warn_once,
+                last_dir=self._last_epoch_dir(name),
+                last_run=self.last_run,
+                last_epoch=self.last_epoch,
             )
-        # Scoring may drop rows: realign embeddings and metadata by sample id.
-        positions = pd.Index(captured.sample_ids).get_indexer(samples["sample_id"])
-        for key, values in captured.metadata.items():
-            samples[key] = np.asarray(values, dtype=object)[positions]
-        if len(samples) == 0:
-            return samples
-        index = torch.from_numpy(positions)
-        labels = torch.tensor(samples["given_label"].to_numpy(np.int64))
-        kept_all = len(index) == len(captured.logits) and bool(
-            (index == torch.arange(len(index))).all()
-        )  # no row dropped: logits and embeddings need no gather
-        embeddings = device_embeddings if device_embeddings is not None else captured.embeddings
-        neighbour_labels = self._neighbour_labels(embeddings, None if kept_all else index, labels)
-        column = samples.columns.get_loc("y")
-        samples.insert(column + 1, "moved", np.nan)
-        agreement = None
-        if neighbour_labels is not None:
-            num_classes = len(samples.attrs["class_names"])
-            agreement = label_agreement(neighbour_labels, labels, num_classes)
-        samples.insert(
-            column + 2,
-            "knn_agreement",
-            agreement.double().numpy() if agreement is not None else np.nan,
-        )
-        samples.insert(column + 3, "flag_streak", self._flag_streaks(name, samples))
-        logits = captured.logits if kept_all else captured.logits[index]
-        self._add_history_columns(samples, logits, labels, neighbour_labels, agreement, name, run)
-        if self.watch_classes:
-            if embeddings is not None and not kept_all:
-                embeddings = embeddings[index.to(embeddings.device)]
-            self._add_watch_columns(samples, embeddings, labels, name)
-        return samples
-
-    def _add_watch_columns(
-        self,
-        samples: pd.DataFrame,
-        embeddings: torch.Tensor | None,
-        labels: torch.Tensor,
-        name: str | None,
-    ) -> None:
-        """A `watch_<class>` score per watched class (:mod:`labelwatch.watch`), and
-        `first_watch_<class>`, the sample's score in the first validation that scored it. A
-        sample with either at `min_watch_score` or more for a class becomes a candidate
-        (`is_watch_candidate`), suggested as that class unless the candidate rule already
-        flags it.
-
-        Why the first validation: the model learns the annotators' habits as it trains.
-        Early on, a bark over a siren still leans toward the sirens; once the model has
-        learned from its training clips that such a clip is called `dog_bark`, it may no
-        longer lean."""
-        names = list(samples.attrs["class_names"])
-        watched = watched_indices(self.watch_classes, names)
-        if embeddings is None or embeddings.shape[1] < 2:
-            self._warn_once(
-                "watch-no-embeddings",
-                "LabelWatch: `watch_classes` needs embeddings of two or more dimensions (set"
-                " `embedding_layer` or return `embeddings` from validation_step); the watch"
-                " scores are NaN and flag nothing.",
-            )
-            scores = torch.full((len(labels), len(watched)), float("nan"))
-        else:
-            predictions = torch.tensor(samples["predicted_label"].to_numpy(np.int64))
-            scores = watch_scores(embeddings, labels, watched, len(names), predictions=predictions)
-        classes = [names[index] for index in watched]
-        for watched_name, values in zip(classes, scores.double().numpy().T, strict=True):
-            samples[watch_column(watched_name)] = values
-        first = self._first_watch_scores(name, samples, classes)
-        for watched_name, values in zip(classes, first.T, strict=True):
-            samples[first_watch_column(watched_name)] = values
-        # Either score flags; NaN is no score and flags nothing.
-        scores = torch.from_numpy(np.fmax(scores.double().numpy(), first))
-        scores = torch.nan_to_num(scores, nan=-math.inf)
-        flagged = (scores >= self.min_watch_score).any(dim=1).numpy()
-        only_watched = flagged & ~samples["is_candidate"].to_numpy(bool)
-        if only_watched.any():
-            best = scores.argmax(dim=1).numpy()
-            suggested = samples["suggested_label"].to_numpy(np.int64).copy()
-            suggested[only_watched] = np.asarray(watched)[best[only_watched]]
-            samples["suggested_label"] = suggested
-            samples["suggested_name"] = np.asarray(names, dtype=object)[suggested]
-        samples["is_watch_candidate"] = flagged
-        samples["is_candidate"] = samples["is_candidate"].to_numpy(bool) | flagged
-
-    def _neighbour_labels(
-        self, embeddings: torch.Tensor | None, rows: torch.Tensor | None, labels: torch.Tensor
-    ) -> torch.Tensor | None:
-        """``(N, k)`` given labels of each scored sample's 10 nearest neighbours (cosine),
-        searched on the embeddings' device among the scored ``rows`` (None: all); None
-        without embeddings, or on a CPU above KNN_MAX_SAMPLES. Kept as labels, not an
-        N x C distribution, to save memory."""
-        if embeddings is None:
-            return None
-        on_cpu = embeddings.device.type == "cpu"
-        if on_cpu and len(labels) > KNN_MAX_SAMPLES:
-            self._warn_once(
-                "knn-cap",
-                f"LabelWatch: {len(labels)} samples with embeddings on a CPU; the neighbourhood"
-                f" search stops at {KNN_MAX_SAMPLES} there, so knn_agreement is NaN, the"
-                " ranking is averaged_margin and the candidate rule is confident learning on"
-                " the averaged probabilities. Embeddings on a GPU have no such cap.",
-            )
-            return None
-        if embeddings.shape[1] < 2:
-            self._warn_once(
-                "1-d-embeddings",
-                "LabelWatch: the embeddings have one dimension, where cosine similarity is only"
-                " +1 or -1, so nearest neighbours would be arbitrary; knn_agreement is left out"
-                " (NaN). Pick a wider layer as the embeddings (e.g. `embedding_layer`).",
-            )
-            return None
-        if rows is not None:
-            embeddings = embeddings[rows.to(embeddings.device)]
-        if on_cpu and len(embeddings) > EXACT_KNN_POINTS:  # exact is O(N^2 D) on 2 cores
-            neighbours = approximate_neighbours(embeddings, k=KNN_NEIGHBOURS, seed=self.seed)
-        else:
-            neighbours = knn_neighbours(embeddings, k=KNN_NEIGHBOURS).cpu()
-        return labels[neighbours]
-
-    def _add_history_columns(
-        self,
-        samples: pd.DataFrame,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        neighbour_labels: torch.Tensor | None,
-        agreement: torch.Tensor | None,
-        name: str | None,
-        run: int,
-    ) -> None:
-        """Window-averaged scores, the combined `label_quality`, and the candidate flag.
-
-        ``p_mix = (1 - knn_weight) * averaged + knn_weight * knn`` (``averaged`` alone
-        without neighbours). `is_candidate` is confident learning on ``p_mix`` or
-        `knn_agreement` below `min_knn_agreement` (rule "combined"), or the single-epoch
-        `is_confident_mismatch` (rule "confident_mismatch").
-
-        Memory: a chunk of rows at a time, this epoch's probabilities are softmaxed,
-        averaged with the history's past epochs (then stored over the oldest), mixed with
-        the neighbours and scored, so no N x C array is made besides the history."""
-        ids = samples["sample_id"].tolist()
-        flags = torch.tensor(samples["is_confident_mismatch"].to_numpy(bool))
-        self._wait_for_history_save(name)
-        history = self._history(name)
-        num_classes = logits.shape[1]
-        step = history.begin(run, ids, flags, num_classes)
-        combined = self.label_quality not in LABEL_QUALITY_METHODS
-        if combined:
-            self._effective_label_quality(neighbour_labels is not None)  # warns if it stands in
-        given = torch.from_numpy(samples["self_confidence"].to_numpy(np.float32))
-        thresholds = mixed_thresholds(
-            step.mean_at(labels, given), labels, num_classes, agreement, knn_weight=self.knn_weight
-        )
-        minimum = torch.full(labels.shape, float(self.min_knn_agreement))
-        if neighbour_labels is not None:
-            minimum *= reachable_agreement(labels, neighbour_labels.shape[1])
-        parts = []
-        for rows in step.chunks():
-            averaged = step.average(rows, torch.softmax(logits[rows].float(), dim=1).cpu())
-            knn = None
-            if neighbour_labels is not None:
-                knn = label_distribution(neighbour_labels[rows], num_classes)
-            parts.append(
-                history_scores(
-                    averaged,
-                    labels[rows],
-                    knn,
-                    method=self.label_quality if combined else None,
-                    knn_weight=self.knn_weight,
-                    min_knn_agreement=minimum[rows],
-                    writable=True,  # a new tensor from the history
-                    thresholds=thresholds,
-                )
-            )
-            del averaged, knn
-        scores = HistoryScores.concat(parts)
-        if scores.quality is not None:
-            samples["label_quality"] = scores.quality.double().numpy()
-        if self.candidate_rule == "combined":
-            candidate = scores.is_candidate
-            # A candidate's suggestion comes from p_mix, so it never repeats the given label.
-            suggested = samples["suggested_label"].to_numpy(np.int64).copy()
-            chosen = candidate.numpy()
-            suggested[chosen] = scores.suggested.numpy()[chosen]
-            names = np.asarray(samples.attrs["class_names"], dtype=object)
-            samples["suggested_label"] = suggested
-            samples["suggested_name"] = names[suggested]
-        else:
-            candidate = flags
-        samples["averaged_self_confidence"] = scores.averaged_self_confidence.double().numpy()
-        samples["averaged_epochs"] = history.filled(ids).numpy()
-        samples["is_mixed_confident_mismatch"] = scores.is_mixed_confident_mismatch.numpy()
-        samples["is_candidate"] = candidate.numpy()
-
-    def _effective_label_quality(self, have_neighbours: bool) -> str:
-        """`label_quality`, or its stand-in when a kNN method has no neighbours this epoch."""
-        method = self.label_quality
-        if have_neighbours or method not in WITHOUT_NEIGHBOURS:
-            return method
-        if method == "knn_agreement":
-            self._warn_once(
-                "knn-quality",
-                "LabelWatch: `label_quality`='knn_agreement' needs embeddings (and at most"
-                f" {KNN_MAX_SAMPLES} samples on a CPU); 'averaged_margin' is used instead.",
-            )
-        return WITHOUT_NEIGHBOURS[method]
-
-    def _new_history(self) -> EpochHistory:
-        return EpochHistory(
-            window=self.history_window,
-            dtype=_HISTORY_DTYPES[self.history_dtype],
-            top_k=self.history_top_k,
-        )
-
-    def _history(self, name: str | None) -> EpochHistory:
-        """This dataloader's epoch history: in memory, or after a resume read back from the
-        last epoch's history.arrow (a fresh one when that file is missing or differs)."""
-        history = self._histories.get(name)
-        if history is not None:
-            return history
-        history = self._new_history()
-        path = self._last_epoch_dir(name)
-        path = path / HISTORY_FILE if path is not None else None
-        if path is not None:
-            try:
-                loaded = EpochHistory.load(path)
-            except (OSError, ValueError, KeyError) as err:
-                rank_zero_warn(
-                    f"LabelWatch could not read the epoch history {path} ({err}); the averaging"
-                    " window starts again from this epoch."
-                )
-            else:
-                if (loaded.window, loaded.last_epoch) == (
-                    self.history_window,
-                    self.last_run,
-                ) and loaded.stores_like(self.history_top_k):
-                    history = loaded.to(_HISTORY_DTYPES[self.history_dtype])
-                    self._history_files[name] = path
-                else:
-                    rank_zero_warn(
-                        f"LabelWatch: the epoch history {path} (window {loaded.window}, top_k"
-                        f" {loaded.top_k}, validation run {loaded.last_epoch}) does not match"
-                        f" `history_window`={self.history_window}, `history_top_k`="
-                        f"{self.history_top_k} at run {self.last_run} (epoch {self.last_epoch});"
-                        " the averaging window starts again from this epoch."
-                    )
-        self._histories[name] = history
-        return history
+            self._scorers[name] = scorer
+        return scorer
 
     def _save_history(self, name: str | None, out_dir: Path | None) -> None:
         """Hand the history to the saving thread, off the training path."""
-        history = self._histories.get(name)
-        if out_dir is None or history is None:
+        scorer = self._scorers.get(name)
+        if out_dir is None or scorer is None:
             return
         if self._history_saver is None:
             self._history_saver = ThreadPoolExecutor(1, thread_name_prefix="labelwatch-history")
-        self._history_saves[name] = self._history_saver.submit(
-            self._write_history, name, history, out_dir
-        )
-
-    def _wait_for_history_save(self, name: str | None) -> None:
-        """Wait until ``name``'s history is saved, before it changes again."""
-        save = self._history_saves.pop(name, None)
-        if save is not None:
-            save.result()
-
-    def _write_history(self, name: str | None, history: EpochHistory, out_dir: Path) -> None:
-        """Write the history beside this epoch's samples and drop the previous copy, so the
-        disk holds one ((window - 1) x N x C values) per dataloader. A failure warns: the history
-        only lets a resumed run continue its average."""
-        try:
-            path = history.save(out_dir / HISTORY_FILE)
-        except Exception as err:  # on its own thread: nothing must escape into training
-            rank_zero_warn(f"LabelWatch could not write its epoch history to {out_dir}: {err}")
-            return
-        previous = self._history_files.get(name)
-        if previous is not None and previous != path:
-            previous.unlink(missing_ok=True)
-        self._history_files[name] = path
-
-    def _first_watch_scores(
-        self, name: str | None, samples: pd.DataFrame, classes: list[str]
-    ) -> np.ndarray:
-        """``(N, W)`` watch scores of each sample's first scored validation: this one's for
-        a sample not seen before; kept by id across epochs and, after a resume, read back
-        from the last epoch's samples.parquet."""
-        columns = [watch_column(c) for c in classes]
-        firsts = [first_watch_column(c) for c in classes]
-        previous = self._first_watch.get(name)
-        if previous is None:
-            last = self._last_epoch_samples(name, ["sample_id", *firsts])
-            previous = (
-                last.set_index("sample_id") if last is not None else pd.DataFrame(columns=firsts)
-            )
-        now = pd.DataFrame(samples[columns].to_numpy(), index=samples["sample_id"], columns=firsts)
-        known = now.index.isin(previous.index)
-        now.loc[known] = previous.loc[now.index[known], firsts].to_numpy()
-        missing = previous[~previous.index.isin(now.index)]  # kept for when they come back
-        self._first_watch[name] = pd.concat([missing, now]) if len(missing) else now
-        return now.to_numpy(np.float64)
-
-    def _flag_streaks(self, name: str | None, samples: pd.DataFrame) -> np.ndarray:
-        """Consecutive epochs each sample has been a confident mismatch, this one included.
-
-        A sample missing from an epoch keeps its streak; after a resume the streaks are
-        read back from the last epoch's samples.parquet."""
-        previous = self._streaks.get(name)
-        if previous is None:
-            last = self._last_epoch_samples(name, ["sample_id", "flag_streak"])
-            previous = (
-                pd.Series(last["flag_streak"].to_numpy(np.int64), index=last["sample_id"])
-                if last is not None
-                else pd.Series([], dtype=np.int64)
-            )
-        ids = pd.Index(samples["sample_id"])
-        flagged = samples["is_confident_mismatch"].to_numpy(bool)
-        before = previous.reindex(ids).fillna(0).to_numpy(np.int64)
-        streak = np.where(flagged, before + 1, 0)
-        # A Series, not a dict: a tenth of the memory at 100k ids.
-        current = pd.Series(streak, index=ids)
-        missing = previous[~previous.index.isin(ids)]  # keep their streaks for later
-        self._streaks[name] = pd.concat([missing, current]) if len(missing) else current
-        return streak
+        scorer.save_history(out_dir, self._history_saver)
 
     def _summary(
         self,
@@ -1294,8 +958,8 @@ class LabelWatchLogic:
                 for name, t in zip(names, samples.attrs["thresholds"], strict=True)
             },
             "num_flagged": int(samples["is_candidate"].sum()),
-            "label_quality": self._effective_label_quality(
-                bool(samples["knn_agreement"].notna().any())
+            "label_quality": effective_label_quality(
+                self.label_quality, bool(samples["knn_agreement"].notna().any())
             ),
             "candidate_rule": self.candidate_rule,
             "history_window": self.history_window,

@@ -18,7 +18,7 @@ import pandas as pd
 
 from labelwatch.candidates import to_csv_safe
 
-__all__ = ["LocalSink", "epoch_dir", "write_atomic", "write_parquet"]
+__all__ = ["LocalSink", "epoch_dir", "read_samples", "write_atomic", "write_parquet"]
 
 # Rows converted to Arrow at a time: the Arrow copy of a frame is never whole in memory.
 ROWS_PER_GROUP = 65_536
@@ -47,6 +47,18 @@ class LocalSink:
         text = json.dumps(summary, indent=2, default=_json_default)
         write_atomic(out / "summary.json", lambda p: Path(p).write_text(text + "\n"))
         return out
+
+
+def read_samples(folder: Path | None, columns: list[str]) -> pd.DataFrame | None:
+    """``columns`` of the samples.parquet that :class:`LocalSink` wrote in ``folder``; None
+    when there is no such folder or file, or when it lacks a column (an older or partial
+    file: what reads it starts afresh)."""
+    if folder is None or not (folder / "samples.parquet").is_file():
+        return None
+    try:
+        return pd.read_parquet(folder / "samples.parquet", columns=columns)
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def write_parquet(frame: pd.DataFrame, path: str, rows_per_group: int = ROWS_PER_GROUP) -> None:
