@@ -26,15 +26,15 @@ import pandas as pd
 
 __all__ = [
     "CandidateSet",
+    "first_watch_column",
     "from_csv_safe",
+    "leaning",
     "load_candidates",
     "read_candidates",
     "refuse_input_overwrite",
     "select_candidates",
     "to_csv_safe",
     "to_records",
-    "first_watch_column",
-    "leaning",
     "watch_column",
     "watch_columns",
     "write_table",
