@@ -67,7 +67,8 @@ def _assert_same_results(single: Path, distributed: Path) -> None:
     for column in ("confidence", "self_confidence", "margin", "entropy", "label_quality"):
         np.testing.assert_allclose(a[column], b[column], rtol=1e-5, atol=1e-6)
     if "watch_1" in a:  # rank zero scores the gathered embeddings as one process would
-        np.testing.assert_allclose(a["watch_1"], b["watch_1"], rtol=1e-4, atol=1e-4)
+        for column in ("watch_1", "first_watch_1"):
+            np.testing.assert_allclose(a[column], b[column], rtol=1e-4, atol=1e-4)
         pd.testing.assert_series_equal(a["is_watch_candidate"], b["is_watch_candidate"])
     ca = pd.read_parquet(single / "epoch=0/candidates.parquet")
     cb = pd.read_parquet(distributed / "epoch=0/candidates.parquet")
