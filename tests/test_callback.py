@@ -155,6 +155,28 @@ def test_fit_without_logger_writes_local_outputs(tmp_path: Path):
     assert candidates["label_quality"].is_monotonic_increasing
 
 
+def test_fit_end_says_how_many_candidates_and_where(tmp_path: Path, monkeypatch):
+    """When fit returns, one line per dataloader gives its last epoch's candidates and
+    the file that holds them."""
+    import labelwatch.callback
+
+    said: list[str] = []
+    monkeypatch.setattr(labelwatch.callback, "rank_zero_info", said.append)
+    train, val = loaders(flip=4)
+    names = ["clean", "noisy"]
+    val = {name: val for name in names}  # two dataloaders, by name
+    callback = LabelWatch(projection="none")
+    Trainer(**trainer_kwargs(tmp_path, callbacks=[callback])).fit(TinyClassifier(), train, val)
+    lines = [line for line in said if "relabel candidates" in line]
+    assert len(lines) == 2
+    for name, line in zip(names, lines, strict=True):
+        csv = tmp_path / "labelwatch" / name / "epoch=1" / "candidates.csv"
+        count = len(pd.read_csv(csv))
+        assert line.startswith(f"LabelWatch ({name}): {count} relabel candidates among 48")
+        assert f"in epoch 1: {csv}" in line
+        assert f"labelwatch candidates {csv.parent.parent} --top 20" in line
+
+
 def test_mixed_precision_scores_the_logits_the_model_gave(tmp_path: Path):
     """Under autocast the logits come out in bfloat16 (Lightning's choice on a CPU for any
     16-bit mixed precision): the last epoch's scores are those of the final model's own

@@ -253,6 +253,8 @@ class LabelWatchLogic:
         self._pending: deque[_PendingEpoch] = deque()
         self._previous_maps: dict[str | None, dict[Any, tuple[float, float]]] = {}
         self._previous_epochs: dict[str | None, int] = {}
+        # Per dataloader, the last scored epoch: (epoch, candidates, samples, folder).
+        self._last_results: dict[str | None, tuple[int, int, int, Path]] = {}
         # Per dataloader: its scores and what its samples carry from epoch to epoch (rank
         # zero only): the epoch history (on disk, not in the checkpoint), flag streaks and
         # first watch scores.
@@ -425,6 +427,7 @@ class LabelWatchLogic:
         self._finish_maps(wait=True)
         self._wait_for_history_saves()
         self._wait_for_logging()
+        self._say_where_the_candidates_are()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # Lightning skips teardown after an exception: free the capture memory (on the
@@ -444,6 +447,20 @@ class LabelWatchLogic:
         self._wait_for_logging()
         if stage == "fit":  # only after a fit that ended well: no collective is in flight
             destroy_gloo_group_at_exit()
+
+    def _say_where_the_candidates_are(self) -> None:
+        """One line per watched dataloader at the end of fit: how many candidates its last
+        scored epoch has, and where they are."""
+        for name, (epoch, candidates, samples, out_dir) in self._last_results.items():
+            csv = out_dir / "candidates.csv"
+            if not csv.is_file():  # not written: a warning said why
+                continue
+            which = f" ({name})" if name is not None else ""
+            rank_zero_info(
+                f"LabelWatch{which}: {candidates} relabel candidates among {samples} validation"
+                f" samples in epoch {epoch}: {csv} (or `labelwatch candidates"
+                f" {out_dir.parent} --top 20`)"
+            )
 
     def _release_capture(self) -> None:
         self._remove_taps()
@@ -519,6 +536,7 @@ class LabelWatchLogic:
         for state in (
             self._previous_maps,
             self._previous_epochs,
+            self._last_results,
             self._scorers,
             self._warned,  # a new fit warns again about what still holds for it
         ):
@@ -689,6 +707,7 @@ class LabelWatchLogic:
         root = self.output_root / name if name is not None else self.output_root
         pending = _PendingEpoch(epoch, trainer.global_step, name, samples, candidates, summary)
         pending.out_dir = root / f"epoch={epoch}"
+        self._last_results[name] = (epoch, len(candidates), len(samples), pending.out_dir)
         job = self._map_job(samples, candidates, host, name, epoch)
         if job is None or self._worker is None:  # no map, or a synchronous one: one write
             result = self._map_or_warn(lambda: compute_map(job), epoch) if job else None
