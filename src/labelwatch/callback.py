@@ -766,7 +766,7 @@ class LabelWatchLogic:
     def _previous_map(self, name: str | None) -> dict[Any, tuple[float, float]]:
         """The last map of this dataloader, from memory or, after a resume, from disk."""
         if name not in self._previous_maps:
-            last = self._last_epoch_samples(name, ["sample_id", "epoch", "x", "y"])
+            last = read_samples(self._last_epoch_dir(name), ["sample_id", "epoch", "x", "y"])
             if last is not None and last["x"].notna().any():
                 last = last.dropna(subset=["x", "y"])
                 xy = zip(last["x"], last["y"], strict=True)
@@ -780,10 +780,6 @@ class LabelWatchLogic:
             return None
         root = self.output_root / name if name is not None else self.output_root
         return root / f"epoch={self.last_epoch}"
-
-    def _last_epoch_samples(self, name: str | None, columns: list[str]) -> pd.DataFrame | None:
-        """Columns of the newest samples.parquet before now (what a resumed run continues)."""
-        return read_samples(self._last_epoch_dir(name), columns)
 
     def _map_or_warn(self, compute: Callable[[], MapResult], epoch: int) -> MapResult | None:
         try:

@@ -79,9 +79,7 @@ class ScoringOptions:
 
 def effective_label_quality(method: str, have_neighbours: bool) -> str:
     """``method``, or its stand-in when a kNN method has no neighbours this epoch."""
-    if have_neighbours or method not in WITHOUT_NEIGHBOURS:
-        return method
-    return WITHOUT_NEIGHBOURS[method]
+    return method if have_neighbours else WITHOUT_NEIGHBOURS.get(method, method)
 
 
 class EpochScorer:
