@@ -16,12 +16,15 @@ side by side (``--no-reference`` skips them).
 With ``--urban-sounds`` it also trains the urban-sounds example for ``--epochs`` epochs
 with LabelWatch(projection="umap") and without it, and prints the wall-time ratio
 (target <= 1.05), compilation included: with numba's on-disk cache as a previous run
-left it, and with an empty cache (the first run on a machine). The three take turns for
-``--repeats`` rounds; the table gives each one's median and all its runs.
+left it, and with an empty cache (the first run on a machine; ``--no-first-run`` skips it).
+The runs take turns for ``--repeats`` rounds; the table gives each one's median wall time
+and all its runs, and the median CPU time of its process tree (``cpu_s``, the map worker
+included) with its ratio, steadier than wall time on a shared machine.
 
     python benchmarks/projection.py
     python benchmarks/projection.py --sizes 3000 --dims 128
     python benchmarks/projection.py --urban-sounds --epochs 10
+    python benchmarks/projection.py --sizes --urban-sounds --no-first-run --repeats 5
 """
 
 from __future__ import annotations
@@ -109,23 +112,32 @@ def one_size(n: int, d: int, reference: bool) -> dict:
     return row | (umap_learn_reference(first_epoch, labels) if reference else {})
 
 
-def urban_sounds_ratio(epochs: int, repeats: int) -> pd.DataFrame:
+def urban_sounds_ratio(epochs: int, repeats: int, first_run: bool = True) -> pd.DataFrame:
     """Wall time of the urban-sounds example without LabelWatch, with it, and with it on a
-    machine whose numba cache is empty (its first run there), each in a fresh process.
+    machine whose numba cache is empty (its first run there; ``first_run=False`` skips it),
+    each in a fresh process, and the CPU time of each process tree (``cpu_s``: user +
+    system of the run and its children, the map worker included).
 
     The variants take turns, ``repeats`` rounds of them, and each gets its median: on a
-    shared 2-core machine one run of the same job varies by 10-20%, more than the effect."""
+    shared 2-core machine one run of the same job varies by 10-20%, more than the effect.
+    The CPU time moves less with the machine's other load than the wall time does."""
     import os
+    import resource
     import tempfile
 
+    def children_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
     times: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as empty_cache:
             runs = [
                 ("without", False, {}),
                 ("with", True, {}),
                 ("with, empty numba cache", True, {"NUMBA_CACHE_DIR": empty_cache}),
-            ]
+            ][: 3 if first_run else 2]
             for name, with_labelwatch, env in runs:
                 command = [
                     sys.executable,
@@ -138,24 +150,29 @@ def urban_sounds_ratio(epochs: int, repeats: int) -> pd.DataFrame:
                 ]
                 if not with_labelwatch:
                     command.append("--trainer.callbacks=[]")
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), children_cpu()
                 subprocess.run(command, check=True, capture_output=True, env=os.environ | env)
                 times.setdefault(name, []).append(time.perf_counter() - start)
+                cpu.setdefault(name, []).append(children_cpu() - cpu_start)
     frame = pd.DataFrame(
         {
             "labelwatch": name,
             "wall_s": float(np.median(runs)),
+            "cpu_s": float(np.median(cpu[name])),
             "runs_s": " ".join(f"{run:.1f}" for run in runs),
         }
         for name, runs in times.items()
     )
     frame.insert(2, "ratio", frame["wall_s"] / frame["wall_s"].iloc[0])
+    frame.insert(4, "cpu_ratio", frame["cpu_s"] / frame["cpu_s"].iloc[0])
     return frame
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[3_000, 10_000, 50_000])
+    parser.add_argument(
+        "--sizes", type=int, nargs="*", default=[3_000, 10_000, 50_000], help="none: no maps"
+    )
     parser.add_argument("--dims", type=int, nargs="+", default=[128, 512])
     parser.add_argument(
         "--no-reference", action="store_true", help="skip the plain umap-learn columns"
@@ -165,18 +182,23 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=3, help="rounds of the urban-sounds runs (medians)"
     )
+    parser.add_argument(
+        "--no-first-run", action="store_true", help="skip the run with an empty numba cache"
+    )
     args = parser.parse_args()
 
-    start = time.perf_counter()
-    _warm_up(0)
-    print(f"numba compilation (once per process): {time.perf_counter() - start:.1f} s")
-    if not args.no_reference:  # umap-learn's own neighbour search compiles once, here
-        umap_learn_reference(*clusters(300, 8))
-    rows = [one_size(n, d, not args.no_reference) for n in args.sizes for d in args.dims]
-    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if args.sizes:
+        start = time.perf_counter()
+        _warm_up(0)
+        print(f"numba compilation (once per process): {time.perf_counter() - start:.1f} s")
+        if not args.no_reference:  # umap-learn's own neighbour search compiles once, here
+            umap_learn_reference(*clusters(300, 8))
+        rows = [one_size(n, d, not args.no_reference) for n in args.sizes for d in args.dims]
+        print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.urban_sounds:
         print(f"\nurban-sounds example, {args.epochs} epochs:")
-        print(urban_sounds_ratio(args.epochs, args.repeats).to_string(index=False))
+        ratios = urban_sounds_ratio(args.epochs, args.repeats, not args.no_first_run)
+        print(ratios.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
 if __name__ == "__main__":
