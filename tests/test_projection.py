@@ -13,7 +13,9 @@ from lightning.pytorch.loggers import WandbLogger
 
 from labelwatch import LabelWatch
 from labelwatch.projection import (
+    WORKER_THREAD_VARIABLES,
     MapJob,
+    MapWorker,
     compute_map,
     id_priority,
     project,
@@ -325,6 +327,33 @@ def test_the_worker_imports_the_training_script_only_for_a_function_defined_ther
     assert (tmp_path / "imported-by-a-child").exists() == imports_script
     samples = pd.read_parquet(tmp_path / "labelwatch" / "epoch=0" / "samples.parquet")
     assert samples["x"].notna().all() and samples["y"].notna().all()
+
+
+def _worker_threads() -> dict:
+    """Run inside the map worker: its niceness and each numerical library's threads."""
+    import os
+
+    import numpy  # noqa: F401  (its BLAS, as the worker has it loaded)
+    from threadpoolctl import threadpool_info
+
+    return {
+        "nice": os.nice(0),
+        "pools": [info["num_threads"] for info in threadpool_info()],
+        "env": {name: os.environ.get(name) for name in WORKER_THREAD_VARIABLES},
+    }
+
+
+def test_the_map_worker_runs_one_thread_at_a_lower_priority():
+    """The worker leaves the cores to training: niceness 10 and one thread in numpy's BLAS
+    and in the libraries it loads later (OpenMP, numba)."""
+    worker = MapWorker(warm_up=False)
+    try:
+        found = worker._pool.submit(_worker_threads).result(timeout=120)
+    finally:
+        worker.shutdown()
+    assert found["nice"] >= 10
+    assert found["pools"] and set(found["pools"]) == {1}
+    assert found["env"] == dict.fromkeys(WORKER_THREAD_VARIABLES, "1")
 
 
 class _CountingMedia:

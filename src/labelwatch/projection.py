@@ -335,8 +335,21 @@ def _warm_up(seed: int) -> None:
     project(points, method="umap", seed=seed, init=np.random.default_rng(seed).random((64, 2)))
 
 
+# The map worker's numerical libraries run one thread each, set before they load.
+WORKER_THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "NUMBA_NUM_THREADS",
+)
+
+
 def _init_worker() -> None:
-    """Run the worker at a lower CPU priority: where cores are few, training goes first.
+    """Run the worker at a lower CPU priority and on one thread: training goes first.
+
+    One thread: measured on 2 cores (``benchmarks/projection.py``), maps of 3k-50k points
+    take as long with one thread as with two, and 900 points take half the CPU, which
+    training needs (umap-learn's layout runs on one thread anyway once seeded).
 
     Also give tqdm (umap-learn's progress bars) a thread lock instead of the process-shared
     one it would create: the worker is stopped with ``os._exit``, and a shared lock left
@@ -345,6 +358,14 @@ def _init_worker() -> None:
         os.nice(10)
     except (AttributeError, OSError):  # not on every platform
         pass
+    for variable in WORKER_THREAD_VARIABLES:  # for libraries not loaded yet (numba, OpenMP)
+        os.environ[variable] = "1"
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency of scikit-learn
+        pass
+    else:
+        threadpool_limits(1)  # numpy's BLAS, loaded already
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - a dependency of umap-learn
