@@ -327,7 +327,7 @@ def run_setting(source: str, kind: str, rate: float, seed: int) -> list[dict]:
         )
         # How many to flag, apart from which: the default ranking's top K rows, with K the
         # default flag's count, and with K the true number of errors (an oracle).
-        counts = {RANKED_FLAG: int(flagged[DEFAULT_FLAG].sum()), ORACLE_FLAG: errors[valid].sum()}
+        counts = {RANKED_FLAG: flagged[DEFAULT_FLAG].sum(), ORACLE_FLAG: errors[valid].sum()}
         for name, count in counts.items():
             flagged[name] = top_k(ranked[DEFAULT_RANKING], int(count))
         for name, values in ranked.items():

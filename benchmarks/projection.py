@@ -3,7 +3,9 @@
 Prints one table over N x D: seconds per map after numba's compilation (``cold_s``: a
 fresh UMAP; ``warm_s``: started from the previous epoch's map), and the median displacement
 of a point between two consecutive epochs as a fraction of the map's extent, with and
-without the warm start (``moved_warm`` / ``moved_cold``). "Epoch 2" is epoch 1's
+without the warm start (``moved_warm`` / ``moved_cold``); ``warm_cpu_s`` is the warm map's
+CPU time over all threads (the map worker runs one: ``OMP_NUM_THREADS=1
+OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1`` measures as it does). "Epoch 2" is epoch 1's
 embeddings with small noise, in shuffled order (ids matched), as a model that changed
 little would give. Targets on 2 cores: 3k points warm <= 0.5 s; 50k cold <= 12 s and
 warm <= 5 s; moved_warm <= moved_cold / 5.
@@ -88,9 +90,9 @@ def one_size(n: int, d: int, reference: bool) -> dict:
     first = compute_map(MapJob(0, ids, first_epoch, {}, "umap", 0))
     cold_s = time.perf_counter() - start
     previous = dict(zip(first.sample_ids, map(tuple, first.coords), strict=True))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     warm = compute_map(MapJob(1, second_ids, second_epoch.astype(np.float32), previous, "umap", 1))
-    warm_s = time.perf_counter() - start
+    warm_s, warm_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     cold = compute_map(MapJob(1, second_ids, second_epoch.astype(np.float32), {}, "umap", 1))
     before = np.array([previous[i] for i in second_ids])
 
@@ -102,6 +104,7 @@ def one_size(n: int, d: int, reference: bool) -> dict:
         "D": d,
         "cold_s": cold_s,
         "warm_s": warm_s,
+        "warm_cpu_s": warm_cpu_s,
         "purity_input": purity(first_epoch, labels),
         "purity_cold": purity(first.coords, labels),
         "purity_warm": purity(warm.coords, labels[order]),

@@ -347,9 +347,10 @@ WORKER_THREAD_VARIABLES = (
 def _init_worker() -> None:
     """Run the worker at a lower CPU priority and on one thread: training goes first.
 
-    One thread: measured on 2 cores (``benchmarks/projection.py``), maps of 3k-50k points
-    take as long with one thread as with two, and 900 points take half the CPU, which
-    training needs (umap-learn's layout runs on one thread anyway once seeded).
+    One thread: measured on 2 cores (``benchmarks/projection.py``, ``warm_cpu_s``), a warm
+    map takes 30-45% less CPU than with two threads (0.08 s against 0.11 s at 900 points,
+    3.2-3.8 s against 5.5-6.0 s at 50k) for a wall time within about 25% either way, and
+    the CPU it saves is training's (umap-learn's layout runs on one thread once seeded).
 
     Also give tqdm (umap-learn's progress bars) a thread lock instead of the process-shared
     one it would create: the worker is stopped with ``os._exit``, and a shared lock left
