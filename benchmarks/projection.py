@@ -27,6 +27,12 @@ included) with its ratio, steadier than wall time on a shared machine.
     python benchmarks/projection.py --sizes 3000 --dims 128
     python benchmarks/projection.py --urban-sounds --epochs 10
     python benchmarks/projection.py --sizes --urban-sounds --no-first-run --repeats 5
+    python benchmarks/projection.py --sizes --worker-start 8
+
+``--worker-start R`` gives the CPU seconds a fresh map worker spends before its first map
+(``ready_cpu_s``: starting, importing umap-learn, the warm-up maps; numba's cache filled):
+as LabelWatch imports umap-learn, and after a plain ``import umap``. The two take turns
+for R rounds; medians and every run.
 """
 
 from __future__ import annotations
@@ -40,7 +46,14 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from labelwatch.projection import MAP_EXTENT, MapJob, _warm_up, compute_map, reduce_dimensions
+from labelwatch.projection import (
+    MAP_EXTENT,
+    MapJob,
+    MapWorker,
+    _warm_up,
+    compute_map,
+    reduce_dimensions,
+)
 
 
 def clusters(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -171,6 +184,39 @@ def urban_sounds_ratio(epochs: int, repeats: int, first_run: bool = True) -> pd.
     return frame
 
 
+def worker_start_cpu(repeats: int) -> pd.DataFrame:
+    """CPU seconds of a fresh map worker up to its first map, with LabelWatch's import of
+    umap-learn and with a plain one, taking turns."""
+    import resource
+
+    def children_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    def ready(plain: bool) -> float:
+        start = children_cpu()
+        worker = MapWorker(warm_up=False)
+        if plain:
+            worker._pool.submit(exec, "import umap")  # a builtin: the worker finds it
+        worker._pool.submit(_warm_up, 0).result()
+        worker.shutdown()  # joins the process, whose CPU then counts
+        return children_cpu() - start
+
+    ready(False)  # fills numba's cache if it is empty
+    runs: dict[str, list[float]] = {"labelwatch": [], "plain import umap": []}
+    for _ in range(repeats):
+        for name in runs:
+            runs[name].append(ready(name != "labelwatch"))
+    return pd.DataFrame(
+        {
+            "import": name,
+            "ready_cpu_s": float(np.median(spent)),
+            "runs_s": " ".join(f"{s:.2f}" for s in spent),
+        }
+        for name, spent in runs.items()
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -188,6 +234,7 @@ def main() -> None:
     parser.add_argument(
         "--no-first-run", action="store_true", help="skip the run with an empty numba cache"
     )
+    parser.add_argument("--worker-start", type=int, default=0, metavar="ROUNDS")
     args = parser.parse_args()
 
     if args.sizes:
@@ -198,6 +245,10 @@ def main() -> None:
             umap_learn_reference(*clusters(300, 8))
         rows = [one_size(n, d, not args.no_reference) for n in args.sizes for d in args.dims]
         print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if args.worker_start:
+        print("\nmap worker, CPU seconds before its first map:")
+        table = worker_start_cpu(args.worker_start)
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.urban_sounds:
         print(f"\nurban-sounds example, {args.epochs} epochs:")
         ratios = urban_sounds_ratio(args.epochs, args.repeats, not args.no_first_run)

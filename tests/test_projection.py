@@ -29,6 +29,7 @@ from tests.helpers import (
     slow_projection,
     trainer_kwargs,
 )
+from tests.worker_probes import umap_as_the_worker_imports_it
 
 
 def _clusters(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -273,6 +274,22 @@ def test_umaps_compiled_code_is_kept_on_disk():
     assert not isinstance(smooth_knn_dist._cache, NullCache)
     cache_dir = Path(smooth_knn_dist._cache._cache_path)
     assert any(path.name.startswith("umap_.smooth_knn_dist") for path in cache_dir.glob("*.nbi"))
+
+
+def test_the_worker_loads_umap_from_numbas_cache_without_pandas():
+    """The worker's import of umap-learn costs less CPU: the functions compiled as its
+    modules load come from numba's disk cache (umap-learn asks for none for two of them,
+    whose compilation costs 0.3 s), and pandas, which scikit-learn would import, stays out.
+    Two workers in turn: the first fills the cache where it is empty."""
+    for _ in range(2):
+        worker = MapWorker(warm_up=False)
+        try:
+            found = worker._pool.submit(umap_as_the_worker_imports_it).result(timeout=300)
+        finally:
+            worker.shutdown()
+    assert found["compiled"] > 10
+    assert found["uncached"] == []
+    assert not found["pandas"]
 
 
 WORKER_SCRIPT = """

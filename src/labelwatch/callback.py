@@ -43,7 +43,7 @@ from labelwatch.combined import (
     DEFAULT_MIN_KNN_AGREEMENT,
     CombinedMethod,
 )
-from labelwatch.epoch_scoring import EpochScorer, ScoringOptions, effective_label_quality
+from labelwatch.epoch_scoring import EpochScorer, ScoringOptions, effective_label_quality, ids_in
 from labelwatch.projection import (
     MapJob,
     MapResult,
@@ -1091,7 +1091,7 @@ class LabelWatchLogic:
         `max_media_rows` of its other rows, keyed by id (media go only in that table)."""
         if self.media_fn is None:
             return None
-        is_candidate = samples["sample_id"].isin(set(candidates["sample_id"].tolist()))
+        is_candidate = ids_in(pd.Index(samples["sample_id"]), pd.Index(candidates["sample_id"]))
         rows = pd.concat([samples[is_candidate], samples[~is_candidate].head(self.max_media_rows)])
         media = {row["sample_id"]: self.media_fn(row) for row in rows.to_dict("records")}
         if media and all(m is None for m in media.values()):

@@ -415,7 +415,7 @@ class EpochScorer:
                 last.set_index("sample_id") if last is not None else pd.DataFrame(columns=firsts)
             )
         now = pd.DataFrame(samples[columns].to_numpy(), index=samples["sample_id"], columns=firsts)
-        known = now.index.isin(previous.index)
+        known = ids_in(now.index, previous.index)
         now.loc[known] = previous.loc[now.index[known], firsts].to_numpy()
         self._first_watch = _kept_with(previous, now)
         return now.to_numpy(np.float64)
@@ -442,8 +442,16 @@ class EpochScorer:
         return streak
 
 
+def ids_in(ids: pd.Index, others: pd.Index) -> np.ndarray:
+    """``ids.isin(others)`` through a hash table: pandas' ``isin`` on string ids (pyarrow
+    strings) makes a pyarrow scalar of each value, 50 times slower at 900 ids."""
+    if others.is_unique:
+        return others.get_indexer(ids) >= 0
+    return ids.isin(others)
+
+
 def _kept_with(previous: Kept, now: Kept) -> Kept:
     """``now``, plus the rows of ``previous`` whose ids are missing from it: their values
     are kept for when they come back."""
-    missing = previous[~previous.index.isin(now.index)]
+    missing = previous[~ids_in(previous.index, now.index)]
     return pd.concat([missing, now]) if len(missing) else now

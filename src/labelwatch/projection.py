@@ -149,11 +149,7 @@ def epochs_for(n_points: int, warm: bool) -> int:
 
 
 def _umap(embeddings: np.ndarray, seed: int, init: np.ndarray | None) -> np.ndarray:
-    try:
-        import umap
-    except ImportError as err:  # pragma: no cover - a core dependency
-        raise ImportError("projection='umap' needs umap-learn: pip install umap-learn") from err
-    cache_numba_code()
+    umap = import_umap()
     n_neighbors = min(15, len(embeddings) - 1)
     reducer = umap.UMAP(
         n_components=2,
@@ -184,6 +180,59 @@ def _neighbour_graph(embeddings: np.ndarray, n_neighbors: int, seed: int) -> tup
         np.hstack([own, indices]).astype(np.int32),
         np.hstack([np.zeros_like(own, dtype=np.float32), distances]),
     )
+
+
+def import_umap() -> types.ModuleType:
+    """umap-learn, imported the first time with all of its numba code cached on disk."""
+    if "umap" not in sys.modules:
+        _import_umap_cached()
+    try:
+        import umap
+    except ImportError as err:  # pragma: no cover - a core dependency
+        raise ImportError("projection='umap' needs umap-learn: pip install umap-learn") from err
+    cache_numba_code()
+    return umap
+
+
+def _import_umap_cached() -> None:
+    """Import umap-learn (and pynndescent) so that their numba functions with explicit
+    signatures, which numba compiles as the modules load, come from numba's disk cache too:
+    ``numba.njit`` and ``numba.jit`` ask for ``cache=True`` while they load. Two of
+    umap-learn's ask for no cache, and compiling them cost the worker 0.3-0.4 s of CPU.
+
+    In a process that has not imported pandas (the map worker), pandas stays out: it costs
+    0.4 s of CPU, and scikit-learn imports it only to recognise DataFrames, which the worker
+    never passes."""
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - a dependency of umap-learn
+        return
+
+    decorators = {"njit": numba.njit, "jit": numba.jit}
+
+    def cached(decorator: Callable[..., Any]) -> Callable[..., Any]:
+        def with_cache(*args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("cache", True)
+            return decorator(*args, **kwargs)
+
+        return with_cache
+
+    hide_pandas = "pandas" not in sys.modules
+    if hide_pandas:
+        sys.modules["pandas"] = None  # type: ignore[assignment]  # `import pandas` fails
+    for name, decorator in decorators.items():
+        setattr(numba, name, cached(decorator))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Cannot cache compiled function")
+            import umap  # noqa: F401
+    except ImportError:
+        pass  # said by the caller's own import
+    finally:
+        for name, decorator in decorators.items():
+            setattr(numba, name, decorator)
+        if hide_pandas and sys.modules.get("pandas", 0) is None:
+            del sys.modules["pandas"]
 
 
 _NUMBA_CACHED = False
