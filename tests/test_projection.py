@@ -292,6 +292,26 @@ def test_the_worker_loads_umap_from_numbas_cache_without_pandas():
     assert not found["pandas"]
 
 
+def test_outside_the_worker_scikit_learn_keeps_pandas():
+    """Only the map worker keeps pandas out: in a fresh process that maps, scikit-learn
+    still recognises DataFrames."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from labelwatch.projection import project\n"
+        "project(np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32))\n"
+        "import sklearn.utils.fixes\n"
+        "assert sklearn.utils.fixes.pd is not None\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=os.environ
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 WORKER_SCRIPT = """
 import pathlib, sys
 import numpy as np

@@ -182,6 +182,9 @@ def _neighbour_graph(embeddings: np.ndarray, n_neighbors: int, seed: int) -> tup
     )
 
 
+_IN_MAP_WORKER = False  # True in the map worker's process (set by its initializer)
+
+
 def import_umap() -> types.ModuleType:
     """umap-learn, imported the first time with all of its numba code cached on disk."""
     if "umap" not in sys.modules:
@@ -200,9 +203,9 @@ def _import_umap_cached() -> None:
     ``numba.njit`` and ``numba.jit`` ask for ``cache=True`` while they load. Two of
     umap-learn's ask for no cache, and compiling them cost the worker 0.3-0.4 s of CPU.
 
-    In a process that has not imported pandas (the map worker), pandas stays out: it costs
-    0.4 s of CPU, and scikit-learn imports it only to recognise DataFrames, which the worker
-    never passes."""
+    In the map worker, pandas stays out: it costs 0.4 s of CPU, and scikit-learn imports it
+    only to recognise DataFrames, which the worker never passes (elsewhere scikit-learn
+    keeps its pandas support)."""
     try:
         import numba
     except ImportError:  # pragma: no cover - a dependency of umap-learn
@@ -217,7 +220,7 @@ def _import_umap_cached() -> None:
 
         return with_cache
 
-    hide_pandas = "pandas" not in sys.modules
+    hide_pandas = _IN_MAP_WORKER and "pandas" not in sys.modules
     if hide_pandas:
         sys.modules["pandas"] = None  # type: ignore[assignment]  # `import pandas` fails
     for name, decorator in decorators.items():
@@ -401,9 +404,12 @@ def _init_worker() -> None:
     3.2-3.8 s against 5.5-6.0 s at 50k) for a wall time within about 25% either way, and
     the CPU it saves is training's (umap-learn's layout runs on one thread once seeded).
 
-    Also give tqdm (umap-learn's progress bars) a thread lock instead of the process-shared
+    Marks the process as the map worker (:func:`_import_umap_cached`). Also gives tqdm
+    (umap-learn's progress bars) a thread lock instead of the process-shared
     one it would create: the worker is stopped with ``os._exit``, and a shared lock left
     behind makes multiprocessing warn about a leaked semaphore at the trainer's exit."""
+    global _IN_MAP_WORKER
+    _IN_MAP_WORKER = True
     try:
         os.nice(10)
     except (AttributeError, OSError):  # not on every platform
