@@ -43,6 +43,10 @@ Timings on a shared machine are noisy: compare columns of one run, not runs.
 
     python benchmarks/scale.py                      # the full grid (about 10 minutes on 2 cores)
     python benchmarks/scale.py --sizes 10000 --classes 10 --models head
+    python benchmarks/scale.py --sizes 100000 --classes 10 --models head --no-memory --string-ids
+
+``--string-ids`` gives the samples file names as ids (strings, as the urban-sounds example
+has) instead of integers, for the loops and epoch ends.
 """
 
 from __future__ import annotations
@@ -77,13 +81,15 @@ class Features:
         return len(self.y)
 
 
-def _loader(data: Features) -> DataLoader:
+def _loader(data: Features, string_ids: bool = False) -> DataLoader:
     # Whole batches by slicing, so data loading does not dominate the loop being timed.
     batches = [range(i, min(i + BATCH, len(data))) for i in range(0, len(data), BATCH)]
+    names = [f"clips/fold{i % 10}/{i}-0-0.wav" for i in range(len(data))] if string_ids else []
 
     def fetch(index: range) -> dict:
         sl = slice(index.start, index.stop)
-        return {"x": data.x[sl], "target": data.y[sl], "sample_id": torch.arange(sl.start, sl.stop)}
+        ids = names[sl] if string_ids else torch.arange(sl.start, sl.stop)
+        return {"x": data.x[sl], "target": data.y[sl], "sample_id": ids}
 
     return DataLoader(batches, batch_size=None, collate_fn=fetch)
 
@@ -121,7 +127,7 @@ def _model(c: int, kind: str = "head"):
 
 
 def _timed_fit(
-    n: int, c: int, variant: str, out: Path, epochs: int, model: str
+    n: int, c: int, variant: str, out: Path, epochs: int, model: str, string_ids: bool = False
 ) -> tuple[list[float], list[float], list[float], list[float]]:
     """Per validation epoch: loop seconds, loop CPU seconds, epoch-end seconds (background
     work included) and scoring seconds (LabelWatch's only). variant: none, lw, lw_fresh.
@@ -193,7 +199,7 @@ def _timed_fit(
         enable_model_summary=False,
         callbacks=callbacks,
     )
-    trainer.fit(_model(c, model), _loader(data), _loader(data))
+    trainer.fit(_model(c, model), _loader(data, string_ids), _loader(data, string_ids))
     # An epoch's end, with its history write (waited for at the next epoch's start).
     ends = [hook + wait for hook, wait in zip(end.ends, start.waits[1:], strict=False)]
     return end.loops, end.loops_cpu, ends, end.scoring
@@ -314,6 +320,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3, help="validation epochs per fit (>= 2)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    parser.add_argument(
+        "--string-ids", action="store_true", help="file names as sample ids instead of ints"
+    )
     args = parser.parse_args()
     os.environ.setdefault("WANDB_SILENT", "true")
     torch.manual_seed(0)
@@ -331,7 +340,7 @@ def main() -> None:
                     for _ in range(args.repeats):  # interleaved, so drift hits all alike
                         for variant in variants:
                             loop, loop_cpu, end, scored = _timed_fit(
-                                n, c, variant, Path(tmp), args.epochs, model
+                                n, c, variant, Path(tmp), args.epochs, model, args.string_ids
                             )
                             loops[variant].append(loop)
                             cpu[variant].append(loop_cpu)
