@@ -38,6 +38,7 @@ for R rounds; medians and every run.
 from __future__ import annotations
 
 import argparse
+import resource
 import subprocess
 import sys
 import time
@@ -128,6 +129,12 @@ def one_size(n: int, d: int, reference: bool) -> dict:
     return row | (umap_learn_reference(first_epoch, labels) if reference else {})
 
 
+def children_cpu() -> float:
+    """User + system CPU seconds of this process's finished (joined) children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def urban_sounds_ratio(epochs: int, repeats: int, first_run: bool = True) -> pd.DataFrame:
     """Wall time of the urban-sounds example without LabelWatch, with it, and with it on a
     machine whose numba cache is empty (its first run there; ``first_run=False`` skips it),
@@ -138,12 +145,7 @@ def urban_sounds_ratio(epochs: int, repeats: int, first_run: bool = True) -> pd.
     shared 2-core machine one run of the same job varies by 10-20%, more than the effect.
     The CPU time moves less with the machine's other load than the wall time does."""
     import os
-    import resource
     import tempfile
-
-    def children_cpu() -> float:
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return usage.ru_utime + usage.ru_stime
 
     times: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
@@ -187,11 +189,6 @@ def urban_sounds_ratio(epochs: int, repeats: int, first_run: bool = True) -> pd.
 def worker_start_cpu(repeats: int) -> pd.DataFrame:
     """CPU seconds of a fresh map worker up to its first map, with LabelWatch's import of
     umap-learn and with a plain one, taking turns."""
-    import resource
-
-    def children_cpu() -> float:
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return usage.ru_utime + usage.ru_stime
 
     def ready(plain: bool) -> float:
         start = children_cpu()

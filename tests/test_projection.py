@@ -29,7 +29,7 @@ from tests.helpers import (
     slow_projection,
     trainer_kwargs,
 )
-from tests.worker_probes import umap_as_the_worker_imports_it
+from tests.worker_probes import umap_as_the_worker_imports_it, worker_threads
 
 
 def _clusters(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -295,7 +295,6 @@ def test_the_worker_loads_umap_from_numbas_cache_without_pandas():
 def test_outside_the_worker_scikit_learn_keeps_pandas():
     """Only the map worker keeps pandas out: in a fresh process that maps, scikit-learn
     still recognises DataFrames."""
-    import os
     import subprocess
     import sys
 
@@ -307,7 +306,7 @@ def test_outside_the_worker_scikit_learn_keeps_pandas():
         "assert sklearn.utils.fixes.pd is not None\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=os.environ
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -366,26 +365,12 @@ def test_the_worker_imports_the_training_script_only_for_a_function_defined_ther
     assert samples["x"].notna().all() and samples["y"].notna().all()
 
 
-def _worker_threads() -> dict:
-    """Run inside the map worker: its niceness and each numerical library's threads."""
-    import os
-
-    import numpy  # noqa: F401  (its BLAS, as the worker has it loaded)
-    from threadpoolctl import threadpool_info
-
-    return {
-        "nice": os.nice(0),
-        "pools": [info["num_threads"] for info in threadpool_info()],
-        "env": {name: os.environ.get(name) for name in WORKER_THREAD_VARIABLES},
-    }
-
-
 def test_the_map_worker_runs_one_thread_at_a_lower_priority():
     """The worker leaves the cores to training: niceness 10 and one thread in numpy's BLAS
     and in the libraries it loads later (OpenMP, numba)."""
     worker = MapWorker(warm_up=False)
     try:
-        found = worker._pool.submit(_worker_threads).result(timeout=120)
+        found = worker._pool.submit(worker_threads).result(timeout=120)
     finally:
         worker.shutdown()
     assert found["nice"] >= 10

@@ -24,3 +24,19 @@ def umap_as_the_worker_imports_it() -> dict:
     }
     uncached = sorted(name for name, f in compiled.items() if not sum(f.stats.cache_hits.values()))
     return {"compiled": len(compiled), "uncached": uncached, "pandas": "pandas" in sys.modules}
+
+
+def worker_threads() -> dict:
+    """Run inside the map worker: its niceness and each numerical library's threads."""
+    import os
+
+    import numpy  # noqa: F401  (its BLAS, as the worker has it loaded)
+    from threadpoolctl import threadpool_info
+
+    from labelwatch.projection import WORKER_THREAD_VARIABLES
+
+    return {
+        "nice": os.nice(0),
+        "pools": [info["num_threads"] for info in threadpool_info()],
+        "env": {name: os.environ.get(name) for name in WORKER_THREAD_VARIABLES},
+    }
