@@ -602,15 +602,19 @@ def test_an_epoch_with_nothing_to_score_logs_nothing_and_warns_once(tmp_path: Pa
     assert not (tmp_path / "labelwatch").exists()
 
 
-def test_wandb_failure_warns_once_and_keeps_training_and_local_results(tmp_path: Path):
-    """A failing W&B step (here a media function that raises) never stops training."""
+def test_wandb_failure_warns_once_and_keeps_training_and_local_results(
+    tmp_path: Path, monkeypatch
+):
+    """A failing W&B step (here every epoch's log) never stops training."""
+    from labelwatch.sinks.wandb import WandbSink
 
-    def broken_media(row: dict) -> None:
+    def unreachable(*args, **kwargs) -> None:
         raise RuntimeError("media store unreachable")
 
+    monkeypatch.setattr(WandbSink, "log_epoch", unreachable)
     train, val = loaders()
     logger = WandbLogger(project="labelwatch-tests", save_dir=str(tmp_path), offline=True)
-    callback = LabelWatch(media_fn=broken_media, projection="none")
+    callback = LabelWatch(projection="none")
     trainer = Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[callback]))
     with pytest.warns(
         UserWarning, match="could not log to W&B .*media store unreachable"

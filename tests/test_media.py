@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from lightning.pytorch import Trainer
@@ -22,6 +23,7 @@ from tests.helpers import (
     offline_run_dir,
     run_table_files,
     trainer_kwargs,
+    wandb_records,
 )
 
 
@@ -61,6 +63,62 @@ def test_image_media_for_every_candidate_land_in_the_wandb_table(tmp_path: Path,
     for row in with_media:
         assert row["media"]["_type"] == "image-file"
         assert files[row["media"]["path"]].stat().st_size > 0  # the staged PNG
+
+
+def test_bad_media_rows_are_skipped_and_the_rest_of_the_epoch_is_logged(
+    tmp_path: Path, _wandb_offline
+):
+    """An unreadable image and missing files cost only their own cells: the tables, the
+    metrics and the artifact are logged, and each kind of problem is warned about."""
+    from PIL import Image
+
+    (tmp_path / "images/img").mkdir(parents=True)
+    for index in range(48):
+        Image.new("RGB", (8, 8), (index * 5, 0, 0)).save(tmp_path / f"images/img/{index}.png")
+    (tmp_path / "images/img/7.png").write_bytes(b"not an image")
+    for index in (8, 9):
+        (tmp_path / f"images/img/{index}.png").unlink()
+    torch.manual_seed(0)
+    train, _ = loaders()
+    val = DataLoader(WithImages(48, seed=2, flip=6), batch_size=16)
+    callback = LabelWatch(
+        projection="none",
+        metadata_keys=["path"],
+        media_fn=ImageFromPath(root=tmp_path / "images"),
+        max_media_rows=48,
+    )
+    logger = WandbLogger(project="media", save_dir=str(tmp_path), offline=True)
+    trainer = Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[callback], max_epochs=1))
+    with pytest.warns(UserWarning) as record:
+        trainer.fit(TinyClassifier(lr=0.2), train, val)
+    finish_wandb()
+    messages = [str(w.message) for w in record]
+    assert not [m for m in messages if "could not log to W&B" in m]
+    (failed,) = [m for m in messages if "media_fn failed" in m]
+    assert "failed for 1 of 48 rows (the first: sample 1007, UnidentifiedImageError" in failed
+    (missing,) = [m for m in messages if "gave no media" in m]
+    assert "for 2 of the 48 rows it was asked for (the first: path='img/8.png')" in missing
+    (table,) = run_table_files(offline_run_dir(tmp_path), "labelwatch/samples.table.json")
+    data = json.loads(table["labelwatch/samples.table.json"].read_text())
+    logged = pd.DataFrame(data["data"], columns=data["columns"])
+    assert sorted(logged.loc[logged["media"].isna(), "sample_id"]) == [1007, 1008, 1009]
+    assert logged["media"].notna().sum() == 45
+    (log_file,) = offline_run_dir(tmp_path).glob("*.wandb")
+    artifacts = [r.artifact.type for r in wandb_records(log_file) if r.HasField("artifact")]
+    assert "relabel-candidates" in artifacts
+
+
+def test_a_media_fn_result_that_is_not_wandb_media_is_left_out_with_a_warning():
+    """A waveform returned as a list (instead of wandb.Audio) would fail the whole table."""
+    callback = LabelWatch(media_fn=lambda row: [0.0, 1.0] if row["sample_id"] == 2 else None)
+    samples = pd.DataFrame({"sample_id": [1, 2, 3]})
+    with pytest.warns(
+        UserWarning,
+        match=r"media_fn failed for 1 of 3 rows \(the first: sample"
+        r" 2, it returned a list, not W&B media such as wandb.Audio",
+    ):
+        media = callback._media(samples, samples.head(0))
+    assert media == {1: None, 2: None, 3: None}
 
 
 def test_image_from_path_without_pillow_says_what_to_install(monkeypatch):

@@ -24,6 +24,7 @@ from labelwatch.projection import (
 from tests.helpers import (
     TinyClassifier,
     finish_wandb,
+    gated_projection,
     loaders,
     offline_run_dir,
     slow_projection,
@@ -179,6 +180,44 @@ def test_background_maps_land_with_their_epoch_and_fit_end_flushes(
     )
     epochs = [json.loads(p.read_text())["data"][0][1] for p in tables]
     assert epochs == [0, 1]
+
+
+class _OpenGateAtEpoch(Callback):
+    def __init__(self, gate: Path, epoch: int) -> None:
+        self.gate, self.epoch = gate, epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            self.gate.touch()
+
+
+def test_epochs_whose_maps_are_dropped_are_still_logged_in_epoch_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The first map blocks until the last epoch: the maps waiting behind it are dropped
+    (bounded worker memory), and those epochs reach W&B without coordinates, each after
+    the epochs before it, so W&B's steps and artifact versions follow the epochs."""
+    gate = tmp_path / "gate"
+    monkeypatch.setenv("LABELWATCH_TEST_GATE", str(gate))
+    train, val = loaders()
+    logger = WandbLogger(project="maps", save_dir=str(tmp_path), offline=True)
+    callback = LabelWatch(projection=gated_projection, map_in_background=True)
+    callbacks = [callback, _OpenGateAtEpoch(gate, epoch=4)]
+    trainer = Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=callbacks, max_epochs=5))
+    with pytest.warns(UserWarning, match="maps are slower than validation epochs"):
+        trainer.fit(TinyClassifier(), train, val)
+    finish_wandb()
+    projections = [
+        json.loads((callback.output_root / f"epoch={e}/summary.json").read_text())["projection"]
+        for e in range(5)
+    ]
+    assert projections[0] == projections[4] == "gated_projection"
+    assert "none" in projections
+    tables = sorted(
+        (offline_run_dir(tmp_path) / "files/media/table/labelwatch").glob("samples_*"),
+        key=lambda p: int(p.name.split("_")[1]),
+    )
+    assert [json.loads(p.read_text())["data"][0][1] for p in tables] == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(
@@ -403,7 +442,7 @@ def test_wandb_tables_and_media_stay_bounded_when_most_samples_are_candidates(tm
     trainer = Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[callback], max_epochs=1))
     with pytest.warns(
         UserWarning,
-        match=r"media_fn gave no media for any of the \d+ rows it"
+        match=r"media_fn gave no media for (\d+) of the \1 rows it"
         r" was asked for \(the first: path='audio/",
     ):
         trainer.fit(TinyClassifier(lr=0.0), train, val)

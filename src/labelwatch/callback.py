@@ -44,6 +44,7 @@ from labelwatch.combined import (
     CombinedMethod,
 )
 from labelwatch.epoch_scoring import EpochScorer, ScoringOptions, effective_label_quality, ids_in
+from labelwatch.media import _FromPath
 from labelwatch.projection import (
     MapJob,
     MapResult,
@@ -88,7 +89,7 @@ class _PendingEpoch:
     summary: dict[str, Any]
     out_dir: Path | None = None
     written: bool = False
-    map: Future | None = None
+    map: Future | None = None  # None once cancelled: logged without coordinates
 
 
 class LabelWatchLogic:
@@ -191,8 +192,7 @@ class LabelWatchLogic:
             )
         if history_dtype not in _HISTORY_DTYPES:
             raise ValueError(
-                f"`history_dtype` must be one of {tuple(_HISTORY_DTYPES)},"
-                f" got {history_dtype!r}"
+                f"`history_dtype` must be one of {tuple(_HISTORY_DTYPES)}, got {history_dtype!r}"
             )
         _check_int("history_top_k", history_top_k, minimum=1, optional=True)
         if "/" not in table_key:
@@ -792,31 +792,30 @@ class LabelWatchLogic:
             return None
 
     def _drop_stale_maps(self) -> None:
-        """Keep at most one map waiting behind the running one: bounded worker memory.
-
-        A waiting map that a newer epoch overtakes is cancelled and its epoch is logged
-        without coordinates (it is never lost)."""
-        while len(self._pending) > 2 and self._pending[1].map is not None:
-            stale = self._pending[1]
-            if not stale.map.cancel():
-                break
-            del self._pending[1]
+        """Bound the worker's backlog (its memory): a waiting map that a newer epoch
+        overtakes is cancelled, unless the pool has handed it to the process already (it
+        queues up to two there). Its epoch stays in line and is logged without coordinates,
+        after the epochs before it (it is never lost)."""
+        for stale in list(self._pending)[1:-1]:
+            if stale.map is None or not stale.map.cancel():
+                continue  # cancelled already, or running
+            stale.map = None
             self._warn_once(
                 "behind",
                 "LabelWatch: maps are slower than validation epochs; some epochs are logged"
                 " without coordinates (lower `max_points`, or map every few epochs).",
             )
-            self._finish_epoch(stale, None)
 
     def _finish_maps(self, wait: bool, give_up: bool = False) -> None:
-        """Log every epoch whose map has landed, in order (all of them when `wait`)."""
+        """Log every epoch whose map has landed (or was cancelled), in order (all of them
+        when `wait`)."""
         while self._pending:
             pending = self._pending[0]
             future = pending.map
             if give_up and future is not None and not future.done():
                 future.cancel()
                 result = None
-            elif wait or (future is not None and future.done()):
+            elif wait or future is None or future.done():
                 result = self._map_or_warn(future.result, pending.epoch) if future else None
             else:
                 return
@@ -1086,6 +1085,20 @@ class LabelWatchLogic:
                 f" and the results are kept locally in {self.output_root}.",
             )
 
+    def _one_medium(self, row: dict[str, Any]) -> Any:
+        """``media_fn(row)``; a _MediaFailure when it raises or gives something that is not
+        W&B media: one bad file must not cost the epoch's tables."""
+        try:
+            medium = self.media_fn(row)
+        except Exception as err:
+            return _MediaFailure(f"{type(err).__name__}: {err}")
+        if medium is not None and not _is_wandb_value(medium):
+            return _MediaFailure(
+                f"it returned a {type(medium).__name__}, not W&B media such as"
+                " wandb.Audio(...) or wandb.Image(...)"
+            )
+        return medium
+
     def _media(self, samples: pd.DataFrame, candidates: pd.DataFrame) -> dict[Any, Any] | None:
         """Media for every candidate in the W&B ``samples`` table and up to
         `max_media_rows` of its other rows, keyed by id (media go only in that table)."""
@@ -1093,16 +1106,35 @@ class LabelWatchLogic:
             return None
         is_candidate = ids_in(pd.Index(samples["sample_id"]), pd.Index(candidates["sample_id"]))
         rows = pd.concat([samples[is_candidate], samples[~is_candidate].head(self.max_media_rows)])
-        media = {row["sample_id"]: self.media_fn(row) for row in rows.to_dict("records")}
-        if media and all(m is None for m in media.values()):
+        records = rows.to_dict("records")
+        media: dict[Any, Any] = {}
+        failures: dict[Any, _MediaFailure] = {}
+        for row in records:
+            medium = self._one_medium(row)
+            if isinstance(medium, _MediaFailure):
+                failures[row["sample_id"]], medium = medium, None
+            media[row["sample_id"]] = medium
+        if failures:
+            sample_id, failure = next(iter(failures.items()))
+            self._warn_once(
+                "media-failed",
+                f"LabelWatch: media_fn failed for {len(failures)} of {len(media)} rows (the"
+                f" first: sample {sample_id!r}, {failure}); they have no media in the W&B"
+                " table, everything else is logged.",
+            )
+        missing = [
+            r for r in records if media[r["sample_id"]] is None and r["sample_id"] not in failures
+        ]
+        # None from a media_fn of the user's may be deliberate; from ours it is a missing file.
+        if missing and (isinstance(self.media_fn, _FromPath) or len(missing) == len(records)):
             key = getattr(self.media_fn, "key", None)
             key = key if key in rows.columns else next(iter(self.metadata_keys), None)
-            first = f" (the first: {key}={rows[key].iloc[0]!r})" if key in rows.columns else ""
+            first = f" (the first: {key}={missing[0][key]!r})" if key in rows.columns else ""
             root = getattr(self.media_fn, "root", None)
             self._warn_once(
                 "no-media",
-                f"LabelWatch: media_fn gave no media for any of the {len(media)} rows it was"
-                f" asked for{first}; check that metadata_keys holds the file paths"
+                f"LabelWatch: media_fn gave no media for {len(missing)} of the {len(media)}"
+                f" rows it was asked for{first}; check that metadata_keys holds the file paths"
                 + (f" and that they are under root={str(root)!r}." if root is not None else "."),
             )
         return media
@@ -1227,6 +1259,16 @@ class LabelWatch(LabelWatchLogic, Callback):
 
 # Samplers whose order changes from epoch to epoch: positions cannot name samples.
 _RANDOM_ORDER = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+
+
+class _MediaFailure(str):
+    """Why ``media_fn`` gave no media for a row."""
+
+
+def _is_wandb_value(value: Any) -> bool:
+    from wandb.sdk.data_types.base_types.wb_value import WBValue
+
+    return isinstance(value, WBValue)
 
 
 def _check_int(argument: str, value: Any, *, minimum: int, optional: bool = False) -> None:
