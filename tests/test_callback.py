@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import shlex
 import warnings
 import weakref
 from pathlib import Path
@@ -163,7 +164,7 @@ def test_fit_end_says_how_many_candidates_and_where(tmp_path: Path, monkeypatch)
     said: list[str] = []
     monkeypatch.setattr(labelwatch.callback, "rank_zero_info", said.append)
     train, val = loaders(flip=4)
-    names = ["clean", "noisy"]
+    names = ["clean", "noisy set"]
     val = {name: val for name in names}  # two dataloaders, by name
     callback = LabelWatch(projection="none")
     Trainer(**trainer_kwargs(tmp_path, callbacks=[callback])).fit(TinyClassifier(), train, val)
@@ -174,7 +175,7 @@ def test_fit_end_says_how_many_candidates_and_where(tmp_path: Path, monkeypatch)
         count = len(pd.read_csv(csv))
         assert line.startswith(f"LabelWatch ({name}): {count} relabel candidates among 48")
         assert f"in epoch 1: {csv}" in line
-        assert f"labelwatch candidates {csv.parent.parent} --top 20" in line
+        assert f"labelwatch candidates {shlex.quote(str(csv.parent.parent))} --top 20" in line
 
 
 def test_mixed_precision_scores_the_logits_the_model_gave(tmp_path: Path):
@@ -602,9 +603,7 @@ def test_an_epoch_with_nothing_to_score_logs_nothing_and_warns_once(tmp_path: Pa
     assert not (tmp_path / "labelwatch").exists()
 
 
-def test_wandb_failure_warns_once_and_keeps_training_and_local_results(
-    tmp_path: Path, monkeypatch
-):
+def test_wandb_failure_warns_once_and_keeps_training_and_local_results(tmp_path: Path, monkeypatch):
     """A failing W&B step (here every epoch's log) never stops training."""
     from labelwatch.sinks.wandb import WandbSink
 
@@ -653,6 +652,21 @@ def test_wandb_failure_warns_once_and_keeps_training_and_local_results(
         ({"max_media_rows": "5"}, "`max_media_rows` must be an integer >= 0, got '5'"),
         ({"ignore_index": "x"}, "`ignore_index` must be an integer, got 'x'"),
         ({"dirpath": 5}, r"`dirpath` must be a path \(str or os.PathLike\), got 5"),
+        ({"sample_id_key": 5}, "`sample_id_key` must be a non-empty string, got 5"),
+        ({"logits_key": ""}, "`logits_key` must be a non-empty string, got ''"),
+        ({"embedding_layer": 5}, "`embedding_layer` must be None or a submodule's name"),
+        ({"offload_to_cpu": "yes"}, "`offload_to_cpu` must be True or False, got 'yes'"),
+        ({"media_fn": "audio"}, "`media_fn` must be None or a callable row -> W&B media"),
+        ({"seed": -1}, "`seed` must be an integer >= 0, got -1"),
+        ({"seed": "x"}, "`seed` must be an integer >= 0, got 'x'"),
+        ({"seed": 2**32}, r"`seed` must be an integer in \[0, 2\*\*32 - 1\]"),
+        ({"min_watch_score": float("inf")}, "`min_watch_score` must be a finite number > 0"),
+        ({"table_key": "a/"}, "`table_key` must look like 'prefix/name'"),
+        ({"table_key": "/x"}, "`table_key` must look like 'prefix/name'"),
+        ({"class_names": ["a", ""]}, r"`class_names` must be non-empty strings, got \[''\]"),
+        ({"metadata_keys": ["path", "epoch"]}, r"`metadata_keys` \['epoch'\] would overwrite"),
+        ({"metadata_keys": ["watch_siren"]}, r"`metadata_keys` \['watch_siren'\] would over"),
+        ({"metadata_keys": ["rank"]}, r"`metadata_keys` \['rank'\] would overwrite"),
     ],
 )
 def test_bad_arguments_are_rejected_in_init(kwargs, message):

@@ -11,7 +11,14 @@ from lightning.pytorch.loggers import WandbLogger
 from labelwatch import LabelWatch, load_candidates
 from labelwatch.candidates import read_candidates, select_candidates, to_csv_safe
 from labelwatch.cli import main
-from tests.helpers import TinyClassifier, finish_wandb, loaders, offline_run_dir, trainer_kwargs
+from tests.helpers import (
+    TinyClassifier,
+    finish_wandb,
+    loaders,
+    offline_run_dir,
+    trainer_kwargs,
+    wandb_records,
+)
 
 
 @pytest.fixture(scope="module")
@@ -173,36 +180,40 @@ def test_wandb_run_folder_of_several_dataloaders_names_them_or_reads_the_chosen_
     tmp_path, _wandb_offline
 ):
     """Two watched loaders: the run folder is ambiguous and the error lists both keys. One
-    watched named loader (`dataloaders=["clean"]`): its run folder reads with the class
-    names and artifact of that loader's local outputs."""
+    watched named loader (`dataloaders=["clean set"]`): its run folder reads with the class
+    names and artifact of that loader's local outputs, and the artifact, whose name W&B
+    would refuse with the space, is logged with `_` for it."""
     from torch.utils.data import DataLoader
 
     from tests.helpers import BlobDataset
 
     train, val = loaders(num_val=30, flip=6)
     clean = DataLoader(BlobDataset(20, seed=3, flip=5), batch_size=10)  # so it has candidates
-    for watched in (None, ["clean"]):
+    for watched in (None, ["clean set"]):
         torch.manual_seed(0)
         root = tmp_path / str(watched)
         callback = LabelWatch(class_names=["a", "b", "c"], projection="none", dataloaders=watched)
         logger = WandbLogger(project="p", save_dir=str(root), offline=True)
         Trainer(**trainer_kwargs(root, logger=logger, callbacks=[callback], max_epochs=1)).fit(
-            TinyClassifier(), train, {"noisy": val, "clean": clean}
+            TinyClassifier(), train, {"noisy": val, "clean set": clean}
         )
         finish_wandb()
         run_id = logger.experiment.id
         if watched is None:
             with pytest.raises(FileNotFoundError, match="several validation dataloaders") as err:
                 read_candidates(offline_run_dir(root))
-            assert "labelwatch/clean/candidates" in str(err.value)
+            assert "labelwatch/clean set/candidates" in str(err.value)
             assert "labelwatch/noisy/candidates" in str(err.value)
         else:
             found = read_candidates(offline_run_dir(root))
             assert len(found.frame) > 0
             assert found.class_names == ["a", "b", "c"] and found.epoch == 0
-            assert found.artifact == f"p/relabel-candidates-clean-{run_id}:epoch-0"
-            local = read_candidates(root / "p" / run_id / "labelwatch" / "clean")
+            assert found.artifact == f"p/relabel-candidates-clean_set-{run_id}:epoch-0"
+            local = read_candidates(root / "p" / run_id / "labelwatch" / "clean set")
             assert found.artifact == local.artifact
+            (log_file,) = offline_run_dir(root).glob("*.wandb")
+            logged = [r.artifact.name for r in wandb_records(log_file) if r.HasField("artifact")]
+            assert f"relabel-candidates-clean_set-{run_id}" in logged
 
 
 def test_wandb_run_folder_reads_an_epoch_without_candidates(tmp_path, _wandb_offline):

@@ -300,6 +300,19 @@ def test_a_fit_that_watches_sirens_makes_the_leaning_dog_barks_candidates(watch_
     assert metadata["num_watch_flagged"] == len(flagged)
 
 
+def test_no_column_of_the_outputs_can_be_taken_by_a_metadata_key(watch_fit):
+    """Every column LabelWatch wrote (scores, history, watch scores, the candidates' rank,
+    the W&B table's columns) is refused as a metadata key, which would overwrite it."""
+    save_dir, outputs = watch_fit
+    columns = set(pd.read_parquet(outputs / "epoch=1" / "candidates.parquet").columns)
+    tables = (offline_run_dir(save_dir) / "files/media/table/labelwatch").glob("samples_*")
+    columns |= set(json.loads(next(tables).read_text())["columns"])
+    assert {"rank", "watch_siren", "first_watch_siren", "flag_streak"} <= columns
+    for column in sorted(columns):
+        with pytest.raises(ValueError, match="would overwrite columns that LabelWatch writes"):
+            LabelWatch(metadata_keys=[column])
+
+
 def test_cli_lists_the_candidates_leaning_toward_a_watched_class(watch_fit, tmp_path, capsys):
     """`labelwatch candidates SOURCE --leaning siren` keeps the watched flags, most leaning
     first; a class that was not watched is a clear error."""
@@ -323,7 +336,7 @@ def test_watch_classes_are_checked_before_training(tmp_path: Path):
         LabelWatch(class_names=CLASS_NAMES, watch_classes=["sirens"])
     with pytest.raises(ValueError, match="`watch_classes` must be a list"):
         LabelWatch(watch_classes="siren")
-    with pytest.raises(ValueError, match="`min_watch_score` must be a number > 0, got 0"):
+    with pytest.raises(ValueError, match="`min_watch_score` must be a finite number > 0, got 0"):
         LabelWatch(watch_classes=["siren"], min_watch_score=0)
     # without class names, the names are "0", "1", ...: the sanity check catches "siren"
     train, val = loaders()

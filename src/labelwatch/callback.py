@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import pickle
+import shlex
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -43,7 +44,13 @@ from labelwatch.combined import (
     DEFAULT_MIN_KNN_AGREEMENT,
     CombinedMethod,
 )
-from labelwatch.epoch_scoring import EpochScorer, ScoringOptions, effective_label_quality, ids_in
+from labelwatch.epoch_scoring import (
+    EpochScorer,
+    ScoringOptions,
+    effective_label_quality,
+    ids_in,
+    is_output_column,
+)
 from labelwatch.media import _FromPath
 from labelwatch.projection import (
     MapJob,
@@ -162,8 +169,42 @@ class LabelWatchLogic:
             raise ValueError(f"`ignore_index` must be an integer, got {ignore_index!r}")
         if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
             raise ValueError(f"`dirpath` must be a path (str or os.PathLike), got {dirpath!r}")
+        for argument, value in (
+            ("logits_key", logits_key),
+            ("embeddings_key", embeddings_key),
+            ("target_key", target_key),
+            ("sample_id_key", sample_id_key),
+        ):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"`{argument}` must be a non-empty string, got {value!r}")
+        for argument, value in (
+            ("logits_layer", logits_layer),
+            ("embedding_layer", embedding_layer),
+        ):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(
+                    f"`{argument}` must be None or a submodule's name as in"
+                    f" `model.named_modules()` (e.g. 'backbone.fc'), got {value!r}"
+                )
+        for argument, value in (
+            ("offload_to_cpu", offload_to_cpu),
+            ("map_in_background", map_in_background),
+        ):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{argument}` must be True or False, got {value!r}")
+        if media_fn is not None and not callable(media_fn):
+            raise ValueError(
+                "`media_fn` must be None or a callable row -> W&B media, e.g."
+                f" labelwatch.media.AudioFromPath(root=...); got {media_fn!r}"
+            )
+        _check_int("seed", seed, minimum=0)
+        if seed > 2**32 - 1:  # numpy's and UMAP's seeds are 32-bit
+            raise ValueError(f"`seed` must be an integer in [0, 2**32 - 1], got {seed!r}")
         class_names = _name_list("class_names", class_names, example="['dog', 'siren']")
         if class_names is not None:
+            bad = [n for n in class_names if not isinstance(n, str) or not n]
+            if bad:
+                raise ValueError(f"`class_names` must be non-empty strings, got {bad}")
             repeated = sorted(str(n) for n, count in Counter(class_names).items() if count > 1)
             if repeated:
                 raise ValueError(
@@ -171,15 +212,23 @@ class LabelWatchLogic:
                     " than once"
                 )
         metadata_keys = _name_list("metadata_keys", metadata_keys, example="['path']")
+        taken = [key for key in metadata_keys or () if is_output_column(str(key))]
+        if taken:
+            raise ValueError(
+                f"`metadata_keys` {taken} would overwrite columns that LabelWatch writes; give"
+                " those values other keys in the batch (e.g. 'meta_epoch')."
+            )
         watch_classes = _name_list("watch_classes", watch_classes, example="['siren']")
         if watch_classes is not None and class_names is not None:
             watched_indices(watch_classes, class_names)  # a misspelt name fails here
         if (
             isinstance(min_watch_score, bool)
             or not isinstance(min_watch_score, (int, float))
-            or not min_watch_score > 0
+            or not 0 < min_watch_score < math.inf
         ):
-            raise ValueError(f"`min_watch_score` must be a number > 0, got {min_watch_score!r}")
+            raise ValueError(
+                f"`min_watch_score` must be a finite number > 0, got {min_watch_score!r}"
+            )
         dataloaders = _name_list("dataloaders", dataloaders, example="[0] or ['clean']")
         if embeddings_dtype not in _EMBEDDINGS_DTYPES:
             raise ValueError(
@@ -195,7 +244,7 @@ class LabelWatchLogic:
                 f"`history_dtype` must be one of {tuple(_HISTORY_DTYPES)}, got {history_dtype!r}"
             )
         _check_int("history_top_k", history_top_k, minimum=1, optional=True)
-        if "/" not in table_key:
+        if not isinstance(table_key, str) or not all(table_key.partition("/")[::2]):
             raise ValueError(
                 "`table_key` must look like 'prefix/name' (e.g. 'labelwatch/samples'),"
                 f" got {table_key!r}"
@@ -459,7 +508,7 @@ class LabelWatchLogic:
             rank_zero_info(
                 f"LabelWatch{which}: {candidates} relabel candidates among {samples} validation"
                 f" samples in epoch {epoch}: {csv} (or `labelwatch candidates"
-                f" {out_dir.parent} --top 20`)"
+                f" {shlex.quote(str(out_dir.parent))} --top 20`)"
             )
 
     def _release_capture(self) -> None:

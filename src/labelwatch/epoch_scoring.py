@@ -42,11 +42,11 @@ from labelwatch.neighbours import (
     label_agreement,
     label_distribution,
 )
-from labelwatch.scoring import LABEL_QUALITY_METHODS, score_predictions
+from labelwatch.scoring import LABEL_QUALITY_METHODS, SAMPLE_COLUMNS, score_predictions
 from labelwatch.sinks.local import read_samples
 from labelwatch.watch import watch_scores, watched_indices
 
-__all__ = ["EpochScorer", "ScoringOptions", "effective_label_quality"]
+__all__ = ["EpochScorer", "ScoringOptions", "effective_label_quality", "is_output_column"]
 
 # kNN label agreement: neighbours per sample, and the largest epoch it is computed for on
 # a CPU (at epoch end, in the training process: above 8192 samples the approximate search
@@ -54,6 +54,28 @@ __all__ = ["EpochScorer", "ScoringOptions", "effective_label_quality"]
 # Embeddings on an accelerator are searched exactly with no cap.
 KNN_NEIGHBOURS = 10
 KNN_MAX_SAMPLES = 50_000
+
+# What the epoch's table adds to SAMPLE_COLUMNS (and the watched classes' score columns);
+# the candidates add their rank, the W&B table its media.
+ADDED_COLUMNS = (
+    "moved",
+    "knn_agreement",
+    "flag_streak",
+    "averaged_self_confidence",
+    "averaged_epochs",
+    "is_mixed_confident_mismatch",
+    "is_candidate",
+    "is_watch_candidate",
+    "rank",
+    "media",
+)
+
+
+def is_output_column(name: str) -> bool:
+    """Whether LabelWatch writes a column of this name (a metadata key must not take it)."""
+    prefixes = (watch_column(""), first_watch_column(""))
+    return name in SAMPLE_COLUMNS or name in ADDED_COLUMNS or name.startswith(prefixes)
+
 
 Warn = Callable[[str, str], None]  # (key, message): warn once per key
 Kept = TypeVar("Kept", pd.Series, pd.DataFrame)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -25,7 +26,11 @@ SUMMARY_METRICS = ("num_candidates", "mismatch_rate", "confident_mismatch_rate",
 
 
 def artifact_name(run_id: str, dataloader: str | None = None) -> str:
-    """``relabel-candidates-<run id>``, or ``relabel-candidates-<dataloader>-<run id>``."""
+    """``relabel-candidates-<run id>``, or ``relabel-candidates-<dataloader>-<run id>``
+    with each character of the dataloader's name that W&B refuses in artifact names (all
+    but letters, digits, ``-``, ``_`` and ``.``) as ``_``."""
+    if dataloader is not None:
+        dataloader = re.sub(r"[^\w.-]", "_", dataloader, flags=re.ASCII)
     return "-".join(filter(None, (ARTIFACT_TYPE, dataloader, run_id)))
 
 
