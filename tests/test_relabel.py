@@ -310,9 +310,7 @@ def test_labels_that_are_not_the_class_names_are_refused(tmp_path, capsys):
     assert read_labels(out)["label"].tolist() == ["1", "unknown"]
 
 
-def test_spreadsheet_csv_with_semicolons_applies_and_other_formats_are_named(
-    tmp_path, capsys
-):
+def test_spreadsheet_csv_with_semicolons_applies_and_other_formats_are_named(tmp_path, capsys):
     """A decisions file saved with ';' (a spreadsheet's CSV in many locales) is read; a
     parquet labels file, a non-UTF-8 file and a non-CSV output get errors that say so."""
     labels = tmp_path / "labels.csv"
@@ -358,3 +356,59 @@ def test_reviewed_json_and_a_pandas_table_of_decisions_apply(run, tmp_path, caps
     corrected, audit = apply_decisions(read_labels(run["root"] / "labels.csv"), table)
     pd.testing.assert_frame_equal(corrected, from_json)
     assert audit["new_label"].tolist() == table["suggested_name"].tolist()
+
+
+def test_a_reviewed_json_may_decide_some_items_and_one_without_decisions_is_named(
+    run, tmp_path, capsys
+):
+    """Items without a decision are no decision; a list with none at all (a Label Studio
+    JSON_MIN export, or a review not filled in) is refused with what to do."""
+    review = tmp_path / "review.json"
+    assert main(["candidates", str(run["out"]), "--top", "3", "-o", str(review)]) == 0
+    items = json.loads(review.read_text())
+    argv = ["apply", "--labels", str(run["root"] / "labels.csv"), "--decisions", str(review)]
+    assert main([*argv, "-o", str(tmp_path / "none.csv")]) == 2
+    assert "lists samples but no 'decision'" in capsys.readouterr().err
+    items[0]["decision"] = "accept"
+    review.write_text(json.dumps(items))
+    assert main([*argv, "-o", str(tmp_path / "one.csv")]) == 0
+    assert "applied 1 decisions: 1 labels changed" in capsys.readouterr().out
+
+
+def test_accepts_take_suggestions_only_from_candidates_of_their_own_run_and_epoch(
+    run, tmp_path, capsys
+):
+    """A review without its suggested_name column takes each accept's suggestion from
+    --candidates: those of another epoch or another run are refused, not silently used."""
+    review = tmp_path / "review.csv"
+    assert main(["candidates", str(run["out"]), "--top", "2", "-o", str(review)]) == 0
+    table = pd.read_csv(review, dtype=str, keep_default_na=False)
+    table["decision"] = "accept"
+    table.drop(columns="suggested_name").to_csv(review, index=False)
+    argv = ["apply", "--labels", str(run["root"] / "labels.csv"), "--decisions", str(review)]
+    argv += ["--candidates", str(run["out"])]
+    assert main([*argv, "--epoch", "0", "-o", str(tmp_path / "x.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "'accept' decided on another epoch than the candidates' (0)" in err
+    assert f"{table['sample_id'][0]} (csv:review.csv, line 2): epoch 2" in err
+    table.assign(run="someotherrun").drop(columns="suggested_name").to_csv(review, index=False)
+    assert main([*argv, "-o", str(tmp_path / "x.csv")]) == 2
+    err = capsys.readouterr().err
+    assert f"decisions made on another run than the candidates' ({run['run_id']})" in err
+    assert not (tmp_path / "x.csv").exists()
+    table.drop(columns="suggested_name").to_csv(review, index=False)
+    out = tmp_path / "corrected.csv"
+    assert main([*argv, "-o", str(out)]) == 0  # the right run and epoch
+    corrected = read_labels(out).set_index("sample_id")["label"]
+    assert corrected[table["sample_id"]].tolist() == table["suggested_name"].tolist()
+
+
+def test_apply_decisions_keeps_integer_class_indices_integers():
+    """From Python, labels read as integers come back as integers of the same dtype."""
+    labels = pd.DataFrame({"sample_id": [7, 8, 9], "target": [0, 2, 1]})
+    decisions = pd.DataFrame({"sample_id": [7, 8], "decision": ["accept", "b"]})
+    decisions["suggested_name"] = ["c", None]
+    corrected, audit = apply_decisions(labels, decisions, class_names=NAMES, label_column="target")
+    assert corrected["target"].dtype == labels["target"].dtype
+    assert corrected["target"].tolist() == [2, 1, 1]
+    assert audit["changed"].tolist() == [True, True]

@@ -174,11 +174,16 @@ def _reviewed_json(path: Path) -> pd.DataFrame | None:
         items = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None  # read_export reports it
-    looks_reviewed = isinstance(items, list) and all(isinstance(i, dict) for i in items)
-    looks_reviewed = looks_reviewed and all("decision" in i and "sample_id" in i for i in items)
-    if not (looks_reviewed and items):
-        return None
-    return pd.DataFrame(items)
+    flat = isinstance(items, list) and items and all(isinstance(i, dict) for i in items)
+    if not flat or not all("sample_id" in i and "data" not in i for i in items):
+        return None  # Label Studio tasks carry their fields under "data"
+    if not any("decision" in i for i in items):
+        raise RelabelError(
+            f"{path} lists samples but no 'decision': add one to each item you decided"
+            " (accept, reject or a class name) in `labelwatch candidates -o review.json`'s"
+            " output; from Label Studio, export the project as JSON (not JSON_MIN)"
+        )
+    return pd.DataFrame(items)  # an item without a decision: blank, no decision
 
 
 def _read_csv_text(path: Path, *, required: Sequence[str]) -> pd.DataFrame:
@@ -266,7 +271,7 @@ def apply_decisions(
         suggested = dict(
             zip(candidates["sample_id"].astype(str), candidates["suggested_name"], strict=True)
         )
-    unknown_ids, unknown_names, no_suggestion = [], [], []
+    unknown_ids, unknown_names, no_suggestion, other_run, other_epoch = [], [], [], [], []
     resolved = []
     for row in table.to_dict("records"):
         sample_id = str(row["sample_id"])
@@ -274,11 +279,18 @@ def apply_decisions(
         if sample_id not in current:
             unknown_ids.append(where)
             continue
+        if candidates is not None and run is not None and _differs(row["run"], run):
+            other_run.append(f"{where}: run {row['run']}")
+            continue
         old_name = to_name(current[sample_id])
         if row["action"] == "reject":
             new_name = old_name
         elif row["action"] == "accept":
-            new_name = _present(row["suggested_name"]) or suggested.get(sample_id)
+            new_name = _present(row["suggested_name"])
+            if new_name is None and epoch is not None and _differs(row["epoch"], epoch):
+                other_epoch.append(f"{where}: epoch {row['epoch']}")  # its suggestion may differ
+                continue
+            new_name = new_name or suggested.get(sample_id)
             if new_name is None:
                 no_suggestion.append(where)
                 continue
@@ -309,11 +321,24 @@ def apply_decisions(
             f"unknown class names (valid: {sorted(valid)}; pass --class-names or --candidates"
             f" to name them all): {_listed(unknown_names)}"
         )
-    if no_suggestion:
+    if other_run:
         problems.append(
-            "'accept' without a suggested_name (add that column or pass --candidates):"
-            f" {_listed(no_suggestion)}"
+            f"decisions made on another run than the candidates' ({run}): pass that run's"
+            f" candidates: {_listed(other_run)}"
         )
+    if other_epoch:
+        problems.append(
+            f"'accept' decided on another epoch than the candidates' ({epoch}), whose"
+            f" suggested_name it would take: pass --epoch, or keep the suggested_name column:"
+            f" {_listed(other_epoch)}"
+        )
+    if no_suggestion:
+        where = (
+            "not among the candidates, which give the suggestions"
+            if candidates is not None
+            else "without a suggested_name (add that column or pass --candidates)"
+        )
+        problems.append(f"'accept' {where}: {_listed(no_suggestion)}")
     if conflicts:
         problems.append(f"conflicting decisions: {_listed(conflicts)}")
     if problems:
@@ -340,9 +365,19 @@ def apply_decisions(
     changes = {r["sample_id"]: r["new_label"] for r in audit_rows if r["changed"]}
     if changes:
         mask = ids.isin(list(changes)).to_numpy()
-        corrected.loc[mask, label_column] = ids[mask].map(changes).to_numpy()
+        new_labels = ids[mask].map(changes)
+        column = corrected[label_column]
+        if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+            new_labels = pd.to_numeric(new_labels).astype(column.dtype)  # class indices
+        corrected.loc[mask, label_column] = new_labels.to_numpy()
     audit = pd.DataFrame(audit_rows, columns=list(AUDIT_COLUMNS))
     return corrected, audit
+
+
+def _differs(recorded: Any, expected: Any) -> bool:
+    """A decision's recorded run or epoch is known and is not ``expected``."""
+    recorded = _present(recorded)
+    return recorded is not None and str(recorded).strip() != str(expected)
 
 
 def _label_codec(values: list[str], class_names: Sequence[str] | None) -> tuple[Any, Any, set]:
