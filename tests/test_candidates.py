@@ -61,6 +61,8 @@ def test_offline_wandb_run_folder_gives_the_same_candidates(fit):
     assert from_run["sample_id"].tolist() == local["sample_id"].tolist()
     assert from_run["suggested_name"].tolist() == local["suggested_name"].tolist()
     assert (load_candidates(offline_run_dir(root), epoch=1)["epoch"] == 1).all()
+    with pytest.raises(FileNotFoundError, match=r"No candidates for epoch 9 .* found \[0, 1, 2\]"):
+        load_candidates(offline_run_dir(root), epoch=9)
 
 
 def test_run_folder_with_a_suffix_keeps_its_run_id(fit, tmp_path):

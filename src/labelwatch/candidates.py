@@ -359,7 +359,10 @@ def _from_wandb_run(run_dir: Path, epoch: int | None) -> CandidateSet:
     else:
         matching = [f for f, e in zip(frames, epochs, strict=True) if e == epoch]
         if not matching:
-            raise FileNotFoundError(f"No candidates for epoch {epoch} in the W&B run {run_dir}.")
+            raise FileNotFoundError(
+                f"No candidates for epoch {epoch} in the W&B run {run_dir}; found"
+                f" {sorted(set(epochs))}."
+            )
         chosen, found_epoch = matching[-1], epoch
     frame = chosen.drop(columns=["media"], errors="ignore").reset_index(drop=True)
     # The id from run-<id>.wandb: the folder name may end in a suffix (a second run with
