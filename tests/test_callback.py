@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from torch import nn
 from torch.utils.data import (
     DataLoader,
     DistributedSampler,
@@ -217,6 +218,54 @@ def test_module_without_validation_outputs_works_through_layer_hooks(tmp_path: P
     assert set(samples["predicted_name"]) <= {"0", "1", "2"}
 
 
+class _DictHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"logits": self.linear(x)}
+
+
+class _FlipAugmented(TinyClassifier):
+    """Test-time augmentation: the head runs twice a step, on the input and its negation;
+    `unused` never runs and `dict_head` returns a dict, as Hugging Face models do."""
+
+    def __init__(self) -> None:
+        super().__init__(return_outputs=False)
+        self.unused = nn.Linear(16, 16)
+        self.dict_head = _DictHead()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x = batch["x"]
+        self.head(self.backbone(x))
+        self.head(self.backbone(-x))
+        self.dict_head(self.backbone(x))
+
+
+def test_a_hooked_layer_that_runs_twice_or_not_at_all_is_said(tmp_path: Path):
+    """A layer hook keeps the last call of a step: two calls are warned about, a layer that
+    never ran (embeddings) is warned about, and a logits layer that returns a dict fails
+    in the sanity check, naming the layer."""
+    train, val = loaders()
+    callback = LabelWatch(logits_layer="head", embedding_layer="unused", projection="none")
+    with pytest.warns(UserWarning) as record:
+        Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=1)).fit(
+            _FlipAugmented(), train, val
+        )
+    messages = [str(w.message) for w in record if "LabelWatch" in str(w.message)]
+    assert sum("`logits_layer`='head' ran 2 times in one validation step" in m for m in messages)
+    assert sum("`embedding_layer`='unused' did not run in a validation step" in m for m in messages)
+    assert pd.read_parquet(tmp_path / "labelwatch/epoch=0/samples.parquet")["x"].isna().all()
+    callback = LabelWatch(logits_layer="dict_head", projection="none")
+    trainer = Trainer(**trainer_kwargs(tmp_path / "dict", callbacks=[callback], max_epochs=1))
+    with pytest.raises(
+        ValueError, match="`logits_layer`='dict_head' returned a dict, not a tensor"
+    ):
+        trainer.fit(_FlipAugmented(), train, val)
+    assert trainer.global_step == 0  # the sanity check, before any training
+
+
 def test_every_n_epochs_also_scores_the_last_epoch_and_never_the_sanity_check(tmp_path: Path):
     """every_n_epochs=2 over 5 epochs scores epochs 1 and 3, and 4, the last (the final
     model); the sanity check's batches are checked but give no epoch."""
@@ -264,11 +313,64 @@ def test_early_stopping_on_a_skipped_epoch_warns_that_the_final_model_is_unscore
     trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[callback, stop], max_epochs=20))
     with pytest.warns(
         UserWarning,
-        match=r"skipped \(epoch 1\), so the final model was not"
-        r" scored; the last scored epoch is none",
+        match=r"last validation \(epoch 1\) was not scored: every_n_epochs=3 skips it, and no"
+        r" later validation came \(early stopping.*the last scored epoch is none",
     ):
         trainer.fit(TinyClassifier(), train, val)
     assert trainer.current_epoch == 2 and not (tmp_path / "labelwatch").exists()
+
+
+def test_validation_and_scoring_intervals_that_rarely_line_up_are_warned_at_setup(
+    tmp_path: Path,
+):
+    """Validating every 2nd epoch and scoring every 3rd scores only every 6th epoch: said
+    before training, and not when one interval divides the other."""
+    train, val = loaders(num_val=16)
+    trainer = Trainer(
+        **trainer_kwargs(
+            tmp_path,
+            callbacks=[LabelWatch(every_n_epochs=3, projection="none")],
+            max_epochs=1,
+            check_val_every_n_epoch=2,
+        )
+    )
+    with pytest.warns(UserWarning, match=r"so only every 6th epoch's validation is scored"):
+        trainer.fit(TinyClassifier(), train, val)
+    for every, every_n_epochs in ((2, 4), (4, 2)):
+        callback = LabelWatch(every_n_epochs=every_n_epochs, projection="none")
+        kwargs = trainer_kwargs(tmp_path, callbacks=[callback], check_val_every_n_epoch=every)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="LabelWatch")
+            callback.setup(Trainer(**kwargs), TinyClassifier(), "fit")
+
+
+def test_an_integer_val_check_interval_of_one_is_warned_as_validating_within_epochs(
+    tmp_path: Path,
+):
+    """val_check_interval=1 (an int: every training batch) is not 1.0 (once an epoch)."""
+    train, val = loaders(num_train=32, num_val=16)
+    kwargs = trainer_kwargs(tmp_path, max_epochs=1, val_check_interval=1)
+    trainer = Trainer(**kwargs, callbacks=[LabelWatch(projection="none")])
+    with pytest.warns(UserWarning, match=r"several times per epoch \(val_check_interval=1\)"):
+        trainer.fit(TinyClassifier(), train, val)
+
+
+def test_two_callbacks_watching_different_dataloaders_fit_in_one_trainer(tmp_path: Path):
+    """Their state keys differ by the dataloaders they watch; each writes its own folder."""
+    train, val = loaders(num_val=16)
+    callbacks = [LabelWatch(dataloaders=[i], projection="none") for i in (0, 1)]
+    assert callbacks[0].state_key != callbacks[1].state_key
+    assert (
+        LabelWatch().state_key
+        == "LabelWatch{'table_key': 'labelwatch/samples', 'logits_key': 'logits'}"
+    )
+    Trainer(**trainer_kwargs(tmp_path, callbacks=callbacks, max_epochs=1)).fit(
+        TinyClassifier(), train, [val, val]
+    )
+    assert sorted(p.name for p in (tmp_path / "labelwatch").iterdir()) == [
+        "dataloader_0",
+        "dataloader_1",
+    ]
 
 
 def test_no_embeddings_means_scores_without_a_map(tmp_path: Path):

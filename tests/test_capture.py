@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 from lightning.pytorch import Trainer
 
@@ -99,3 +100,12 @@ def test_reusing_slabs_across_epochs_gives_the_same_outputs(tmp_path: Path):
         ]
     for reused, fresh in zip(outputs["reused"], outputs["fresh"], strict=True):
         pd.testing.assert_frame_equal(reused, fresh)
+
+
+def test_targets_that_are_not_class_indices_get_the_fix_for_their_kind():
+    """Float class indices need .long(), one-hot or soft targets argmax(1)."""
+    logits = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"shape \(4,\)\. Class indices stored as floats: .*long"):
+        EpochBuffer().add(logits, torch.tensor([0.0, 1.0, 2.0, 0.0]), None)
+    with pytest.raises(ValueError, match=r"shape \(4, 3\)\. One-hot or soft targets: .*argmax"):
+        EpochBuffer().add(logits, torch.eye(3)[[0, 1, 2, 0]], None)

@@ -319,7 +319,12 @@ class LabelWatchLogic:
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(table_key=self.table_key, logits_key=self.logits_key)
+        # Two LabelWatch callbacks in one Trainer need different keys: watching different
+        # dataloaders is enough (default arguments keep the key that checkpoints hold).
+        chosen = {"dataloaders": self.dataloaders} if self.dataloaders is not None else {}
+        return self._generate_state_key(
+            table_key=self.table_key, logits_key=self.logits_key, **chosen
+        )
 
     # ----------------------------------------------------------------------------- hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -329,6 +334,7 @@ class LabelWatchLogic:
             self._fitted_by = weakref.ref(trainer)
             self._skipped_epoch = None
             self._warn_if_validating_within_epochs(trainer)
+            self._warn_if_epochs_rarely_line_up(trainer)
         # Fail before training starts when a layer name is wrong.
         for argument, name in (
             ("logits_layer", self.logits_layer),
@@ -390,13 +396,18 @@ class LabelWatchLogic:
         if self._buffers is None or dataloader_idx not in self._watched:
             return
         out = outputs if isinstance(outputs, Mapping) else {}
-        logits = out.get(self.logits_key, tapped_logits)
+        logits = out.get(self.logits_key)
+        if logits is None and tapped_logits is not None:
+            logits = self._tapped("logits_layer", self.logits_layer, *tapped_logits)
         if logits is None:
             raise ValueError(
                 "LabelWatch found no logits: return a dict with"
                 f" {self.logits_key!r} from validation_step, or set `logits_layer` to the name of"
                 " the submodule that outputs them (e.g. LabelWatch(logits_layer='classifier'))."
             )
+        embeddings = out.get(self.embeddings_key)
+        if embeddings is None and tapped_embeddings is not None:
+            embeddings = self._tapped("embedding_layer", self.embedding_layer, *tapped_embeddings)
         if dataloader_idx not in self._buffers:
             batches = trainer.num_val_batches[dataloader_idx]
             expected = int(batches * len(logits)) if math.isfinite(batches) else None
@@ -415,9 +426,35 @@ class LabelWatchLogic:
             logits,
             self._targets(out, batch),
             sample_ids,
-            embeddings=out.get(self.embeddings_key, tapped_embeddings),
+            embeddings=embeddings,
             metadata=self._metadata(batch),
         )
+
+    def _tapped(
+        self, argument: str, layer: str | None, output: Any, calls: int, other: str | None
+    ) -> torch.Tensor | None:
+        """A hooked layer's output for this batch; what went wrong with it is said here."""
+        what = {"logits_layer": "logits", "embedding_layer": "embeddings"}[argument]
+        if calls == 0 or other is not None:
+            problem = "did not run" if calls == 0 else f"returned a {other}, not a tensor"
+            message = (
+                f"LabelWatch: `{argument}`={layer!r} {problem} in a validation step; return"
+                f" the {what} from validation_step (`{{{getattr(self, what + '_key')!r}: ...}}`)"
+                " or hook a layer that outputs a tensor of them."
+            )
+            if argument == "logits_layer":
+                raise ValueError(message)
+            self._warn_once(f"tap-{argument}", message + " Without them there is no map.")
+            return None
+        if calls > 1:
+            self._warn_once(
+                f"tap-twice-{argument}",
+                f"LabelWatch: `{argument}`={layer!r} ran {calls} times in one validation step"
+                " (test-time augmentation, a second pass?); only its last output is kept."
+                f" Return the {what} to score from validation_step instead"
+                f" (`{{{getattr(self, what + '_key')!r}: ...}}`).",
+            )
+        return output
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._remove_taps()
@@ -456,10 +493,11 @@ class LabelWatchLogic:
             scored = f"epoch {self.last_epoch}" if self.last_epoch is not None else "none"
             self._warn_once(
                 "final-not-scored",
-                f"LabelWatch: the fit stopped after a validation that every_n_epochs="
-                f"{self.every_n_epochs} skipped (epoch {self._skipped_epoch}), so the final"
-                f" model was not scored; the last scored epoch is {scored}. Early stopping"
-                " cannot be foreseen: use every_n_epochs=1 with it.",
+                f"LabelWatch: the fit's last validation (epoch {self._skipped_epoch}) was"
+                f" not scored: every_n_epochs={self.every_n_epochs} skips it, and no later"
+                " validation came (early stopping, max_steps in mid-epoch and"
+                " check_val_every_n_epoch can end a fit so); the last scored epoch is"
+                f" {scored}. every_n_epochs=1 scores every validation.",
             )
         # The wait can take a while at 100k samples: say why fit lingers.
         waiting = []
@@ -548,7 +586,8 @@ class LabelWatchLogic:
     # ----------------------------------------------------------------------------- helpers
     def _warn_if_validating_within_epochs(self, trainer: Any) -> None:
         interval = getattr(trainer, "val_check_interval", 1.0)
-        if getattr(trainer, "check_val_every_n_epoch", 1) is not None and interval == 1.0:
+        once = isinstance(interval, float) and interval == 1.0  # an int counts batches
+        if getattr(trainer, "check_val_every_n_epoch", 1) is not None and once:
             return
         self._warn_once(
             "within-epochs",
@@ -556,6 +595,21 @@ class LabelWatchLogic:
             f" (val_check_interval={interval!r}). Each validation is scored, logged to W&B"
             " and counted in the averaging window and flag streaks, but the local folder"
             " epoch=<n> keeps only the epoch's last one.",
+        )
+
+    def _warn_if_epochs_rarely_line_up(self, trainer: Any) -> None:
+        every = getattr(trainer, "check_val_every_n_epoch", 1)
+        if not isinstance(every, int):
+            return
+        both = math.lcm(every, self.every_n_epochs)
+        if both in (every, self.every_n_epochs):  # one divides the other: as asked
+            return
+        self._warn_once(
+            "rarely-line-up",
+            f"LabelWatch: the Trainer validates every {every} epochs"
+            f" (check_val_every_n_epoch) and LabelWatch scores every {self.every_n_epochs}"
+            f" (every_n_epochs), so only every {both}th epoch's validation is scored. Use"
+            f" every_n_epochs={every} or a multiple of it.",
         )
 
     def _warn_if_media_go_astray(self, sink: WandbSink) -> None:
@@ -1212,11 +1266,14 @@ class LabelWatch(LabelWatchLogic, Callback):
         class_names: one name per class, in output order; defaults to ``"0"``, ``"1"``, ...
         logits_key, embeddings_key, target_key, sample_id_key: keys looked up as above.
         logits_layer: dotted name of the submodule whose output is the logits, used
-            when ``validation_step`` does not return them.
+            when ``validation_step`` does not return them. A layer that runs more than
+            once a step (test-time augmentation) gives its last output, with a warning.
         embedding_layer: dotted name of the submodule whose output is the embedding.
         metadata_keys: batch keys copied into every row (for example a file path).
         dataloaders: which validation dataloaders to watch, by index or name (None = all).
-            With several, each gets its own folder, W&B keys and artifact, by name.
+            With several, each gets its own folder, W&B keys and artifact, by name. Two
+            LabelWatch callbacks in one Trainer must watch different dataloaders (or have
+            different ``table_key``): Lightning tells callbacks apart by their state key.
         every_n_epochs: score the validation of every n-th training epoch (epochs n - 1,
             2n - 1, ...; 1 = each one), and that of the last epoch when the Trainer knows it
             in advance (``max_epochs``, ``max_steps``, a stop already asked for); a fit that

@@ -175,10 +175,14 @@ class EpochBuffer:
         batch_size = logits.shape[0]
         targets = torch.as_tensor(targets, device=logits.device)
         if targets.ndim != 1 or targets.dtype.is_floating_point:
+            fix = (
+                "Class indices stored as floats: return `target=y.long()`"
+                if targets.ndim == 1
+                else "One-hot or soft targets: return `target=y.argmax(1)`"
+            )
             raise ValueError(
                 "LabelWatch expects targets as a 1-D tensor of class indices, got dtype"
-                f" {targets.dtype} and shape {tuple(targets.shape)}. One-hot or soft targets:"
-                " return `target=y.argmax(1)` from validation_step."
+                f" {targets.dtype} and shape {tuple(targets.shape)}. {fix} from validation_step."
             )
         _check_length("targets", len(targets), batch_size)
         if sample_ids is None:
@@ -450,21 +454,30 @@ def _default_device() -> torch.device:
 
 
 class LayerTap:
-    """Forward hook that keeps the latest output of one submodule while active."""
+    """Forward hook that keeps the latest output of one submodule while active, and counts
+    its calls (a layer run twice in a step, as in test-time augmentation, keeps only the
+    last output)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.output: torch.Tensor | None = None
+        self.calls = 0  # since the last pop
+        self.other: str | None = None  # the type of the last output that was no tensor
         self._handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        if isinstance(output, (tuple, list)):
+        self.calls += 1
+        if isinstance(output, (tuple, list)) and output:
             output = output[0]
-        self.output = output.detach() if isinstance(output, torch.Tensor) else None
+        is_tensor = isinstance(output, torch.Tensor)
+        self.output = output.detach() if is_tensor else None
+        self.other = None if is_tensor else type(output).__name__
 
-    def pop(self) -> torch.Tensor | None:
-        """Return the output seen since the last call, and forget it."""
-        output, self.output = self.output, None
-        return output
+    def pop(self) -> tuple[torch.Tensor | None, int, str | None]:
+        """The output seen since the last call, the calls since then, and the type of the
+        last output when it was no tensor; then forget them."""
+        taken = self.output, self.calls, self.other
+        self.output, self.calls, self.other = None, 0, None
+        return taken
 
     def remove(self) -> None:
         self._handle.remove()
