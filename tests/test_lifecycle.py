@@ -118,6 +118,24 @@ def test_resume_with_another_history_window_restarts_the_average(
     assert resumed["averaged_epochs"].eq(1).all()
 
 
+def test_resume_from_an_older_checkpoint_says_why_the_average_restarts(tmp_path: Path):
+    """Only the newest epoch's folder keeps the history file: a resume from an older
+    checkpoint (the best one, say) warns that the averaging restarts, and why."""
+    train, val = _data()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)  # one per epoch
+    kwargs = trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=True)
+    Trainer(**{**kwargs, "callbacks": [LabelWatch(projection="none"), checkpoint]}).fit(
+        TinyClassifier(), train, val
+    )
+    (first,) = (tmp_path / "ckpt").glob("epoch=0-*.ckpt")
+    with pytest.warns(UserWarning, match="only the newest epoch's folder keeps it: was this"):
+        Trainer(**{**kwargs, "callbacks": [LabelWatch(projection="none")]}).fit(
+            TinyClassifier(), train, val, ckpt_path=first
+        )
+    resumed = pd.read_parquet(tmp_path / "labelwatch/epoch=1/samples.parquet")
+    assert resumed["averaged_epochs"].eq(1).all()
+
+
 def test_each_validation_dataloader_is_watched_separately(tmp_path: Path):
     """Two named validation loaders get their own folders, named in the summary."""
     train, val = _data()

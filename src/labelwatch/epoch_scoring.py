@@ -239,8 +239,14 @@ class EpochScorer:
             try:
                 loaded = EpochHistory.load(path)
             except (OSError, ValueError, KeyError) as err:
+                why = f"({err})"
+                if not path.exists():  # saved again by each epoch, deleted from the one before
+                    why = (
+                        "(only the newest epoch's folder keeps it: was this resumed from an"
+                        " older checkpoint?)"
+                    )
                 rank_zero_warn(
-                    f"LabelWatch could not read the epoch history {path} ({err}); the averaging"
+                    f"LabelWatch could not read the epoch history {path} {why}; the averaging"
                     " window starts again from this epoch."
                 )
             else:
