@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -32,9 +33,9 @@ class WithImages(BlobDataset):
         return {**super().__getitem__(index), "path": f"img/{index}.png"}
 
 
-def test_image_media_for_every_candidate_land_in_the_wandb_table(tmp_path: Path, _wandb_offline):
-    """ImageFromPath puts a wandb.Image cell in the per-sample table for each candidate and
-    for `max_media_rows` other rows; the run_table artifact W&B writes holds the images."""
+def _image_fit(tmp_path: Path, max_media_rows: int) -> Callable[[], None]:
+    """48 validation samples with an 8x8 PNG each under tmp_path/images, and a 1-epoch
+    Trainer logging their media to an offline W&B run; returns its fit."""
     from PIL import Image
 
     (tmp_path / "images/img").mkdir(parents=True)
@@ -47,12 +48,18 @@ def test_image_media_for_every_candidate_land_in_the_wandb_table(tmp_path: Path,
         projection="none",
         metadata_keys=["path"],
         media_fn=ImageFromPath(root=tmp_path / "images"),
-        max_media_rows=5,
+        max_media_rows=max_media_rows,
     )
     logger = WandbLogger(project="media", save_dir=str(tmp_path), offline=True)
-    Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[callback], max_epochs=1)).fit(
-        TinyClassifier(lr=0.2), train, val
-    )
+    trainer = Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[callback], max_epochs=1))
+    return lambda: trainer.fit(TinyClassifier(lr=0.2), train, val)
+
+
+def test_image_media_for_every_candidate_land_in_the_wandb_table(tmp_path: Path, _wandb_offline):
+    """ImageFromPath puts a wandb.Image cell in the per-sample table for each candidate and
+    for `max_media_rows` other rows; the run_table artifact W&B writes holds the images."""
+    fit = _image_fit(tmp_path, max_media_rows=5)
+    fit()
     finish_wandb()
     (files,) = run_table_files(offline_run_dir(tmp_path), "labelwatch/samples.table.json")
     table = json.loads(files["labelwatch/samples.table.json"].read_text())
@@ -70,27 +77,12 @@ def test_bad_media_rows_are_skipped_and_the_rest_of_the_epoch_is_logged(
 ):
     """An unreadable image and missing files cost only their own cells: the tables, the
     metrics and the artifact are logged, and each kind of problem is warned about."""
-    from PIL import Image
-
-    (tmp_path / "images/img").mkdir(parents=True)
-    for index in range(48):
-        Image.new("RGB", (8, 8), (index * 5, 0, 0)).save(tmp_path / f"images/img/{index}.png")
+    fit = _image_fit(tmp_path, max_media_rows=48)
     (tmp_path / "images/img/7.png").write_bytes(b"not an image")
     for index in (8, 9):
         (tmp_path / f"images/img/{index}.png").unlink()
-    torch.manual_seed(0)
-    train, _ = loaders()
-    val = DataLoader(WithImages(48, seed=2, flip=6), batch_size=16)
-    callback = LabelWatch(
-        projection="none",
-        metadata_keys=["path"],
-        media_fn=ImageFromPath(root=tmp_path / "images"),
-        max_media_rows=48,
-    )
-    logger = WandbLogger(project="media", save_dir=str(tmp_path), offline=True)
-    trainer = Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[callback], max_epochs=1))
     with pytest.warns(UserWarning) as record:
-        trainer.fit(TinyClassifier(lr=0.2), train, val)
+        fit()
     finish_wandb()
     messages = [str(w.message) for w in record]
     assert not [m for m in messages if "could not log to W&B" in m]
