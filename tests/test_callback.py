@@ -334,7 +334,7 @@ def test_validation_and_scoring_intervals_that_rarely_line_up_are_warned_at_setu
             check_val_every_n_epoch=2,
         )
     )
-    with pytest.warns(UserWarning, match=r"so only every 6th epoch's validation is scored"):
+    with pytest.warns(UserWarning, match=r"so only one validation every 6 epochs is scored"):
         trainer.fit(TinyClassifier(), train, val)
     for every, every_n_epochs in ((2, 4), (4, 2)):
         callback = LabelWatch(every_n_epochs=every_n_epochs, projection="none")

@@ -608,7 +608,7 @@ class LabelWatchLogic:
             "rarely-line-up",
             f"LabelWatch: the Trainer validates every {every} epochs"
             f" (check_val_every_n_epoch) and LabelWatch scores every {self.every_n_epochs}"
-            f" (every_n_epochs), so only every {both}th epoch's validation is scored. Use"
+            f" (every_n_epochs), so only one validation every {both} epochs is scored. Use"
             f" every_n_epochs={every} or a multiple of it.",
         )
 
