@@ -394,7 +394,7 @@ def test_accepts_take_suggestions_only_from_candidates_of_their_own_run_and_epoc
     table.assign(run="someotherrun").drop(columns="suggested_name").to_csv(review, index=False)
     assert main([*argv, "-o", str(tmp_path / "x.csv")]) == 2
     err = capsys.readouterr().err
-    assert f"decisions made on another run than the candidates' ({run['run_id']})" in err
+    assert f"'accept' decided on another run than the candidates' ({run['run_id']})" in err
     assert not (tmp_path / "x.csv").exists()
     table.drop(columns="suggested_name").to_csv(review, index=False)
     out = tmp_path / "corrected.csv"

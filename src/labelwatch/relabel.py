@@ -203,8 +203,7 @@ def _read_csv_text(path: Path, *, required: Sequence[str]) -> pd.DataFrame:
         )
     except UnicodeDecodeError as err:
         raise RelabelError(
-            f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as"
-            " 'CSV UTF-8'"
+            f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as 'CSV UTF-8'"
         ) from err
     except pd.errors.ParserError as err:
         raise RelabelError(f"{path} is not a readable CSV file: {err}") from err
@@ -279,18 +278,19 @@ def apply_decisions(
         if sample_id not in current:
             unknown_ids.append(where)
             continue
-        if candidates is not None and run is not None and _differs(row["run"], run):
-            other_run.append(f"{where}: run {row['run']}")
-            continue
         old_name = to_name(current[sample_id])
         if row["action"] == "reject":
             new_name = old_name
         elif row["action"] == "accept":
             new_name = _present(row["suggested_name"])
-            if new_name is None and epoch is not None and _differs(row["epoch"], epoch):
-                other_epoch.append(f"{where}: epoch {row['epoch']}")  # its suggestion may differ
-                continue
-            new_name = new_name or suggested.get(sample_id)
+            if new_name is None and candidates is not None:  # the candidates suggest
+                if run is not None and _differs(row["run"], run):
+                    other_run.append(f"{where}: run {row['run']}")
+                    continue
+                if epoch is not None and _differs(row["epoch"], epoch):
+                    other_epoch.append(f"{where}: epoch {row['epoch']}")
+                    continue
+                new_name = suggested.get(sample_id)
             if new_name is None:
                 no_suggestion.append(where)
                 continue
@@ -321,17 +321,15 @@ def apply_decisions(
             f"unknown class names (valid: {sorted(valid)}; pass --class-names or --candidates"
             f" to name them all): {_listed(unknown_names)}"
         )
-    if other_run:
-        problems.append(
-            f"decisions made on another run than the candidates' ({run}): pass that run's"
-            f" candidates: {_listed(other_run)}"
-        )
-    if other_epoch:
-        problems.append(
-            f"'accept' decided on another epoch than the candidates' ({epoch}), whose"
-            f" suggested_name it would take: pass --epoch, or keep the suggested_name column:"
-            f" {_listed(other_epoch)}"
-        )
+    for other, of, fix in (
+        (other_run, f"run than the candidates' ({run})", "pass that run's candidates"),
+        (other_epoch, f"epoch than the candidates' ({epoch})", "pass --epoch"),
+    ):
+        if other:
+            problems.append(
+                f"'accept' decided on another {of}, whose suggested_name it would take: {fix},"
+                f" or keep the suggested_name column: {_listed(other)}"
+            )
     if no_suggestion:
         where = (
             "not among the candidates, which give the suggestions"
