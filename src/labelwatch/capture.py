@@ -75,6 +75,7 @@ class _Rows:
     ) -> None:
         self._slabs: list[torch.Tensor] = []
         self._used = 0  # rows filled in the last slab
+        self._capacity = 0  # rows the last slab holds
         self._expected = expected_rows
         self._dtype = dtype
         self._device = device  # None: the batch's own device
@@ -82,11 +83,12 @@ class _Rows:
         self.first_slab: torch.Tensor | None = None  # whole, for the next epoch to reuse
 
     def append(self, batch: torch.Tensor) -> None:
-        batch = batch.detach()
-        if not self._slabs or self._used + len(batch) > len(self._slabs[-1]):
+        # shape[0], not len(): a tensor's len() costs microseconds, and this runs per batch
+        batch, rows = batch.detach(), batch.shape[0]
+        if not self._slabs or self._used + rows > self._capacity:
             self._new_slab(batch)
-        self._slabs[-1][self._used : self._used + len(batch)].copy_(batch, non_blocking=True)
-        self._used += len(batch)
+        self._slabs[-1][self._used : self._used + rows].copy_(batch, non_blocking=True)
+        self._used += rows
 
     def _new_slab(self, batch: torch.Tensor) -> None:
         if self._slabs:
@@ -114,7 +116,7 @@ class _Rows:
         if not self._slabs:
             self.first_slab = slab
         self._slabs.append(slab)
-        self._used = 0
+        self._used, self._capacity = 0, slab.shape[0]
 
     def concat(self) -> torch.Tensor:
         self._slabs[-1] = self._slabs[-1][: self._used]
@@ -184,14 +186,14 @@ class EpochBuffer:
                 "LabelWatch expects targets as a 1-D tensor of class indices, got dtype"
                 f" {targets.dtype} and shape {tuple(targets.shape)}. {fix} from validation_step."
             )
-        _check_length("targets", len(targets), batch_size)
+        _check_length("targets", targets.shape[0], batch_size)
         if sample_ids is None:
             sample_ids = torch.arange(self.num_samples, self.num_samples + batch_size)
         if isinstance(sample_ids, torch.Tensor):
             sample_ids = sample_ids.reshape(-1)
         elif isinstance(sample_ids, np.ndarray) or not isinstance(sample_ids, Sequence):
             sample_ids = list(np.asarray(sample_ids).reshape(-1).tolist())
-        _check_length("sample ids", len(sample_ids), batch_size)
+        _check_length("sample ids", _rows(sample_ids), batch_size)
         if isinstance(sample_ids, torch.Tensor) and not self._ids:
             self._tensor_ids.append(sample_ids)
         else:
@@ -206,7 +208,7 @@ class EpochBuffer:
             self._embeddings.append(embeddings.reshape(batch_size, -1))
             self._num_embedded += 1
         for key, value in (metadata or {}).items():
-            _check_length(f"metadata {key!r}", len(value), batch_size)
+            _check_length(f"metadata {key!r}", _rows(value), batch_size)
             if getattr(value, "ndim", 1) != 1:
                 raise ValueError(
                     f"LabelWatch expects metadata {key!r} to hold one number or string per"
@@ -506,6 +508,10 @@ def _cat_and_free(chunks: list[torch.Tensor]) -> torch.Tensor:
         chunks[i] = None  # type: ignore[call-overload]
     chunks.clear()
     return out
+
+
+def _rows(values: Any) -> int:
+    return values.shape[0] if isinstance(values, torch.Tensor) else len(values)
 
 
 def _check_length(what: str, length: int, batch_size: int) -> None:
