@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torch.utils.data import DataLoader, Dataset
 
 from labelwatch import LabelWatch
-from labelwatch.candidates import to_csv_safe
+from labelwatch.candidates import from_csv_safe, to_csv_safe
 from labelwatch.cli import main
 from labelwatch.relabel import RelabelError, apply_decisions, read_decisions, read_labels
 from tests.helpers import BlobDataset, TinyClassifier, finish_wandb, loaders, trainer_kwargs
@@ -277,6 +278,27 @@ def test_formula_cells_are_neutralised_in_csv_and_ids_round_trip(tmp_path, capsy
     assert out.read_text() == "sample_id,label\n=1+2,b\n-3,c\n@x,c\n'q,b\n"
     audit = pd.read_csv(tmp_path / "corrected.audit.csv", dtype=str)
     assert audit["sample_id"].tolist() == ["'=1+2", "'-3", "''q"]
+
+
+def test_ids_with_a_carriage_return_keep_their_rows_in_every_csv(tmp_path, capsys):
+    """pandas writes a cell holding a bare carriage return unquoted and reads it back as a
+    line break: the candidates CSV, the corrected labels and the audit quote such cells."""
+    from labelwatch.candidates import write_table
+
+    ids = ["a\rb", "c", "=d"]
+    labels = tmp_path / "labels.csv"
+    frame = pd.DataFrame({"sample_id": ids, "label": ["x", "y", "x"]})
+    frame.to_csv(labels, index=False, quoting=csv.QUOTE_ALL)  # as a spreadsheet would
+    review = tmp_path / "review.csv"
+    write_table(frame.assign(decision=["y", "", "y"], epoch=3), review, "csv")
+    back = from_csv_safe(pd.read_csv(review, dtype=str, keep_default_na=False))
+    assert back["sample_id"].tolist() == ids and back["epoch"].tolist() == ["3"] * 3
+    out = tmp_path / "corrected.csv"
+    assert main(["apply", "--labels", str(labels), "--decisions", str(review), "-o", str(out)]) == 0
+    corrected = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert corrected.values.tolist() == [["a\rb", "y"], ["c", "y"], ["=d", "y"]]
+    audit = from_csv_safe(pd.read_csv(tmp_path / "corrected.audit.csv", dtype=str))
+    assert audit["sample_id"].tolist() == ["a\rb", "=d"]
 
 
 def test_decisions_other_than_csv_or_label_studio_json_are_refused(run, tmp_path, capsys):

@@ -13,6 +13,7 @@ Everything is read from parquet and JSON; nothing is ever unpickled.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -32,6 +33,7 @@ __all__ = [
     "load_candidates",
     "read_candidates",
     "refuse_input_overwrite",
+    "save_csv",
     "select_candidates",
     "to_csv_safe",
     "to_records",
@@ -162,6 +164,15 @@ def to_csv_safe(frame: pd.DataFrame) -> pd.DataFrame:
     return safe
 
 
+def save_csv(frame: pd.DataFrame, path: str | Path) -> None:
+    """``frame.to_csv(path, index=False)``, quoting every text cell when one holds a
+    carriage return: pandas writes such a cell unquoted, and reads it back as a line break
+    (an id "a\rb" would split its row in two)."""
+    text = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
+    returns = any(frame[c].astype(str).str.contains("\r", regex=False).any() for c in text)
+    frame.to_csv(path, index=False, quoting=csv.QUOTE_NONNUMERIC if returns else csv.QUOTE_MINIMAL)
+
+
 def from_csv_safe(frame: pd.DataFrame) -> pd.DataFrame:
     """Undo :func:`to_csv_safe` on a CSV read back as text (one leading ' removed)."""
     restored = frame.copy()
@@ -192,7 +203,7 @@ def write_table(frame: pd.DataFrame, path: str | Path, fmt: TableFormat) -> None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "csv":
-        write_atomic(path, lambda p: to_csv_safe(frame).to_csv(p, index=False))
+        write_atomic(path, lambda p: save_csv(to_csv_safe(frame), p))
     elif fmt == "parquet":
         write_atomic(path, lambda p: frame.to_parquet(p, index=False))
     else:

@@ -33,7 +33,7 @@ from typing import Any
 
 import pandas as pd
 
-from labelwatch.candidates import from_csv_safe, to_csv_safe
+from labelwatch.candidates import from_csv_safe, save_csv, to_csv_safe
 from labelwatch.sinks.local import write_atomic
 
 __all__ = [
@@ -457,8 +457,8 @@ def write_corrections(
             )
     for path in (Path(output), Path(audit_path)):
         path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(Path(output), lambda p: corrected.to_csv(p, index=False))
-    write_atomic(Path(audit_path), lambda p: to_csv_safe(audit).to_csv(p, index=False))
+    write_atomic(Path(output), lambda p: save_csv(corrected, p))
+    write_atomic(Path(audit_path), lambda p: save_csv(to_csv_safe(audit), p))
 
 
 def check_wandb_online() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from labelwatch.candidates import to_csv_safe
+from labelwatch.candidates import save_csv, to_csv_safe
 
 __all__ = ["LocalSink", "epoch_dir", "read_samples", "write_atomic", "write_parquet"]
 
@@ -41,9 +41,7 @@ class LocalSink:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "samples.parquet", lambda p: write_parquet(samples, p))
         write_atomic(out / "candidates.parquet", lambda p: write_parquet(candidates, p))
-        write_atomic(
-            out / "candidates.csv", lambda p: to_csv_safe(candidates).to_csv(p, index=False)
-        )
+        write_atomic(out / "candidates.csv", lambda p: save_csv(to_csv_safe(candidates), p))
         text = json.dumps(summary, indent=2, default=_json_default)
         write_atomic(out / "summary.json", lambda p: Path(p).write_text(text + "\n"))
         return out
