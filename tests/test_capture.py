@@ -109,3 +109,11 @@ def test_targets_that_are_not_class_indices_get_the_fix_for_their_kind():
         EpochBuffer().add(logits, torch.tensor([0.0, 1.0, 2.0, 0.0]), None)
     with pytest.raises(ValueError, match=r"shape \(4, 3\)\. One-hot or soft targets: .*argmax"):
         EpochBuffer().add(logits, torch.eye(3)[[0, 1, 2, 0]], None)
+
+
+def test_an_integer_id_beyond_64_bits_is_refused_in_the_batch_that_brings_it():
+    """parquet keeps integer ids in 64 bits: a larger one would fail the epoch's files."""
+    buffer = EpochBuffer()
+    buffer.add(torch.randn(2, 3), torch.tensor([0, 1]), [2**64 - 1, 2**63])  # uint64: fine
+    with pytest.raises(ValueError, match=r"sample id 18446744073709551621, which does not fit"):
+        buffer.add(torch.randn(2, 3), torch.tensor([0, 1]), [7, 2**64 + 5])

@@ -200,7 +200,16 @@ class EpochBuffer:
             if self._tensor_ids._slabs:  # ids switched from tensors to lists: keep one kind
                 self._ids = _flatten([self._tensor_ids.concat()])
                 self._tensor_ids = _Rows(None, torch.long, None)
-            self._ids.extend(_flatten([sample_ids]))
+            ids = _flatten([sample_ids])
+            huge = next(
+                (i for i in ids if isinstance(i, int) and not _INT_MIN <= i < _UINT_END), None
+            )
+            if huge is not None:  # parquet stores integer ids in 64 bits
+                raise ValueError(
+                    f"LabelWatch got the sample id {huge}, which does not fit in 64 bits; give"
+                    " such ids as strings (str(id))."
+                )
+            self._ids.extend(ids)
         self._logits.append(logits)
         self._targets.append(targets)
         if embeddings is not None:
@@ -508,6 +517,9 @@ def _cat_and_free(chunks: list[torch.Tensor]) -> torch.Tensor:
         chunks[i] = None  # type: ignore[call-overload]
     chunks.clear()
     return out
+
+
+_INT_MIN, _UINT_END = -(2**63), 2**64  # integer ids parquet can hold (int64 or uint64)
 
 
 def _rows(values: Any) -> int:
