@@ -281,6 +281,7 @@ def test_every_n_epochs_also_scores_the_last_epoch_and_never_the_sanity_check(tm
         "last_epoch": 4,
         "last_run": 2,  # the third validation run scored
         "output_root": str(tmp_path / "labelwatch"),
+        "output_root_absolute": str(tmp_path / "labelwatch"),
     }
 
 

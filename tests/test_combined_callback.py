@@ -314,6 +314,7 @@ def test_a_second_trainer_with_the_same_callback_starts_afresh_in_its_own_folder
         "last_epoch": 0,
         "last_run": 0,
         "output_root": str(second / "labelwatch"),
+        "output_root_absolute": str(second / "labelwatch"),
     }
 
 

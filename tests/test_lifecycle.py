@@ -61,6 +61,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path, history_top_k: int)
         "last_epoch": 1,
         "last_run": 1,
         "output_root": str(tmp_path / "resumed/labelwatch"),
+        "output_root_absolute": str(tmp_path / "resumed/labelwatch"),
     }
 
     # The resumed run's own default folder differs; the outputs continue where they were.
@@ -134,6 +135,28 @@ def test_resume_from_an_older_checkpoint_says_why_the_average_restarts(tmp_path:
         )
     resumed = pd.read_parquet(tmp_path / "labelwatch/epoch=1/samples.parquet")
     assert resumed["averaged_epochs"].eq(1).all()
+
+
+def test_a_resume_started_in_another_working_directory_finds_the_outputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A logger's relative save_dir makes the output folder relative: a resume launched
+    from elsewhere continues the folder where it is, and one that moved with the run (the
+    relative path exists from here) continues that one."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    written = LabelWatch()
+    written.output_root = Path("runs/labelwatch")
+    (tmp_path / "runs/labelwatch").mkdir(parents=True)
+    state = written.state_dict()
+    assert state["output_root_absolute"] == str(tmp_path / "runs/labelwatch")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    resumed = LabelWatch()
+    resumed.load_state_dict(state)
+    assert resumed.output_root == tmp_path / "runs/labelwatch"
+    (tmp_path / "elsewhere/runs/labelwatch").mkdir(parents=True)  # a copy of the run, here
+    resumed.load_state_dict(state)
+    assert resumed.output_root == Path("runs/labelwatch")
 
 
 def test_each_validation_dataloader_is_watched_separately(tmp_path: Path):

@@ -572,16 +572,25 @@ class LabelWatchLogic:
             self._worker = None
 
     def state_dict(self) -> dict[str, Any]:
-        root = str(self.output_root) if self.output_root is not None else None
-        return {"last_epoch": self.last_epoch, "last_run": self.last_run, "output_root": root}
+        root = self.output_root
+        return {
+            "last_epoch": self.last_epoch,
+            "last_run": self.last_run,
+            "output_root": str(root) if root is not None else None,
+            # for a resume from another working directory (output_root may be relative)
+            "output_root_absolute": str(root.absolute()) if root is not None else None,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_epoch = state_dict.get("last_epoch")
         # Checkpoints from before runs were counted keyed the history by epoch.
         self.last_run = state_dict.get("last_run", self.last_epoch)
-        root = state_dict.get("output_root")
+        root, absolute = state_dict.get("output_root"), state_dict.get("output_root_absolute")
         if root is not None and self.dirpath is None:
-            self.output_root = Path(root)
+            # The folder where it is now: relative to here (the run moved with its outputs),
+            # else where it was written (a resume started elsewhere).
+            moved = absolute is not None and not Path(root).is_dir() and Path(absolute).is_dir()
+            self.output_root = Path(absolute if moved else root)
 
     # ----------------------------------------------------------------------------- helpers
     def _warn_if_validating_within_epochs(self, trainer: Any) -> None:
