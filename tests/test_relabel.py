@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -86,6 +88,33 @@ def test_candidates_cli_writes_csv_parquet_and_json(run, tmp_path, capsys):
     records = json.loads((tmp_path / "c.txt").read_text())
     assert [r["sample_id"] for r in records] == local["sample_id"].tolist()
     assert records[0]["path"].startswith("audio/") and records[0]["run"] == run["run_id"]
+
+
+def test_candidates_cli_writes_to_standard_output_and_keeps_its_table_narrow(run, tmp_path, capsys):
+    """-o - sends the CSV or JSON itself to standard output (parquet is refused); the
+    printed table cuts long cells (a path) to 40 characters. An epoch=<n> folder with
+    another --epoch is an error, not that folder's epoch."""
+    out = run["out"]
+    assert main(["candidates", str(out), "--top", "2", "-o", "-"]) == 0
+    printed = capsys.readouterr()
+    as_csv = pd.read_csv(io.StringIO(printed.out), keep_default_na=False)
+    local = pd.read_parquet(out / "epoch=2" / "candidates.parquet")
+    assert as_csv["sample_id"].tolist() == local["sample_id"].head(2).tolist()
+    assert "wrote 2 candidates to standard output" in printed.err
+    assert main(["candidates", str(out), "--top", "2", "-o", "-", "--format", "json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+    assert main(["candidates", str(out), "-o", "-", "--format", "parquet"]) == 2
+    assert "parquet cannot go to standard output" in capsys.readouterr().err
+    assert not (Path.cwd() / "-").exists()
+    long = tmp_path / "long"
+    shutil.copytree(out / "epoch=2", long / "epoch=2")
+    frame = pd.read_parquet(long / "epoch=2/candidates.parquet")
+    frame["given_name"] = "x" * 200
+    frame.to_parquet(long / "epoch=2/candidates.parquet")
+    assert main(["candidates", str(long), "--top", "3"]) == 0
+    assert max(map(len, capsys.readouterr().out.splitlines())) < 200
+    assert main(["candidates", str(out / "epoch=1"), "--epoch", "2"]) == 2
+    assert "holds epoch 1, not epoch 2" in capsys.readouterr().err
 
 
 def test_candidates_cli_refuses_to_write_over_its_input(run, capsys):
@@ -434,3 +463,15 @@ def test_apply_decisions_keeps_integer_class_indices_integers():
     assert corrected["target"].dtype == labels["target"].dtype
     assert corrected["target"].tolist() == [2, 1, 1]
     assert audit["changed"].tolist() == [True, True]
+
+
+def test_ids_match_whatever_spaces_surround_them_in_either_file(tmp_path, capsys):
+    """A spreadsheet may keep spaces around ids: the labels' ids are compared as the
+    decisions' are (stripped), and the corrected file keeps its cells as they were."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("sample_id,label\n a,x\nb ,x\nc,y\n")
+    review = tmp_path / "review.csv"
+    review.write_text("sample_id,decision\na ,y\n b,y\n")
+    out = tmp_path / "corrected.csv"
+    assert main(["apply", "--labels", str(labels), "--decisions", str(review), "-o", str(out)]) == 0
+    assert out.read_text() == "sample_id,label\n a,y\nb ,y\nc,y\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from cleanlab.filter import find_label_issues
@@ -139,6 +140,27 @@ def test_nonfinite_logits_are_skipped_counted_and_warned():
         frame = score_predictions(logits=logits, labels=[0, 1, 2, 0])
     assert frame["sample_id"].tolist() == [0, 3]
     assert frame.attrs["num_nonfinite"] == 2
+
+
+def test_float64_logits_beyond_float32s_range_are_skipped_like_infinite_ones():
+    """Scoring runs in float32: a float64 logit of 1e39 would be infinite there, its row
+    NaN and its class's threshold NaN."""
+    logits = torch.randn(4, 3, dtype=torch.float64)
+    logits[1, 0] = 1e39
+    with pytest.warns(RuntimeWarning, match="1 of 4 samples have NaN or infinite logits"):
+        frame = score_predictions(logits=logits, labels=[0, 1, 2, 1])
+    assert frame["sample_id"].tolist() == [0, 2, 3]
+    assert frame["label_quality"].notna().all()
+    assert not np.isnan(np.asarray(frame.attrs["thresholds"], dtype=float)).any()
+
+
+def test_bfloat16_probabilities_are_scored_as_float32():
+    """numpy has no bfloat16: the probabilities are upcast, as bfloat16 logits are."""
+    probs = torch.softmax(torch.randn(6, 3), dim=1)
+    labels = [0, 1, 2, 0, 1, 2]
+    frame = score_predictions(probs=probs.bfloat16(), labels=labels)
+    expected = score_predictions(probs=probs.bfloat16().float(), labels=labels)
+    pd.testing.assert_frame_equal(frame, expected)
 
 
 @pytest.mark.parametrize(

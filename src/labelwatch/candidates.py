@@ -17,6 +17,7 @@ import csv
 import json
 import math
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
     "leaning",
     "load_candidates",
     "read_candidates",
+    "records_json",
     "refuse_input_overwrite",
     "save_csv",
     "select_candidates",
@@ -43,6 +45,7 @@ __all__ = [
 ]
 
 _ARTIFACT_REF = re.compile(r"^[\w.-]+/[\w.-]+/[\w.-]+:[\w.-]+$")
+_EPOCH_DIR = re.compile(r"epoch=(\d+)")
 _FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 # A leading quote is escaped too (doubled), so from_csv_safe restores every cell exactly.
 _ESCAPED_PREFIXES = (*_FORMULA_PREFIXES, "'")
@@ -207,8 +210,13 @@ def write_table(frame: pd.DataFrame, path: str | Path, fmt: TableFormat) -> None
     elif fmt == "parquet":
         write_atomic(path, lambda p: frame.to_parquet(p, index=False))
     else:
-        text = json.dumps(to_records(frame), indent=2, ensure_ascii=False, allow_nan=False)
-        write_atomic(path, lambda p: Path(p).write_text(text + "\n", encoding="utf-8"))
+        text = records_json(frame)
+        write_atomic(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def records_json(frame: pd.DataFrame) -> str:
+    """The rows as a JSON list of records (what ``write_table`` writes as json)."""
+    return json.dumps(to_records(frame), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def to_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
@@ -313,6 +321,12 @@ def _artifact_name(run_id: str, dataloader: str | None) -> str:
 
 def _local_epoch_dir(path: Path, epoch: int | None) -> Path:
     if (path / "candidates.parquet").is_file():
+        named = _EPOCH_DIR.fullmatch(path.name)
+        if epoch is not None and named and int(named.group(1)) != epoch:
+            raise FileNotFoundError(
+                f"{path} holds epoch {named.group(1)}, not epoch {epoch}: pass its parent"
+                f" folder {path.parent} to choose the epoch."
+            )
         return path
     epochs = _epochs_under(path)
     if not epochs:
@@ -390,6 +404,13 @@ def _from_wandb_run(run_dir: Path, epoch: int | None) -> CandidateSet:
         if found.get("dataloader") in (None, stream):
             summary = found
             project = summary_path.relative_to(save_dir).parts[0]
+            if summary.get("num_candidates", 0) > len(frame):  # W&B tables stop at max_points
+                warnings.warn(
+                    f"The W&B run's candidates table holds the top {len(frame)} of the"
+                    f" {summary['num_candidates']} candidates of epoch {found_epoch}"
+                    f" (`max_points`); the local outputs {summary_path.parent} hold them all.",
+                    stacklevel=3,
+                )
             break
     class_names = summary.get("class_names") or _names_from_columns(frames)
     artifact = None

@@ -26,7 +26,10 @@ from labelwatch.candidates import (
     first_watch_column,
     leaning,
     read_candidates,
+    records_json,
     refuse_input_overwrite,
+    save_csv,
+    to_csv_safe,
     watch_column,
     watch_columns,
     write_table,
@@ -76,7 +79,9 @@ def _parser() -> argparse.ArgumentParser:
         f" `labelwatch apply`. {_SOURCE_HELP}",
     )
     _source_arguments(show)
-    show.add_argument("-o", "--output", type=Path, help="write the candidates here")
+    show.add_argument(
+        "-o", "--output", type=Path, help="write the candidates here (- for standard output)"
+    )
     show.add_argument(
         "--format",
         choices=TABLE_FORMATS,
@@ -218,25 +223,39 @@ def _read_source(args: argparse.Namespace) -> CandidateSet:
 def _candidates(args: argparse.Namespace) -> int:
     if args.format is not None and args.output is None:
         raise ValueError("--format needs -o/--output")
+    to_stdout = args.output is not None and str(args.output) == "-"
+    fmt = None
+    if args.output is not None:
+        fmt = args.format or _SUFFIX_FORMATS.get(args.output.suffix.lower(), "csv")
+        if to_stdout and fmt == "parquet":
+            raise ValueError("parquet cannot go to standard output: give -o a file name")
     found = _read_source(args)
     frame = found.frame
-    if args.output is not None:
+    if args.output is not None and not to_stdout:
         refuse_input_overwrite(args.output, found.inputs)
     shown = [c for c in _SHOWN_COLUMNS if c in frame.columns]
     if args.leaning is not None:
         columns = (watch_column(args.leaning), first_watch_column(args.leaning))
         shown += [c for c in columns if c in frame.columns]
-    with pd.option_context("display.width", 160, "display.max_colwidth", 40):
-        print(frame[shown].to_string(index=False) if len(frame) else "no candidates")
+    if not to_stdout:  # with -o -, standard output carries the table itself
+        with pd.option_context("display.width", 160):
+            table = frame[shown].to_string(index=False, max_colwidth=40)
+        print(table if len(frame) else "no candidates")
     if args.output is not None:
-        fmt = args.format or _SUFFIX_FORMATS.get(args.output.suffix.lower(), "csv")
         out = frame.copy()
         if found.run is not None and "run" not in out:
             out["run"] = found.run
         if fmt == "csv" and "decision" not in out:
             out["decision"] = ""
-        write_table(out, args.output, fmt)
-        print(f"wrote {len(frame)} candidates to {args.output}")
+        if to_stdout:
+            if fmt == "csv":
+                save_csv(to_csv_safe(out), sys.stdout)
+            else:
+                sys.stdout.write(records_json(out))
+            print(f"wrote {len(frame)} candidates to standard output", file=sys.stderr)
+        else:
+            write_table(out, args.output, fmt)
+            print(f"wrote {len(frame)} candidates to {args.output}")
     return 0
 
 

@@ -258,7 +258,7 @@ def apply_decisions(
             f"the labels need 'sample_id' and {label_column!r} columns;"
             f" found {list(labels.columns)}"
         )
-    ids = labels["sample_id"].astype(str)
+    ids = labels["sample_id"].astype(str).str.strip()  # as decisions read them
     duplicated = sorted(set(ids[ids.duplicated()]))
     if duplicated:
         raise RelabelError(f"the labels hold these sample ids twice or more: {_listed(duplicated)}")

@@ -208,8 +208,8 @@ def score_predictions(
     num_nonfinite = int(nonfinite.sum())
     if num_nonfinite:
         warnings.warn(
-            f"{num_nonfinite} of {num_samples} samples have NaN or infinite {name}; they are"
-            " left out of scoring.",
+            f"{num_nonfinite} of {num_samples} samples have NaN or infinite {name} (in float32,"
+            " which scoring uses); they are left out of scoring.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -292,7 +292,9 @@ def compute_scores(
 
     def probabilities(start: int) -> torch.Tensor:
         chunk = values[start : start + chunk_rows]
-        return torch.softmax(chunk.float(), dim=1) if from_logits else chunk
+        if from_logits:
+            return torch.softmax(chunk.float(), dim=1)
+        return chunk.float() if chunk.dtype == torch.bfloat16 else chunk  # numpy has none
 
     def logits(start: int) -> torch.Tensor | None:
         return values[start : start + chunk_rows].float() if from_logits else None
@@ -300,7 +302,7 @@ def compute_scores(
     # Results are allocated once and filled chunk by chunk: small tensors kept between the
     # large chunk temporaries would fragment the heap and pin those temporaries' pages.
     device = values.device
-    prob_dtype = torch.float32 if from_logits else values.dtype
+    prob_dtype = torch.float32 if from_logits or values.dtype == torch.bfloat16 else values.dtype
     self_conf = torch.empty(num_samples, dtype=prob_dtype, device=device)
     if thresholds is None:
         for start in range(0, num_samples, chunk_rows):
@@ -440,6 +442,9 @@ def _finite_rows(values: torch.Tensor) -> torch.Tensor:
     suspects = (~finite).nonzero().squeeze(1)
     if len(suspects):
         finite[suspects] = torch.isfinite(values[suspects]).all(dim=1)
+    if values.dtype == torch.float64:  # scored in float32, where these are infinite
+        largest = torch.finfo(torch.float32).max
+        finite &= (values.amax(dim=1) <= largest) & (values.amin(dim=1) >= -largest)
     return finite
 
 
