@@ -11,7 +11,7 @@ import pytest
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import WandbLogger
 
-from labelwatch import LabelWatch
+from labelwatch import LabelWatch, load_candidates
 from labelwatch.projection import (
     WORKER_THREAD_VARIABLES,
     MapJob,
@@ -454,3 +454,5 @@ def test_wandb_tables_and_media_stay_bounded_when_most_samples_are_candidates(tm
     logged = pd.DataFrame(data["data"], columns=data["columns"])
     assert logged["sample_id"].tolist() == local["sample_id"].head(6).tolist()
     assert media.calls <= 6 + 2
+    with pytest.warns(UserWarning, match=f"holds the top 6 of the {len(local)} candidates"):
+        assert len(load_candidates(offline_run_dir(tmp_path))) == 6
