@@ -1310,9 +1310,10 @@ class LabelWatch(LabelWatchLogic, Callback):
             ``is_confident_mismatch`` alone (the single-epoch rule, equal to cleanlab's
             ``confident_learning`` filter).
         history_window: validation epochs averaged per sample (``>= 1``). The window costs
-            ``(history_window - 1) x N x C`` values in memory on rank zero and on disk
-            (``history.arrow`` beside the newest epoch's outputs, read back on resume; it
-            is not in the checkpoint).
+            ``(history_window - 1) x N x min(C, history_top_k)`` values (``x C`` with
+            ``history_top_k=None``) in memory on rank zero and on disk (``history.arrow``
+            beside the newest epoch's outputs, read back on resume; it is not in the
+            checkpoint).
         knn_weight: weight of the neighbours' labels in ``p_mix``, in [0, 1].
         min_knn_agreement: in [0, 1]; with ``candidate_rule="combined"`` a sample with a
             smaller share of neighbours carrying its label is a candidate (0 turns it off);
