@@ -215,6 +215,7 @@ def test_ddp_without_sample_ids_is_a_clear_error(tmp_path: Path):
 
 
 GATHER_SCRIPT = """
+import pickle
 import sys
 import torch
 import torch.distributed as dist
@@ -222,6 +223,21 @@ from labelwatch.capture import CapturedEpoch, merge_ranks
 
 rank, port, out, same_ids = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+received = []  # bytes this rank receives from collectives that give every rank the result
+all_gather, all_gather_object = dist.all_gather, dist.all_gather_object
+
+
+def counted_all_gather(outputs, tensor, *args, **kwargs):
+    received.append(sum(t.numel() * t.element_size() for t in outputs))
+    return all_gather(outputs, tensor, *args, **kwargs)
+
+
+def counted_all_gather_object(outputs, obj, *args, **kwargs):
+    all_gather_object(outputs, obj, *args, **kwargs)
+    received.append(sum(len(pickle.dumps(o)) for o in outputs))
+
+
+dist.all_gather, dist.all_gather_object = counted_all_gather, counted_all_gather_object
 rows = 4 if same_ids else 3 + rank  # uneven
 embeddings = torch.tensor([[1e5, 1e-6], [-3e38, 0.5], [7.0, -2e4], [1e30, 1e-30]][:rows])
 local = CapturedEpoch(
@@ -238,6 +254,8 @@ if rank == 0 and not same_ids:
     merged = {"ids": merged.sample_ids, "embeddings": merged.embeddings}
 if rank == 0:
     torch.save(merged, out)
+else:
+    torch.save(sum(received), out + ".received")
 dist.destroy_process_group()
 """
 
@@ -267,6 +285,9 @@ def _gather_in_two_processes(tmp_path: Path, same_ids: bool) -> object:
     for rank in ranks:
         _, err = rank.communicate(timeout=120)
         assert rank.returncode == 0, err[-3000:]
+    # Rank 1 gets only the ranks' shapes (6 int64 each), never the epoch: the rows go to
+    # rank zero alone, which scores them.
+    assert torch.load(str(out) + ".received") == 2 * 6 * 8
     return torch.load(out)
 
 

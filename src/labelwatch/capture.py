@@ -294,8 +294,9 @@ def merge_ranks(local: CapturedEpoch | None) -> CapturedEpoch | None:
     """All ranks' samples on rank zero (None elsewhere), de-duplicated and sorted by id.
 
     Called on every rank. Without a process group this only canonicalises ``local``.
-    Tensors travel in one fused, padded all_gather (ranks may hold different counts);
-    string ids and metadata in one object gather. DistributedSampler repeats samples to
+    Tensors travel in one fused, padded gather to rank zero (ranks may hold different
+    counts), after an all_gather of their shapes; string ids and metadata in one object
+    gather. DistributedSampler repeats samples to
     even out ranks: repeats are dropped by id, keeping the first copy.
     """
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -324,15 +325,17 @@ def _gather(local: CapturedEpoch | None, world_size: int) -> CapturedEpoch | Non
     packed = torch.cat([c.contiguous().view(torch.uint8) for c in columns], dim=1)
     padded = torch.zeros(max(rows), packed.shape[1], dtype=torch.uint8, device=device)
     padded[: len(packed)] = packed
-    gathered = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(gathered, padded)
+    # Gathered to rank zero only: the other ranks never hold the whole epoch.
+    zero = dist.get_rank() == 0
+    gathered = [torch.empty_like(padded) for _ in range(world_size)] if zero else None
+    dist.gather(padded, gathered, dst=0)
     # 3) strings and metadata, once
     objects = {"metadata": local.metadata if local is not None else {}}
     if not int_ids:
         objects["ids"] = list(local.sample_ids) if local is not None else []
-    received: list[Any] = [None] * world_size
-    dist.all_gather_object(received, objects)
-    if dist.get_rank() != 0:
+    received: list[Any] | None = [None] * world_size if zero else None
+    dist.gather_object(objects, received, dst=0)
+    if not zero:
         return None
     all_rows = torch.cat([g[:n] for g, n in zip(gathered, rows, strict=True)])
     out = _split_columns(all_rows, columns)
