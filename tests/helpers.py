@@ -215,6 +215,15 @@ def gated_projection(embeddings, init):
     return embeddings[:, :2].astype("float64")
 
 
+def dying_projection(embeddings, init):
+    """A picklable projection whose process is killed, as the kernel's out-of-memory
+    killer would kill a map worker."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def slow_projection(embeddings, init):
     """A picklable projection that takes a while: maps land after their epoch ends."""
     import time

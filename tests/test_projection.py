@@ -23,6 +23,7 @@ from labelwatch.projection import (
 )
 from tests.helpers import (
     TinyClassifier,
+    dying_projection,
     finish_wandb,
     gated_projection,
     loaders,
@@ -180,6 +181,30 @@ def test_background_maps_land_with_their_epoch_and_fit_end_flushes(
     )
     epochs = [json.loads(p.read_text())["data"][0][1] for p in tables]
     assert epochs == [0, 1]
+
+
+def test_a_map_worker_that_dies_costs_the_maps_not_the_fit(tmp_path: Path):
+    """The worker is killed inside its first map (as for memory): the fit goes on, every
+    epoch is written (and logged) without coordinates, a warning says why, and fit end
+    leaves no process behind."""
+    import multiprocessing
+
+    train, val = loaders()
+    logger = WandbLogger(project="maps", save_dir=str(tmp_path), offline=True)
+    callback = LabelWatch(projection=dying_projection, map_in_background=True)
+    trainer = Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[callback], max_epochs=3))
+    with pytest.warns(UserWarning) as record:
+        trainer.fit(TinyClassifier(), train, val)
+    finish_wandb()
+    assert trainer.current_epoch == 3
+    messages = " ".join(str(w.message) for w in record)
+    assert "BrokenProcessPool" in messages
+    for epoch in range(3):
+        summary = json.loads((callback.output_root / f"epoch={epoch}/summary.json").read_text())
+        assert summary["projection"] == "none"
+    tables = (offline_run_dir(tmp_path) / "files/media/table/labelwatch").glob("samples_*")
+    assert len(list(tables)) == 3
+    assert not multiprocessing.active_children()
 
 
 class _OpenGateAtEpoch(Callback):

@@ -11,6 +11,7 @@ import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -294,6 +295,7 @@ class LabelWatchLogic:
         self._spare_slabs: dict[int, dict[str, torch.Tensor]] = {}
         self._watched: dict[int, str | None] = {}
         self._worker: MapWorker | None = None
+        self._map_off = False  # the worker died: no more maps this fit
         # W&B tables are built and logged on this thread, in epoch order, so that their
         # per-row type checks (~0.4 ms a row) do not hold up the training loop; the local
         # files are rewritten here too once a background map adds coordinates.
@@ -346,6 +348,7 @@ class LabelWatchLogic:
         self._wandb = WandbSink(logger, table_key=self.table_key) if logger is not None else None
         if self._wandb is not None and stage == "fit" and trainer.is_global_zero:
             self._warn_if_media_go_astray(self._wandb)
+        self._map_off = False
         if stage == "fit" and trainer.is_global_zero and self._wants_worker():
             # Started now so numba compiles while the first epoch trains.
             self._worker = MapWorker(
@@ -519,12 +522,20 @@ class LabelWatchLogic:
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # Lightning skips teardown after an exception: free the capture memory (on the
         # model's device) and unhook the model here, for a notebook that retries.
-        self._release_capture()
-        # Interrupted: log what is outstanding now, without coordinates, rather than lose it.
-        self._finish_maps(wait=False, give_up=True)
-        self._stop_worker()
-        self._wait_for_history_saves()
-        self._wait_for_logging()
+        try:
+            self._release_capture()
+            # Interrupted: log what is outstanding now, without coordinates, rather than
+            # lose it.
+            self._finish_maps(wait=False, give_up=True)
+            self._stop_worker()
+            self._wait_for_history_saves()
+            self._wait_for_logging()
+        except Exception as err:  # never mask the exception that stopped the fit
+            log.debug("LabelWatch: cleanup after an exception failed", exc_info=True)
+            rank_zero_warn(
+                f"LabelWatch could not finish its outputs after the fit's error"
+                f" ({type(err).__name__}: {err})."
+            )
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._release_capture()
@@ -570,6 +581,18 @@ class LabelWatchLogic:
         if self._worker is not None:
             self._worker.shutdown()
             self._worker = None
+
+    def _lose_worker(self, err: BaseException) -> None:
+        """The map worker died: the rest of this fit goes on without maps (a worker
+        killed for memory would likely die again), and its epochs are still logged."""
+        self._warn_once(
+            "worker-died",
+            f"LabelWatch: the map worker process died ({type(err).__name__}: {err}); the"
+            " following epochs are scored and logged without maps. Lower `max_points`, or"
+            " use projection='pca', if it ran out of memory.",
+        )
+        self._stop_worker()
+        self._map_off = True
 
     def state_dict(self) -> dict[str, Any]:
         root = self.output_root
@@ -820,7 +843,7 @@ class LabelWatchLogic:
         pending = _PendingEpoch(epoch, trainer.global_step, name, samples, candidates, summary)
         pending.out_dir = root / f"epoch={epoch}"
         self._last_results[name] = (epoch, len(candidates), len(samples), pending.out_dir)
-        job = self._map_job(samples, candidates, host, name, epoch)
+        job = None if self._map_off else self._map_job(samples, candidates, host, name, epoch)
         if job is None or self._worker is None:  # no map, or a synchronous one: one write
             result = self._map_or_warn(lambda: compute_map(job), epoch) if job else None
             self._finish_epoch(pending, result)
@@ -829,7 +852,10 @@ class LabelWatchLogic:
         # Scores are on disk at once; the map (and W&B, which shows it) follows when ready.
         self._write_local(pending)
         self._save_history(name, pending.out_dir)
-        pending.map = self._worker.submit(job)
+        try:
+            pending.map = self._worker.submit(job)
+        except BrokenProcessPool as err:  # the worker died (killed for memory, say)
+            self._lose_worker(err)
         self._pending.append(pending)
         self._drop_stale_maps()
         self._finish_maps(wait=False)

@@ -26,6 +26,7 @@ import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -454,11 +455,15 @@ class MapWorker:
 
     def shutdown(self) -> None:
         """Stop now. Callers first wait for the maps they need; what remains (at most the
-        warm-up) is not worth waiting for, and the worker holds nothing else."""
+        warm-up) is not worth waiting for, and the worker holds nothing else. Never
+        raises: a worker that died (killed for memory, say) is only cleaned up after."""
         if all(future.done() for future in self._futures):
             # Idle: the worker leaves at once (`_exit`) instead of spending seconds
             # tearing down torch and numba, and without holding the pool's queue lock.
-            self._pool.submit(_exit_worker)
+            try:
+                self._pool.submit(_exit_worker)
+            except BrokenProcessPool:
+                pass  # it is gone already
             self._pool.shutdown(wait=True)
             return
         processes = list((getattr(self._pool, "_processes", None) or {}).values())
@@ -466,6 +471,9 @@ class MapWorker:
         for process in processes:
             process.terminate()
             process.join(timeout=10)
+            if process.is_alive():  # stopped or stuck: SIGTERM is not enough
+                process.kill()
+                process.join(timeout=10)
         self._pool.shutdown(wait=True)  # now quick: releases the pool's queues and locks
 
 
