@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from labelwatch import LabelWatch
-from labelwatch.capture import EpochBuffer
+from labelwatch.capture import CapturedEpoch, EpochBuffer, _deduplicate_and_sort
 from tests.helpers import TinyClassifier, loaders, trainer_kwargs
 
 
@@ -117,3 +117,29 @@ def test_an_integer_id_beyond_64_bits_is_refused_in_the_batch_that_brings_it():
     buffer.add(torch.randn(2, 3), torch.tensor([0, 1]), [2**64 - 1, 2**63])  # uint64: fine
     with pytest.raises(ValueError, match=r"sample id 18446744073709551621, which does not fit"):
         buffer.add(torch.randn(2, 3), torch.tensor([0, 1]), [7, 2**64 + 5])
+
+
+def _epoch(ids: list[int], logits: torch.Tensor, targets: list[int]) -> CapturedEpoch:
+    return CapturedEpoch(logits, torch.tensor(targets), torch.tensor(ids), None)
+
+
+def test_ddp_padding_is_dropped_but_two_samples_under_one_id_are_an_error():
+    """DistributedSampler repeats whole samples (same target, same logits) to even out the
+    ranks: dropped. A repeated id on another sample is the user's duplicate: an error,
+    even when there are fewer repeats than ranks."""
+    logits = torch.randn(4, 3)
+    padded = _epoch([0, 1, 2, 0], torch.cat([logits[:3], logits[:1]]), [0, 1, 2, 0])
+    assert _deduplicate_and_sort(padded, world_size=2).sample_ids == [0, 1, 2]
+    with pytest.raises(ValueError, match="share the sample id 2 .*not DistributedSampler"):
+        _deduplicate_and_sort(_epoch([0, 1, 2, 2], logits, [0, 1, 2, 2]), world_size=2)
+
+
+def test_the_unsplit_dataloader_hint_needs_every_rank_to_send_the_same_ids():
+    """Ids repeated on a split loader (id = index // 2) are not called an unsplit loader."""
+    logits = torch.zeros(8, 3)
+    unsplit = _epoch([0, 1, 2, 3, 0, 1, 2, 3], logits, [0] * 8)
+    with pytest.raises(ValueError, match="not split across ranks"):
+        _deduplicate_and_sort(unsplit, world_size=2)
+    with pytest.raises(ValueError, match="share a sample id") as err:
+        _deduplicate_and_sort(_epoch([0, 1, 2, 3, 0, 0, 1, 1], logits, [0] * 8), world_size=2)
+    assert "not split" not in str(err.value)

@@ -431,9 +431,11 @@ def _deduplicate_and_sort(captured: CapturedEpoch, world_size: int) -> CapturedE
     if world_size > 1 and len(first) < len(id_list):
         # Only the sampler's padding may repeat an id; anything more is a user error.
         repeats = len(id_list) - len(first)
+        unique = len(first)
         if repeats >= world_size:
             hint = ""
-            if len(id_list) == world_size * len(first):
+            shards = [id_list[k * unique : (k + 1) * unique] for k in range(world_size)]
+            if len(id_list) == world_size * unique and all(s == shards[0] for s in shards):
                 hint = (
                     f" Each of the {world_size} ranks sent every id: the validation dataloader"
                     " is not split across ranks (Trainer(use_distributed_sampler=False)?). Let"
@@ -444,6 +446,7 @@ def _deduplicate_and_sort(captured: CapturedEpoch, world_size: int) -> CapturedE
                 " unique within an epoch (DistributedSampler repeats at most world_size - 1)."
                 + hint
             )
+        _check_repeats_are_copies(captured, id_list, first)
     keep = sorted(first.values(), key=id_list.__getitem__) if world_size > 1 else None
     if keep is None:  # one process: keep the loader's order and let scoring report duplicates
         return CapturedEpoch(
@@ -458,6 +461,26 @@ def _deduplicate_and_sort(captured: CapturedEpoch, world_size: int) -> CapturedE
         embeddings=embeddings,
         metadata={k: [v[i] for i in keep] for k, v in captured.metadata.items()},
     )
+
+
+def _check_repeats_are_copies(
+    captured: CapturedEpoch, id_list: list[Any], first: dict[Any, int]
+) -> None:
+    """DistributedSampler pads by repeating whole samples: a repeated id whose target or
+    logits differ from its first row's is two samples under one id, not padding."""
+    for position, sample_id in enumerate(id_list):
+        kept = first[sample_id]
+        if kept == position:
+            continue
+        same = bool(captured.targets[kept] == captured.targets[position]) and torch.allclose(
+            captured.logits[kept].float(), captured.logits[position].float(), rtol=1e-3, atol=1e-3
+        )
+        if not same:
+            raise ValueError(
+                f"Two validation samples share the sample id {sample_id!r} (their targets or"
+                " logits differ, so this is not DistributedSampler's padding); ids must be"
+                " unique within an epoch."
+            )
 
 
 def _default_device() -> torch.device:
