@@ -728,6 +728,49 @@ def test_wandb_failure_warns_once_and_keeps_training_and_local_results(tmp_path:
     assert sorted(p.name for p in out.iterdir()) == ["epoch=0", "epoch=1"]
 
 
+def test_an_epoch_whose_local_files_fail_still_reaches_wandb_without_an_artifact(
+    tmp_path: Path, monkeypatch
+):
+    """A full disk in epoch 1: a warning, training goes on, W&B still gets that epoch's
+    tables (the artifact, which holds the local files, is skipped), and no empty folder is
+    left behind."""
+    import errno
+
+    from labelwatch.sinks.local import LocalSink
+
+    original = LocalSink.write
+
+    def write(self, epoch, samples, candidates, summary):
+        if epoch == 1:
+            (self.dirpath / "epoch=1").mkdir(parents=True, exist_ok=True)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, epoch, samples, candidates, summary)
+
+    monkeypatch.setattr(LocalSink, "write", write)
+    train, val = loaders()
+    logger = WandbLogger(project="labelwatch-tests", save_dir=str(tmp_path), offline=True)
+    callback = LabelWatch(projection="none")
+    trainer = Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[callback], max_epochs=3))
+    with pytest.warns(UserWarning) as record:
+        trainer.fit(TinyClassifier(), train, val)
+    finish_wandb()
+    messages = " ".join(str(w.message) for w in record)
+    assert "could not write its local outputs" in messages and "No space left" in messages
+    assert "epoch 1 could not be written, so W&B gets its tables and metrics" in messages
+    assert sorted(p.name for p in callback.output_root.iterdir()) == ["epoch=0", "epoch=2"]
+    run_dir = offline_run_dir(tmp_path)
+    tables = sorted((run_dir / "files/media/table/labelwatch").glob("samples_*"))
+    assert len(tables) == 3
+    (log_file,) = run_dir.glob("*.wandb")
+    aliases = [
+        alias
+        for r in wandb_records(log_file)
+        if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "relabel-candidates"
+        for alias in r.artifact.aliases
+    ]
+    assert sorted(a for a in aliases if a.startswith("epoch-")) == ["epoch-0", "epoch-2"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -995,7 +996,7 @@ class LabelWatchLogic:
             # The scores are on disk already; adding the coordinates (a rewrite, seconds at
             # 100k rows) is left to the logging thread, ahead of this epoch's W&B logging.
             self._in_logging_thread(self._write_local, pending)
-        if pending.out_dir is not None and self._wandb is not None:
+        if self._wandb is not None:  # also when the local files failed: W&B may not
             self._in_logging_thread(
                 self._log_wandb,
                 pending.epoch,
@@ -1159,6 +1160,8 @@ class LabelWatchLogic:
                 f"LabelWatch could not write its local outputs to {pending.out_dir}: {err}"
             )
             if not pending.written:
+                with contextlib.suppress(OSError):
+                    pending.out_dir.rmdir()  # the folder it made, if nothing is in it
                 pending.out_dir = None
             return
         pending.written = True
@@ -1198,12 +1201,21 @@ class LabelWatchLogic:
         samples: pd.DataFrame,
         candidates: pd.DataFrame,
         summary: dict[str, Any],
-        out_dir: Path,
+        out_dir: Path | None,
     ) -> None:
         assert self._wandb is not None
         # W&B tables stay bounded even when an untrained model flags most samples: the
         # top-ranked max_points candidates (the artifact's parquet and CSV hold them all).
         candidates = candidates.head(self.max_points)
+        files = None
+        if out_dir is not None:
+            files = {f: out_dir / f for f in ("candidates.parquet", "candidates.csv")}
+        else:  # the artifact holds the local files: none to hold
+            self._warn_once(
+                "wandb-no-artifact",
+                f"LabelWatch: the local files of epoch {epoch} could not be written, so W&B"
+                " gets its tables and metrics but no relabel-candidates artifact version.",
+            )
         try:
             self._wandb.log_epoch(
                 epoch=epoch,
@@ -1212,7 +1224,7 @@ class LabelWatchLogic:
                 samples=samples,
                 candidates=candidates,
                 summary=summary,
-                files={f: out_dir / f for f in ("candidates.parquet", "candidates.csv")},
+                files=files,
                 media=self._media(samples, candidates),
             )
         except Exception as err:  # W&B must never stop training; the local copy is kept

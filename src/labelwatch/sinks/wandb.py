@@ -165,10 +165,11 @@ class WandbSink:
         samples: pd.DataFrame,
         candidates: pd.DataFrame,
         summary: Mapping[str, Any],
-        files: Mapping[str, Path],
+        files: Mapping[str, Path] | None,
         media: Mapping[Any, Any] | None = None,
     ) -> None:
-        """Log tables and metrics, then the artifact; ``media`` maps sample id -> W&B media."""
+        """Log tables and metrics, then the artifact of ``files`` (none without them);
+        ``media`` maps sample id -> W&B media."""
         import wandb
 
         run = self.run
@@ -185,6 +186,8 @@ class WandbSink:
             }
         )
         run.summary.update(metrics)
+        if files is None:
+            return
         artifact = wandb.Artifact(
             artifact_name(run.id, dataloader),
             type=ARTIFACT_TYPE,
