@@ -159,6 +159,28 @@ def test_a_resume_started_in_another_working_directory_finds_the_outputs(
     assert resumed.output_root == Path("runs/labelwatch")
 
 
+def test_a_new_fit_into_a_folder_with_another_fits_epochs_writes_beside_it(tmp_path: Path):
+    """A second script run (or a notebook retry) into the same folder would overwrite part
+    of the first fit's epochs and leave the rest for readers to take as the latest: it
+    writes to labelwatch-v1 with a warning, and the first fit's files stay as they were."""
+    from labelwatch.candidates import read_candidates
+
+    train, val = _data()
+    Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=3, callbacks=[LabelWatch(projection="none")])
+    ).fit(TinyClassifier(), train, val)
+    first = {p: p.read_bytes() for p in (tmp_path / "labelwatch").rglob("*") if p.is_file()}
+    callback = LabelWatch(projection="none")
+    with pytest.warns(UserWarning, match="holds the epochs of another fit; this fit writes to"):
+        Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[callback])).fit(
+            TinyClassifier(), train, val
+        )
+    assert callback.output_root == tmp_path / "labelwatch-v1"
+    assert sorted(p.name for p in callback.output_root.iterdir()) == ["epoch=0", "epoch=1"]
+    assert {p: p.read_bytes() for p in (tmp_path / "labelwatch").rglob("*") if p.is_file()} == first
+    assert read_candidates(callback.output_root).epoch == 1  # not the first fit's epoch 2
+
+
 def test_each_validation_dataloader_is_watched_separately(tmp_path: Path):
     """Two named validation loaders get their own folders, named in the summary."""
     train, val = _data()

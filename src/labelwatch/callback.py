@@ -840,6 +840,8 @@ class LabelWatchLogic:
         summary.update(self._wandb_run_ids())
         if self.output_root is None:
             self.output_root = self._output_root(trainer)
+            if self.last_epoch is None:  # a new fit, not a resumed one
+                self.output_root = self._unused(self.output_root, self._watched.values())
         root = self.output_root / name if name is not None else self.output_root
         pending = _PendingEpoch(epoch, trainer.global_step, name, samples, candidates, summary)
         pending.out_dir = root / f"epoch={epoch}"
@@ -1166,6 +1168,27 @@ class LabelWatchLogic:
             return
         pending.written = True
         self.last_output_dir = pending.out_dir
+
+    def _unused(self, root: Path, names: Iterable[str | None]) -> Path:
+        """``root``, or ``root-v1``, ``root-v2``, ... when the folders of the dataloaders
+        ``names`` there hold another fit's epochs, which the new ones would overwrite in
+        part and which readers would take for the latest (as ModelCheckpoint versions a
+        file it would overwrite)."""
+        names = list(names)
+
+        def taken(folder: Path) -> bool:
+            return any(any((folder / (n or "")).glob("epoch=*")) for n in names)
+
+        chosen, version = root, 0
+        while taken(chosen):
+            version += 1
+            chosen = root.with_name(f"{root.name}-v{version}")
+        if chosen != root:
+            rank_zero_warn(
+                f"LabelWatch: {root} holds the epochs of another fit; this fit writes to"
+                f" {chosen} (resume from a checkpoint to continue that fit)."
+            )
+        return chosen
 
     def _output_root(self, trainer: Any) -> Path:
         if self.dirpath is not None:

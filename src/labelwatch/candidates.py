@@ -396,7 +396,7 @@ def _from_wandb_run(run_dir: Path, epoch: int | None) -> CandidateSet:
     # The WandbLogger's local outputs sit beside the run: <save_dir>/<project>/<run id>/.
     summary, project = {}, None
     save_dir = run_dir.resolve().parent.parent
-    outputs = save_dir.glob(f"*/{_glob_escape(run_id)}/labelwatch/**/epoch=*/summary.json")
+    outputs = save_dir.glob(f"*/{_glob_escape(run_id)}/labelwatch*/**/epoch=*/summary.json")
     for summary_path in outputs:
         if found_epoch is None or summary_path.parent.name != f"epoch={found_epoch}":
             continue
