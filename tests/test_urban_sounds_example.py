@@ -297,3 +297,29 @@ def test_a_projection_function_without_annotations_is_taken_from_the_command_lin
     cli = main(args, run=False)
     (watch,) = [c for c in cli.trainer.callbacks if isinstance(c, LabelWatch)]
     assert watch.projection is slow_projection
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--data.root", "elsewhere"], "--data.root: the demo sets it; use --root"),
+        (["--data.seed=5"], "--data.seed: the demo sets it"),
+        (["--trainer.strategy", "ddp_spawn"], "--trainer.strategy ddp_spawn: the demo trains"),
+        (["--trainer.devices=2"], "--trainer.devices 2: the demo trains and reports in one"),
+        (["--config", "missing.yaml"], "--config missing.yaml: no such file"),
+    ],
+)
+def test_the_demo_refuses_what_it_cannot_honour_before_making_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, arguments: list[str], message: str
+) -> None:
+    """Run from another folder, with arguments it sets itself or a DDP run it cannot report
+    on: a clear error before any clip is generated. Its default config is the repository's."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        demo_main(["--root", str(tmp_path / "data"), *arguments])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+    from examples.urban_sounds.demo import DEFAULT_CONFIG
+
+    assert Path(DEFAULT_CONFIG) == CONFIG

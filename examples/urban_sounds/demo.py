@@ -32,8 +32,16 @@ import pandas as pd
 
 __all__ = ["evaluate", "main"]
 
-DEFAULT_CONFIG = "configs/urban_sounds.yaml"
+# The repository's config, wherever the demo runs from; data and outputs go under the
+# working directory.
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "urban_sounds.yaml")
 DEFAULT_ROOT = "data/urban_sounds"
+# LightningCLI arguments the demo sets itself, and what to use instead.
+_OWN_ARGUMENTS = {
+    "--data.root": "--root (it also sets where the W&B table plays the clips from)",
+    "--data.seed": "python -m examples.urban_sounds.train to train on other synthetic data",
+    "--data.generate_clips": "--num-clips",
+}
 _MARKER = ".labelwatch-synthetic"  # written by examples.urban_sounds.generate
 
 
@@ -52,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workers", type=int, default=2, help="generator processes")
     parser.add_argument("--top", type=int, default=10, help="candidates to print")
     args, cli_args = parser.parse_known_args(argv)
+    _check_arguments(parser, args, cli_args)
     os.environ.setdefault("WANDB_MODE", "offline")
     began = time.perf_counter()
 
@@ -81,6 +90,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------- steps
+
+
+def _check_arguments(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, cli_args: list[str]
+) -> None:
+    """Refuse, before generating or training anything, what the demo cannot honour."""
+    if not Path(args.config).is_file():
+        parser.error(f"--config {args.config}: no such file")
+    flags = {a.split("=", 1)[0]: i for i, a in enumerate(cli_args) if a.startswith("--")}
+    for flag, instead in _OWN_ARGUMENTS.items():
+        if flag in flags:
+            parser.error(f"{flag}: the demo sets it; use {instead}")
+    for flag in ("--trainer.strategy", "--trainer.devices", "--trainer.num_nodes"):
+        if flag not in flags:
+            continue
+        given = cli_args[flags[flag]]
+        value = (
+            given.split("=", 1)[1] if "=" in given else next(iter(cli_args[flags[flag] + 1 :]), "")
+        )
+        if "ddp" in value or value not in ("", "1", "auto", "single_device", "[0]"):
+            parser.error(
+                f"{flag} {value}: the demo trains and reports in one process; for DDP run"
+                " python -m examples.urban_sounds.train fit --config configs/urban_sounds.yaml"
+            )
 
 
 def _ensure_data(root: Path, num_clips: int, workers: int) -> None:
