@@ -159,6 +159,25 @@ def test_a_resume_started_in_another_working_directory_finds_the_outputs(
     assert resumed.output_root == Path("runs/labelwatch")
 
 
+def test_a_resume_whose_last_samples_file_is_gone_says_what_starts_again(tmp_path: Path):
+    """The streaks and first watch scores carried over a resume live in the last epoch's
+    samples.parquet: without it they start again, with a warning instead of silence."""
+    train, val = _data()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    kwargs = trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=True)
+    Trainer(**{**kwargs, "callbacks": [LabelWatch(projection="none"), checkpoint]}).fit(
+        TinyClassifier(), train, val
+    )
+    (tmp_path / "labelwatch/epoch=1/samples.parquet").unlink()
+    kwargs = trainer_kwargs(tmp_path, max_epochs=3, enable_checkpointing=True)
+    with pytest.warns(UserWarning, match=r"samples.parquet \(FileNotFoundError\): what samples"):
+        Trainer(**{**kwargs, "callbacks": [LabelWatch(projection="none")]}).fit(
+            TinyClassifier(), train, val, ckpt_path=tmp_path / "ckpt/last.ckpt"
+        )
+    resumed = pd.read_parquet(tmp_path / "labelwatch/epoch=2/samples.parquet")
+    assert resumed["flag_streak"].le(1).all()
+
+
 def test_a_new_fit_into_a_folder_with_another_fits_epochs_writes_beside_it(tmp_path: Path):
     """A second script run (or a notebook retry) into the same folder would overwrite part
     of the first fit's epochs and leave the rest for readers to take as the latest: it

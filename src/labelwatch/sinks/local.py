@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,14 +49,26 @@ class LocalSink:
 
 
 def read_samples(folder: Path | None, columns: list[str]) -> pd.DataFrame | None:
-    """``columns`` of the samples.parquet that :class:`LocalSink` wrote in ``folder``; None
-    when there is no such folder or file, or when it lacks a column (an older or partial
-    file: what reads it starts afresh)."""
-    if folder is None or not (folder / "samples.parquet").is_file():
+    """``columns`` of the samples.parquet that :class:`LocalSink` wrote in ``folder`` (the
+    last epoch's, which a resumed fit continues); None when there is no folder, when the
+    file lacks a column (an older file: what reads it starts afresh), and, with a warning,
+    when it is missing or unreadable."""
+    if folder is None:
         return None
+    import pyarrow.parquet as pq
+
+    path = folder / "samples.parquet"
     try:
-        return pd.read_parquet(folder / "samples.parquet", columns=columns)
-    except (OSError, ValueError, KeyError):
+        if not set(columns) <= set(pq.read_schema(path).names):
+            return None
+        return pd.read_parquet(path, columns=columns)
+    except (OSError, ValueError) as err:  # missing, truncated, not parquet
+        warnings.warn(  # from one line: shown once for the three readers of a resume
+            f"LabelWatch could not read {path} ({type(err).__name__}): what samples carry"
+            " from epoch to epoch there (flag streaks, first watch scores, the map's"
+            " alignment) starts again from this epoch.",
+            stacklevel=1,
+        )
         return None
 
 
