@@ -288,8 +288,15 @@ def test_coordinates_are_added_on_the_logging_thread_and_a_failed_rewrite_keeps_
         assert len(samples) == 48 and samples["x"].isna().all()
 
 
-def test_an_interrupt_logs_outstanding_epochs_without_coordinates(tmp_path: Path):
-    """Ctrl-C while a map is running: the epoch is still written, without a map."""
+def test_an_interrupt_logs_outstanding_epochs_without_coordinates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Ctrl-C while a map is running: the epoch is still written, without a map, and a
+    line says which epochs lost their maps."""
+    import labelwatch.callback
+
+    said: list[str] = []
+    monkeypatch.setattr(labelwatch.callback, "rank_zero_info", said.append)
     train, val = loaders()
     callback = LabelWatch(projection=slow_projection, map_in_background=True)
     trainer = Trainer(
@@ -300,6 +307,8 @@ def test_an_interrupt_logs_outstanding_epochs_without_coordinates(tmp_path: Path
     summary = json.loads((tmp_path / "labelwatch/epoch=0/summary.json").read_text())
     assert summary["num_samples"] == 48
     assert summary["projection"] in ("none", "slow_projection")  # the map may just have landed
+    if summary["projection"] == "none":
+        assert "the fit stopped with the maps of epoch(s) [0] unfinished" in " ".join(said)
     assert not (tmp_path / "labelwatch/epoch=1").exists()
 
 

@@ -950,18 +950,25 @@ class LabelWatchLogic:
     def _finish_maps(self, wait: bool, give_up: bool = False) -> None:
         """Log every epoch whose map has landed (or was cancelled), in order (all of them
         when `wait`)."""
+        given_up = []
         while self._pending:
             pending = self._pending[0]
             future = pending.map
             if give_up and future is not None and not future.done():
                 future.cancel()
                 result = None
+                given_up.append(pending.epoch)
             elif wait or future is None or future.done():
                 result = self._map_or_warn(future.result, pending.epoch) if future else None
             else:
                 return
             self._pending.popleft()
             self._finish_epoch(pending, result)
+        if given_up:
+            rank_zero_info(
+                f"LabelWatch: the fit stopped with the maps of epoch(s) {given_up} unfinished;"
+                " those epochs are written and logged without coordinates."
+            )
 
     def _finish_epoch(self, pending: _PendingEpoch, result: MapResult | None) -> None:
         """Merge the map into the epoch's rows, rewrite the local files, then log to W&B."""
@@ -1331,6 +1338,11 @@ class LabelWatch(LabelWatchLogic, Callback):
     - targets: ``outputs[target_key]``, else ``batch[target_key]``, else ``batch[1]``;
     - sample ids: ``outputs[sample_id_key]``, else ``batch[sample_id_key]``, else the
       running position (valid only in one process with an unshuffled loader).
+
+    After ``fit``, ``output_root``, ``last_output_dir`` (the newest epoch's folder) and
+    ``last_epoch`` say where the outputs are, in the process that scored them: rank zero.
+    Under ``ddp_spawn`` that is a spawned copy of the callback, so in the launching
+    process they stay None: read the folder with ``labelwatch.load_candidates``.
 
     Args:
         class_names: one name per class, in output order; defaults to ``"0"``, ``"1"``, ...
