@@ -98,18 +98,19 @@ def _check_arguments(
     """Refuse, before generating or training anything, what the demo cannot honour."""
     if not Path(args.config).is_file():
         parser.error(f"--config {args.config}: no such file")
-    flags = {a.split("=", 1)[0]: i for i, a in enumerate(cli_args) if a.startswith("--")}
+    # --flag=value or --flag value, as LightningCLI takes them
+    pairs = [a.split("=", 1) for a in cli_args]
+    values = {
+        pair[0]: pair[1] if len(pair) == 2 else next(iter(cli_args[i + 1 : i + 2]), "")
+        for i, pair in enumerate(pairs)
+        if pair[0].startswith("--")
+    }
     for flag, instead in _OWN_ARGUMENTS.items():
-        if flag in flags:
+        if flag in values:
             parser.error(f"{flag}: the demo sets it; use {instead}")
     for flag in ("--trainer.strategy", "--trainer.devices", "--trainer.num_nodes"):
-        if flag not in flags:
-            continue
-        given = cli_args[flags[flag]]
-        value = (
-            given.split("=", 1)[1] if "=" in given else next(iter(cli_args[flags[flag] + 1 :]), "")
-        )
-        if "ddp" in value or value not in ("", "1", "auto", "single_device", "[0]"):
+        value = values.get(flag)
+        if value is not None and value not in ("", "1", "auto", "single_device", "[0]"):
             parser.error(
                 f"{flag} {value}: the demo trains and reports in one process; for DDP run"
                 " python -m examples.urban_sounds.train fit --config configs/urban_sounds.yaml"

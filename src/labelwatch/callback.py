@@ -438,13 +438,17 @@ class LabelWatchLogic:
         self, argument: str, layer: str | None, output: Any, calls: int, other: str | None
     ) -> torch.Tensor | None:
         """A hooked layer's output for this batch; what went wrong with it is said here."""
-        what = {"logits_layer": "logits", "embedding_layer": "embeddings"}[argument]
+        what, key = {
+            "logits_layer": ("logits", self.logits_key),
+            "embedding_layer": ("embeddings", self.embeddings_key),
+        }[argument]
+        returned = f"`{{{key!r}: ...}}`"  # how validation_step would return them
         if calls == 0 or other is not None:
             problem = "did not run" if calls == 0 else f"returned a {other}, not a tensor"
             message = (
                 f"LabelWatch: `{argument}`={layer!r} {problem} in a validation step; return"
-                f" the {what} from validation_step (`{{{getattr(self, what + '_key')!r}: ...}}`)"
-                " or hook a layer that outputs a tensor of them."
+                f" the {what} from validation_step ({returned}) or hook a layer that outputs"
+                " a tensor of them."
             )
             if argument == "logits_layer":
                 raise ValueError(message)
@@ -455,8 +459,7 @@ class LabelWatchLogic:
                 f"tap-twice-{argument}",
                 f"LabelWatch: `{argument}`={layer!r} ran {calls} times in one validation step"
                 " (test-time augmentation, a second pass?); only its last output is kept."
-                f" Return the {what} to score from validation_step instead"
-                f" (`{{{getattr(self, what + '_key')!r}: ...}}`).",
+                f" Return the {what} to score from validation_step instead ({returned}).",
             )
         return output
 

@@ -460,10 +460,8 @@ class MapWorker:
         if all(future.done() for future in self._futures):
             # Idle: the worker leaves at once (`_exit`) instead of spending seconds
             # tearing down torch and numba, and without holding the pool's queue lock.
-            try:
+            with contextlib.suppress(BrokenProcessPool):  # it is gone already
                 self._pool.submit(_exit_worker)
-            except BrokenProcessPool:
-                pass  # it is gone already
             self._pool.shutdown(wait=True)
             return
         processes = list((getattr(self._pool, "_processes", None) or {}).values())
