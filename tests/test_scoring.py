@@ -74,6 +74,23 @@ def test_label_quality_methods_equal_cleanlab(method: str):
     assert frame["label_quality"].between(0, 1).all()
 
 
+@pytest.mark.parametrize("method", LABEL_QUALITY_METHODS)
+def test_label_quality_from_confident_logits_equals_cleanlab(method: str):
+    """From float32 logits as confident as a trained model's (p(given) down to 1e-30), each
+    method equals cleanlab's on the float64 softmax. confidence_weighted_entropy divides the
+    entropy by p(given), so it needs the entropy of a confident row far below float32's
+    rounding error (it read 0, and the score 0 where cleanlab's is near 1)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2000, 10)) * rng.uniform(0.5, 30, size=(2000, 1))
+    logits = torch.from_numpy(logits).float()
+    labels = rng.integers(0, 10, size=2000)
+    probs = torch.softmax(logits.double(), dim=1).numpy()
+    assert (probs[np.arange(2000), labels] < 1e-6).sum() > 100  # the rows that differed
+    frame = score_predictions(logits=logits, labels=labels, label_quality=method)
+    expected = get_label_quality_scores(labels, probs, method=method, adjust_pred_probs=False)
+    np.testing.assert_allclose(frame["label_quality"], expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("seed", range(40))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_confident_mismatch_equals_cleanlab_on_random_inputs(seed: int, dtype: type):

@@ -318,28 +318,39 @@ def compute_scores(
         "flag": torch.empty(num_samples, dtype=torch.bool, device=device),
         "suggested": torch.empty(num_samples, dtype=torch.long, device=device),
     }
+    # confidence_weighted_entropy divides the entropy by p(given), so a confident mismatch's
+    # tiny entropy decides its score; float32 loses it (to 0 when p(given) < 1e-6).
+    exact_entropy = from_logits and label_quality == "confidence_weighted_entropy"
     if with_entropy:
-        out["entropy"] = torch.empty(num_samples, dtype=prob_dtype, device=device)
+        entropy_dtype = torch.float64 if exact_entropy else prob_dtype
+        out["entropy"] = torch.empty(num_samples, dtype=entropy_dtype, device=device)
     for start in range(0, num_samples, chunk_rows):
         rows = slice(start, start + chunk_rows)
         chunk = _score_chunk(
-            probabilities(start), labels[rows], thresholds, logits(start), with_entropy, writable
+            probabilities(start),
+            labels[rows],
+            thresholds,
+            logits(start),
+            with_entropy,
+            writable,
+            exact_entropy,
         )
         for key, value in chunk.items():
             out[key][rows] = value
         del chunk
     margin = self_conf - out["max_other"]
     entropy = out.get("entropy")
+    quality = _label_quality(label_quality, self_conf, margin, entropy).to(prob_dtype)
     return Scores(
         predicted=out["predicted"],
         confidence=out["confidence"],
         self_confidence=self_conf,
         margin=margin,
         best_other=out["best_other"],
-        entropy=entropy,
+        entropy=None if entropy is None else entropy.to(prob_dtype),
         is_confident_mismatch=out["flag"],
         suggested=out["suggested"],
-        label_quality=_label_quality(label_quality, self_conf, margin, entropy),
+        label_quality=quality,
         thresholds=thresholds,
     )
 
@@ -372,9 +383,11 @@ def _score_chunk(
     logits: torch.Tensor | None = None,
     with_entropy: bool = True,
     writable: bool = False,
+    exact_entropy: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Scores of one chunk of rows. ``probs`` is changed in place and restored (saving a
-    copy of the chunk) when it is a private softmax of ``logits``, or ``writable``."""
+    copy of the chunk) when it is a private softmax of ``logits``, or ``writable``.
+    ``exact_entropy`` computes the entropy from logits in float64."""
     rows = torch.arange(len(given), device=probs.device)
     confidence, predicted = probs.max(dim=1)  # first index among ties, like numpy
     given_prob = probs[rows, given]
@@ -413,8 +426,8 @@ def _score_chunk(
         "suggested": suggested,
     }
     if with_entropy:
-        entropy = _entropy(probs, logits, confidence, predicted) / math.log(probs.shape[1])
-        out["entropy"] = entropy.clamp(0.0, 1.0)
+        entropy = _entropy(probs, logits, confidence, predicted, exact_entropy)
+        out["entropy"] = (entropy / math.log(probs.shape[1])).clamp(0.0, 1.0)
     return out
 
 
@@ -423,11 +436,17 @@ def _entropy(
     logits: torch.Tensor | None,
     top_p: torch.Tensor,
     top: torch.Tensor,
+    exact: bool = False,
 ) -> torch.Tensor:
     """-sum p log p. From logits, log p = x - lse: H = lse - p.x, with lse = x_k - log p_k
-    at the argmax k (p_k >= 1/C, so its log is safe); no N x C logarithm is needed."""
+    at the argmax k (p_k >= 1/C, so its log is safe); no N x C logarithm is needed. That
+    difference cancels to float32's rounding error for a confident row; ``exact`` pays
+    for an N x C float64 log-softmax instead, which keeps entropies down to 1e-300."""
     if logits is None:
         return torch.special.entr(probs).sum(dim=1)
+    if exact:
+        log_p = torch.log_softmax(logits.double(), dim=1)
+        return -(log_p.exp() * log_p).sum(dim=1)
     top_x = logits.gather(1, top[:, None]).squeeze(1)
     expected_x = torch.bmm(probs[:, None, :], logits[:, :, None]).reshape(-1)
     return (top_x.double() - top_p.double().log() - expected_x.double()).float().clamp(min=0)
