@@ -490,3 +490,30 @@ def test_wandb_tables_and_media_stay_bounded_when_most_samples_are_candidates(tm
     assert media.calls <= 6 + 2
     with pytest.warns(UserWarning, match=f"holds the top 6 of the {len(local)} candidates"):
         assert len(load_candidates(offline_run_dir(tmp_path))) == 6
+
+
+def test_a_stuck_map_worker_is_stopped_and_fit_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The first map never finishes (a deadlocked worker): at fit end the wait gives up
+    after the worker's patience, stops it, and writes and logs every epoch without
+    coordinates, instead of hanging the fit."""
+    import multiprocessing
+
+    from labelwatch import projection
+
+    monkeypatch.setenv("LABELWATCH_TEST_GATE", str(tmp_path / "never"))
+    monkeypatch.setattr(projection, "MIN_MAP_PATIENCE_S", 2.0)
+    train, val = loaders()
+    logger = WandbLogger(project="maps", save_dir=str(tmp_path), offline=True)
+    callback = LabelWatch(projection=gated_projection, map_in_background=True)
+    trainer = Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[callback], max_epochs=2))
+    with pytest.warns(UserWarning, match="did not finish epoch 0's map in 2 s"):
+        trainer.fit(TinyClassifier(), train, val)
+    finish_wandb()
+    for epoch in range(2):
+        summary = json.loads((callback.output_root / f"epoch={epoch}/summary.json").read_text())
+        assert summary["projection"] == "none"
+    tables = (offline_run_dir(tmp_path) / "files/media/table/labelwatch").glob("samples_*")
+    assert len(list(tables)) == 2
+    assert not multiprocessing.active_children()

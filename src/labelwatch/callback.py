@@ -11,7 +11,7 @@ import shlex
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -962,6 +962,8 @@ class LabelWatchLogic:
                 result = None
                 given_up.append(pending.epoch)
             elif wait or future is None or future.done():
+                if wait and future is not None and not self._map_lands(future, pending.epoch):
+                    future = None  # the worker was stuck, and is stopped
                 result = self._map_or_warn(future.result, pending.epoch) if future else None
             else:
                 return
@@ -972,6 +974,25 @@ class LabelWatchLogic:
                 f"LabelWatch: the fit stopped with the maps of epoch(s) {given_up} unfinished;"
                 " those epochs are written and logged without coordinates."
             )
+
+    def _map_lands(self, future: Future, epoch: int) -> bool:
+        """Wait for a map, within the worker's patience. A worker that does not answer in
+        it (deadlocked, or stopped) is stopped, and the epochs still mapping are logged
+        without coordinates: fit returns."""
+        patience = self._worker.patience() if self._worker is not None else None
+        if patience is None or wait([future], timeout=patience).done:
+            return True
+        self._warn_once(
+            "worker-stuck",
+            f"LabelWatch: the map worker did not finish epoch {epoch}'s map in"
+            f" {patience:.0f} s; it is stopped, and the epochs still mapping"
+            " are written and logged without coordinates.",
+        )
+        for pending in self._pending:
+            pending.map = None
+        self._stop_worker()
+        self._map_off = True
+        return False
 
     def _finish_epoch(self, pending: _PendingEpoch, result: MapResult | None) -> None:
         """Merge the map into the epoch's rows, rewrite the local files, then log to W&B."""

@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import sys
 import threading
+import time
 import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -66,6 +67,9 @@ FULL_EPOCH_POINTS = 10_000
 MAP_EXTENT = 10.0
 # New samples start at the mean position of this many already-placed neighbours.
 INIT_NEIGHBOURS = 5
+# At fit end a map may take this long, or ten times the slowest job so far if that is
+# longer, before the worker counts as stuck (fit must return).
+MIN_MAP_PATIENCE_S = 300.0
 
 
 def check_projection(method: Any) -> None:
@@ -445,12 +449,26 @@ class MapWorker:
             max_workers=1, mp_context=context, initializer=_init_worker
         )
         # The pool starts its process on the first submit: start it now, off the epoch path.
+        self.slowest_s = 0.0  # the longest a job took from its submission
         with contextlib.nullcontext() if import_main else _training_script_hidden():
-            self._futures = [self._pool.submit(_warm_up if warm_up else _ready, seed)]
+            self._futures = [self._timed(self._pool.submit(_warm_up if warm_up else _ready, seed))]
 
     def submit(self, job: MapJob) -> Future:
-        future = self._pool.submit(compute_map, job)
+        future = self._timed(self._pool.submit(compute_map, job))
         self._futures.append(future)
+        return future
+
+    def patience(self) -> float:
+        """Seconds a map may take at fit end before the worker counts as stuck."""
+        return max(MIN_MAP_PATIENCE_S, 10 * self.slowest_s)
+
+    def _timed(self, future: Future) -> Future:
+        submitted = time.monotonic()
+
+        def finished(_: Future) -> None:
+            self.slowest_s = max(self.slowest_s, time.monotonic() - submitted)
+
+        future.add_done_callback(finished)
         return future
 
     def shutdown(self) -> None:
