@@ -187,8 +187,6 @@ def test_a_map_worker_that_dies_costs_the_maps_not_the_fit(tmp_path: Path):
     """The worker is killed inside its first map (as for memory): the fit goes on, every
     epoch is written (and logged) without coordinates, a warning says why, and fit end
     leaves no process behind."""
-    import multiprocessing
-
     train, val = loaders()
     logger = WandbLogger(project="maps", save_dir=str(tmp_path), offline=True)
     callback = LabelWatch(projection=dying_projection, map_in_background=True)
@@ -199,11 +197,19 @@ def test_a_map_worker_that_dies_costs_the_maps_not_the_fit(tmp_path: Path):
     assert trainer.current_epoch == 3
     messages = " ".join(str(w.message) for w in record)
     assert "BrokenProcessPool" in messages
-    for epoch in range(3):
+    _assert_logged_without_maps(callback, tmp_path, epochs=3)
+
+
+def _assert_logged_without_maps(callback: LabelWatch, tmp_path: Path, epochs: int) -> None:
+    """Every epoch was written and logged to W&B without coordinates, and no worker
+    process is left."""
+    import multiprocessing
+
+    for epoch in range(epochs):
         summary = json.loads((callback.output_root / f"epoch={epoch}/summary.json").read_text())
         assert summary["projection"] == "none"
     tables = (offline_run_dir(tmp_path) / "files/media/table/labelwatch").glob("samples_*")
-    assert len(list(tables)) == 3
+    assert len(list(tables)) == epochs
     assert not multiprocessing.active_children()
 
 
@@ -498,8 +504,6 @@ def test_a_stuck_map_worker_is_stopped_and_fit_returns(
     """The first map never finishes (a deadlocked worker): at fit end the wait gives up
     after the worker's patience, stops it, and writes and logs every epoch without
     coordinates, instead of hanging the fit."""
-    import multiprocessing
-
     from labelwatch import projection
 
     monkeypatch.setenv("LABELWATCH_TEST_GATE", str(tmp_path / "never"))
@@ -511,9 +515,4 @@ def test_a_stuck_map_worker_is_stopped_and_fit_returns(
     with pytest.warns(UserWarning, match="did not finish epoch 0's map in 2 s"):
         trainer.fit(TinyClassifier(), train, val)
     finish_wandb()
-    for epoch in range(2):
-        summary = json.loads((callback.output_root / f"epoch={epoch}/summary.json").read_text())
-        assert summary["projection"] == "none"
-    tables = (offline_run_dir(tmp_path) / "files/media/table/labelwatch").glob("samples_*")
-    assert len(list(tables)) == 2
-    assert not multiprocessing.active_children()
+    _assert_logged_without_maps(callback, tmp_path, epochs=2)
