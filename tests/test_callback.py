@@ -957,6 +957,56 @@ def test_a_failed_fit_frees_the_capture_memory_and_unhooks_the_model(tmp_path: P
     assert (tmp_path / "labelwatch/epoch=0/samples.parquet").is_file()
 
 
+def test_cleanup_after_a_failed_fit_goes_on_when_one_step_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """After the fit's error, logging what is outstanding fails too: the worker process is
+    still stopped (each cleanup step runs on its own), and the fit's own error comes out."""
+    import multiprocessing
+
+    def fails(self, wait: bool, give_up: bool = False) -> None:
+        if give_up:
+            raise OSError("disk full, say")
+
+    monkeypatch.setattr(LabelWatch, "_finish_maps", fails)
+    train, val = loaders()
+    watch = LabelWatch(map_in_background=True)
+    trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[watch], max_epochs=3))
+    with pytest.raises(RuntimeError, match="out of memory, say"):
+        with pytest.warns(UserWarning, match="could not finish its outputs.*disk full, say"):
+            trainer.fit(_FailsInEpochOne(), train, val)
+    assert not multiprocessing.active_children()
+
+
+def test_a_retry_after_an_error_inside_an_epoch_end_fits_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """An error between scoring and the end of epoch 1's epoch end (a Ctrl-C, say) left the
+    scorer one validation run ahead of the callback, and fitting again on the same Trainer,
+    as a notebook retries, raised. The retry reads the state back from epoch 0's files."""
+    import labelwatch.callback as callback_module
+
+    select = callback_module.select_candidates
+    calls = []
+
+    def fails_in_epoch_one(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted, say")
+        return select(*args, **kwargs)
+
+    monkeypatch.setattr(callback_module, "select_candidates", fails_in_epoch_one)
+    train, val = loaders()
+    watch = LabelWatch(projection="none")
+    trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[watch], max_epochs=3))
+    with pytest.raises(RuntimeError, match="interrupted, say"):
+        trainer.fit(TinyClassifier(), train, val)
+    trainer.fit(trainer.lightning_module, train, val)
+    samples = pd.read_parquet(watch.last_output_dir / "samples.parquet")
+    assert samples["epoch"].unique().tolist() == [2]
+    assert (samples["averaged_epochs"] == 3).all()  # epoch 0's history, then the retry's
+
+
 def test_outputs_get_the_permissions_of_the_umask(tmp_path: Path):
     """Every output file is readable as the umask allows (0644 under 022), not private to
     its owner as a bare mkstemp file would be: colleagues on a shared machine read them."""

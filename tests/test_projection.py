@@ -516,3 +516,23 @@ def test_a_stuck_map_worker_is_stopped_and_fit_returns(
         trainer.fit(TinyClassifier(), train, val)
     finish_wandb()
     _assert_logged_without_maps(callback, tmp_path, epochs=2)
+
+
+def test_a_waiting_map_is_dropped_only_for_a_newer_epoch_of_its_dataloader():
+    """With two dataloaders the queue interleaves them: a map waits behind the other
+    dataloader's newer epoch without being overtaken (it was cancelled, and its dataloader
+    lost every other map)."""
+    from concurrent.futures import Future
+
+    from labelwatch.callback import _PendingEpoch
+
+    watch = LabelWatch()
+    queue = [(0, "a"), (0, "b"), (1, "a"), (1, "b"), (2, "a")]
+    for epoch, name in queue:
+        pending = _PendingEpoch(epoch, epoch, name, pd.DataFrame(), pd.DataFrame(), {})
+        pending.map = Future()
+        watch._pending.append(pending)
+    with pytest.warns(UserWarning, match="maps are slower"):
+        watch._drop_stale_maps()
+    dropped = [(p.epoch, p.name) for p in watch._pending if p.map is None]
+    assert dropped == [(0, "b"), (1, "a")]  # not the first (running), nor each newest

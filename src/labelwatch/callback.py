@@ -526,20 +526,28 @@ class LabelWatchLogic:
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # Lightning skips teardown after an exception: free the capture memory (on the
         # model's device) and unhook the model here, for a notebook that retries.
-        try:
-            self._release_capture()
+        steps = (
+            self._release_capture,
             # Interrupted: log what is outstanding now, without coordinates, rather than
             # lose it.
-            self._finish_maps(wait=False, give_up=True)
-            self._stop_worker()
-            self._wait_for_history_saves()
-            self._wait_for_logging()
-        except Exception as err:  # never mask the exception that stopped the fit
-            log.debug("LabelWatch: cleanup after an exception failed", exc_info=True)
-            rank_zero_warn(
-                f"LabelWatch could not finish its outputs after the fit's error"
-                f" ({type(err).__name__}: {err})."
-            )
+            lambda: self._finish_maps(wait=False, give_up=True),
+            self._stop_worker,
+            self._wait_for_history_saves,
+            self._wait_for_logging,
+        )
+        for step in steps:  # each on its own: one that fails must not leak the others
+            try:
+                step()
+            except Exception as err:  # never mask the exception that stopped the fit
+                log.debug("LabelWatch: cleanup after an exception failed", exc_info=True)
+                rank_zero_warn(
+                    f"LabelWatch could not finish its outputs after the fit's error"
+                    f" ({type(err).__name__}: {err})."
+                )
+        # The error may have struck mid epoch end, after a scorer moved on to a validation
+        # run that `last_run` does not count: a retry reads the state back from the files.
+        for state in (self._scorers, self._previous_maps, self._previous_epochs):
+            state.clear()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._release_capture()
@@ -936,11 +944,14 @@ class LabelWatchLogic:
             return None
 
     def _drop_stale_maps(self) -> None:
-        """Bound the worker's backlog (its memory): a waiting map that a newer epoch
-        overtakes is cancelled, unless the pool has handed it to the process already (it
-        queues up to two there). Its epoch stays in line and is logged without coordinates,
-        after the epochs before it (it is never lost)."""
-        for stale in list(self._pending)[1:-1]:
+        """Bound the worker's backlog (its memory): a waiting map that a newer epoch of its
+        dataloader overtakes is cancelled, unless the pool has handed it to the process
+        already (it queues up to two there). Its epoch stays in line and is logged without
+        coordinates, after the epochs before it (it is never lost)."""
+        queued = list(self._pending)
+        for at, stale in enumerate(queued[1:], start=2):
+            if not any(newer.name == stale.name for newer in queued[at:]):
+                continue  # the newest of its dataloader: not overtaken
             if stale.map is None or not stale.map.cancel():
                 continue  # cancelled already, or running
             stale.map = None
