@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
@@ -87,6 +87,101 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path, history_top_k: int)
     assert [p.parent.name for p in histories] == ["epoch=3"]
     assert not (tmp_path / "elsewhere/labelwatch").exists()
     assert second.last_epoch == 3
+
+
+def _fit(tmp_path: Path, watch: LabelWatch, root: Path, resume: bool = False) -> None:
+    """Two epochs with checkpoints, or with `resume` from the last one to four."""
+    train, val = _data()
+    if not resume:
+        torch.manual_seed(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    kwargs = trainer_kwargs(root, max_epochs=4 if resume else 2, enable_checkpointing=True)
+    Trainer(**{**kwargs, "callbacks": [watch, checkpoint]}).fit(
+        TinyClassifier(), train, val, ckpt_path=tmp_path / "ckpt/last.ckpt" if resume else None
+    )
+
+
+class _HistoryAtCheckpoints(Callback):
+    """Takes LabelWatch's checkpoint state after each validation, as ModelCheckpoint does,
+    and notes whether the history of the epoch it counts is on disk by then."""
+
+    def __init__(self, watch: LabelWatch) -> None:
+        self.watch, self.on_disk = watch, []
+
+    def on_validation_end(self, trainer: Trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.watch.state_dict()
+            self.on_disk.append((self.watch.last_output_dir / "history.arrow").is_file())
+
+
+def test_a_checkpoint_waits_for_the_history_of_the_epoch_it_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The history is written on a thread: a checkpoint taken meanwhile counted an epoch
+    whose history a kill could lose, and its resume restarted the average."""
+    import time
+
+    from labelwatch.history import EpochHistory
+
+    save = EpochHistory.save
+
+    def slow_save(self, path):
+        time.sleep(0.5)
+        return save(self, path)
+
+    monkeypatch.setattr(EpochHistory, "save", slow_save)
+    train, val = _data()
+    watch = LabelWatch(projection="none")
+    probe = _HistoryAtCheckpoints(watch)
+    Trainer(**trainer_kwargs(tmp_path, callbacks=[watch, probe], max_epochs=2)).fit(
+        TinyClassifier(), train, val
+    )
+    assert probe.on_disk == [True, True]
+
+
+def test_resume_with_dirpath_matches_an_uninterrupted_run(tmp_path: Path):
+    """With `dirpath=`, the resumed fit read nothing back (it scored before it knew its
+    folder): flag streaks, first watch scores and the history started again, unwarned."""
+    settings = dict(projection="pca", watch_classes=[1], dirpath=tmp_path / "out")
+    train, val = _data()
+    torch.manual_seed(0)
+    full = LabelWatch(**{**settings, "dirpath": tmp_path / "full"})
+    Trainer(**trainer_kwargs(tmp_path, callbacks=[full], max_epochs=4)).fit(
+        TinyClassifier(), train, val
+    )
+    _fit(tmp_path, LabelWatch(**settings), tmp_path / "run")
+    _fit(tmp_path, LabelWatch(**settings), tmp_path / "run", resume=True)
+    resumed, uninterrupted = _epochs(tmp_path / "out"), _epochs(tmp_path / "full")
+    assert sorted(resumed) == [0, 1, 2, 3]
+    pd.testing.assert_frame_equal(resumed[3], uninterrupted[3], check_exact=False)
+
+
+def test_a_class_watched_since_the_resume_keeps_the_others_first_scores(tmp_path: Path):
+    """Adding a watched class on resume threw away the first scores of the classes watched
+    before (the file lacks the new class's column): they are kept, and the new class's
+    first scores are those of the resumed fit's first epoch."""
+    _fit(tmp_path, LabelWatch(projection="pca", watch_classes=[1]), tmp_path / "run")
+    resumed = LabelWatch(projection="pca", watch_classes=[1, 0])
+    _fit(tmp_path, resumed, tmp_path / "run", resume=True)
+    epochs = {e: f.set_index("sample_id") for e, f in _epochs(resumed.output_root).items()}
+    first_1, first_0 = epochs[3]["first_watch_1"], epochs[3]["first_watch_0"]
+    pd.testing.assert_series_equal(first_1, epochs[0]["watch_1"], check_names=False)
+    pd.testing.assert_series_equal(first_0, epochs[2]["watch_0"], check_names=False)
+
+
+def test_a_resume_after_the_run_folder_moved_continues_in_the_new_folder(tmp_path: Path):
+    """The run folder (an absolute default_root_dir) was moved before the resume: the
+    outputs continue in the Trainer's new folder, with what the samples carry, instead of
+    recreating the old path."""
+    import shutil
+
+    _fit(tmp_path, LabelWatch(projection="pca"), tmp_path / "before")
+    shutil.move(tmp_path / "before", tmp_path / "after")
+    _fit(tmp_path, LabelWatch(projection="pca"), tmp_path / "after", resume=True)
+    assert not (tmp_path / "before").exists()
+    epochs = _epochs(tmp_path / "after/labelwatch")
+    assert sorted(epochs) == [0, 1, 2, 3]
+    assert epochs[2]["averaged_epochs"].eq(3).all()  # the history was read back
 
 
 @pytest.mark.parametrize(

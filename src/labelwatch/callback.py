@@ -607,6 +607,8 @@ class LabelWatchLogic:
         self._map_off = True
 
     def state_dict(self) -> dict[str, Any]:
+        # A checkpoint must not count a validation run whose history is not on disk yet.
+        self._wait_for_history_saves()
         root = self.output_root
         return {
             "last_epoch": self.last_epoch,
@@ -623,9 +625,10 @@ class LabelWatchLogic:
         root, absolute = state_dict.get("output_root"), state_dict.get("output_root_absolute")
         if root is not None and self.dirpath is None:
             # The folder where it is now: relative to here (the run moved with its outputs),
-            # else where it was written (a resume started elsewhere).
-            moved = absolute is not None and not Path(root).is_dir() and Path(absolute).is_dir()
-            self.output_root = Path(absolute if moved else root)
+            # else where it was written (a resume started elsewhere); when neither exists
+            # (an absolute path moved away), the Trainer's folder, as for a new fit.
+            found = [Path(p) for p in (root, absolute) if p is not None and Path(p).is_dir()]
+            self.output_root = found[0] if found else None
 
     # ----------------------------------------------------------------------------- helpers
     def _warn_if_validating_within_epochs(self, trainer: Any) -> None:
@@ -830,6 +833,10 @@ class LabelWatchLogic:
         epoch = trainer.current_epoch
         host = captured.to_host() if captured is not None else None
         device_embeddings = captured.embeddings if captured is not None else None
+        if self.output_root is None:  # before scoring, which reads a resumed fit's files
+            self.output_root = self._output_root(trainer)
+            if self.last_epoch is None:  # a new fit, not a resumed one
+                self.output_root = self._unused(self.output_root, self._watched.values())
         samples = None
         if host is not None:
             samples = self._score(host, epoch, name, device_embeddings, run=run)
@@ -849,10 +856,6 @@ class LabelWatchLogic:
         summary = self._summary(samples, candidates, host, epoch, trainer.global_step)
         summary["dataloader"] = name
         summary.update(self._wandb_run_ids())
-        if self.output_root is None:
-            self.output_root = self._output_root(trainer)
-            if self.last_epoch is None:  # a new fit, not a resumed one
-                self.output_root = self._unused(self.output_root, self._watched.values())
         root = self.output_root / name if name is not None else self.output_root
         pending = _PendingEpoch(epoch, trainer.global_step, name, samples, candidates, summary)
         pending.out_dir = root / f"epoch={epoch}"

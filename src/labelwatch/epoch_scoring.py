@@ -243,7 +243,7 @@ class EpochScorer:
                 if not path.exists():  # saved again by each epoch, deleted from the one before
                     why = (
                         "(only the newest epoch's folder keeps it: was this resumed from an"
-                        " older checkpoint?)"
+                        " older checkpoint, or did the fit stop after a later epoch's scores?)"
                     )
                 rank_zero_warn(
                     f"LabelWatch could not read the epoch history {path} {why}; the averaging"
@@ -437,14 +437,15 @@ class EpochScorer:
         columns = [watch_column(c) for c in classes]
         firsts = [first_watch_column(c) for c in classes]
         previous = self._first_watch
-        if previous is None:
-            last = read_samples(self._last_dir, ["sample_id", *firsts])
-            previous = (
-                last.set_index("sample_id") if last is not None else pd.DataFrame(columns=firsts)
-            )
+        if previous is None:  # a class watched only since the resume has no column there
+            last = read_samples(self._last_dir, ["sample_id", *firsts], require_all=False)
+            previous = last.set_index("sample_id") if last is not None else pd.DataFrame()
+        previous = previous.reindex(columns=firsts)
         now = pd.DataFrame(samples[columns].to_numpy(), index=samples["sample_id"], columns=firsts)
         known = ids_in(now.index, previous.index)
-        now.loc[known] = previous.loc[now.index[known], firsts].to_numpy()
+        kept = previous.loc[now.index[known]].to_numpy(np.float64)
+        # NaN: not scored then (a class watched since, or the sample's own label)
+        now.loc[known] = np.where(np.isnan(kept), now.loc[known].to_numpy(np.float64), kept)
         self._first_watch = _kept_with(previous, now)
         return now.to_numpy(np.float64)
 

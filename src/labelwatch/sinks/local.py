@@ -48,18 +48,24 @@ class LocalSink:
         return out
 
 
-def read_samples(folder: Path | None, columns: list[str]) -> pd.DataFrame | None:
+def read_samples(
+    folder: Path | None, columns: list[str], require_all: bool = True
+) -> pd.DataFrame | None:
     """``columns`` of the samples.parquet that :class:`LocalSink` wrote in ``folder`` (the
     last epoch's, which a resumed fit continues); None when there is no folder, when the
-    file lacks a column (an older file: what reads it starts afresh), and, with a warning,
-    when it is missing or unreadable."""
+    file lacks a column (an older file: what reads it starts afresh; with ``require_all``
+    False, only when it lacks the first column, and the others it has are read), and,
+    with a warning, when it is missing or unreadable."""
     if folder is None:
         return None
     import pyarrow.parquet as pq
 
     path = folder / "samples.parquet"
     try:
-        if not set(columns) <= set(pq.read_schema(path).names):
+        present = set(pq.read_schema(path).names)
+        if not require_all:
+            columns = [c for c in columns if c in present]
+        if not columns or not set(columns) <= present or columns[0] not in present:
             return None
         return pd.read_parquet(path, columns=columns)
     except (OSError, ValueError) as err:  # missing, truncated, not parquet
