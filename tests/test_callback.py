@@ -1007,6 +1007,60 @@ def test_a_retry_after_an_error_inside_an_epoch_end_fits_again(
     assert (samples["averaged_epochs"] == 3).all()  # epoch 0's history, then the retry's
 
 
+def _collate_keeping_lists(items: list[dict]) -> dict:
+    """Default collate, except for metadata, kept as lists of whatever the samples hold."""
+    from torch.utils.data import default_collate
+
+    batch = default_collate([{k: item[k] for k in ("x", "target", "sample_id")} for item in items])
+    for key in ("path", "source"):
+        batch[key] = [item[key] for item in items]
+    return batch
+
+
+class _OddMetadata(BlobDataset):
+    def __getitem__(self, index: int) -> dict:
+        item = super().__getitem__(index)
+        item["path"] = Path(item["path"])
+        item["source"] = index if index % 2 else f"unknown-{index}"
+        return item
+
+
+def test_metadata_parquet_cannot_store_is_written_as_text(tmp_path: Path):
+    """Paths, and a column mixing numbers and strings, failed the parquet file at the first
+    epoch end and killed the fit: paths become strings, a mixed column text, with a
+    warning."""
+    train, _ = loaders()
+    val = DataLoader(_OddMetadata(20), batch_size=8, collate_fn=_collate_keeping_lists)
+    watch = LabelWatch(projection="none", metadata_keys=["path", "source"])
+    with pytest.warns(UserWarning, match="metadata 'source' holds values of several kinds"):
+        Trainer(**trainer_kwargs(tmp_path, callbacks=[watch])).fit(TinyClassifier(), train, val)
+    samples = pd.read_parquet(watch.last_output_dir / "samples.parquet").sort_values("sample_id")
+    assert samples["path"].tolist() == [f"audio/{i}.wav" for i in range(20)]
+    assert samples["source"].tolist() == [str(i) if i % 2 else f"unknown-{i}" for i in range(20)]
+
+
+def test_a_remote_trainer_folder_writes_the_outputs_locally(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A Trainer folder that is a URL (s3://, here fsspec's memory://) killed the fit at the
+    first epoch end (pyarrow took the collapsed path for a URI); a relative folder with a
+    colon (lr:0.1) too. The outputs go to a local folder, with a warning for the URL."""
+    monkeypatch.chdir(tmp_path)
+    train, val = loaders()
+    remote = LabelWatch(projection="none")
+    with pytest.warns(UserWarning, match="memory://bucket/run is remote"):
+        Trainer(**trainer_kwargs("memory://bucket/run", callbacks=[remote])).fit(
+            TinyClassifier(), train, val
+        )
+    assert remote.last_output_dir == Path("labelwatch/epoch=1")
+    assert (tmp_path / "labelwatch/epoch=1/samples.parquet").is_file()
+    colon = LabelWatch(projection="none")
+    Trainer(**trainer_kwargs("lr:0.1", callbacks=[colon])).fit(TinyClassifier(), train, val)
+    assert (tmp_path / "lr:0.1/labelwatch/epoch=1/samples.parquet").is_file()
+    with pytest.raises(ValueError, match="`dirpath` must be a local folder"):
+        LabelWatch(dirpath="s3://bucket/labelwatch")
+
+
 def test_outputs_get_the_permissions_of_the_umask(tmp_path: Path):
     """Every output file is readable as the umask allows (0644 under 022), not private to
     its owner as a bare mkstemp file would be: colleagues on a shared machine read them."""

@@ -255,7 +255,7 @@ def test_epochs_whose_maps_are_dropped_are_still_logged_in_epoch_order(
     ("error", "message"),
     [
         (OSError, "could not write its local outputs.*read-only"),
-        (ValueError, "_write_local failed.*ValueError.*read-only"),
+        (ValueError, "could not write its local outputs.*ValueError.*read-only"),
     ],
 )
 def test_coordinates_are_added_on_the_logging_thread_and_a_failed_rewrite_keeps_scores(
@@ -512,7 +512,7 @@ def test_a_stuck_map_worker_is_stopped_and_fit_returns(
     logger = WandbLogger(project="maps", save_dir=str(tmp_path), offline=True)
     callback = LabelWatch(projection=gated_projection, map_in_background=True)
     trainer = Trainer(**trainer_kwargs(tmp_path, logger=logger, callbacks=[callback], max_epochs=2))
-    with pytest.warns(UserWarning, match="did not finish epoch 0's map in 2 s"):
+    with pytest.warns(UserWarning, match=r"did not finish epoch 0's map in \d+ s"):
         trainer.fit(TinyClassifier(), train, val)
     finish_wandb()
     _assert_logged_without_maps(callback, tmp_path, epochs=2)

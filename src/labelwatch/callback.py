@@ -171,6 +171,11 @@ class LabelWatchLogic:
             raise ValueError(f"`ignore_index` must be an integer, got {ignore_index!r}")
         if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
             raise ValueError(f"`dirpath` must be a path (str or os.PathLike), got {dirpath!r}")
+        if dirpath is not None and "://" in str(dirpath):
+            raise ValueError(
+                f"`dirpath` must be a local folder, got the URL {str(dirpath)!r}: LabelWatch"
+                " writes local files (W&B gets them as an artifact)."
+            )
         for argument, value in (
             ("logits_key", logits_key),
             ("embeddings_key", embeddings_key),
@@ -1202,9 +1207,11 @@ class LabelWatchLogic:
             LocalSink(pending.out_dir.parent).write(
                 pending.epoch, pending.samples, pending.candidates, pending.summary
             )
-        except OSError as err:
+        except Exception as err:  # a full disk, or a value pyarrow cannot store
+            log.debug("LabelWatch: local write failed", exc_info=True)
             rank_zero_warn(
-                f"LabelWatch could not write its local outputs to {pending.out_dir}: {err}"
+                f"LabelWatch could not write its local outputs to {pending.out_dir}"
+                f" ({type(err).__name__}: {err})"
             )
             if not pending.written:
                 with contextlib.suppress(OSError):
@@ -1238,13 +1245,23 @@ class LabelWatchLogic:
     def _output_root(self, trainer: Any) -> Path:
         if self.dirpath is not None:
             return self.dirpath
+        base, parts = trainer.default_root_dir, ("labelwatch",)
         if trainer.loggers:
             logger = trainer.loggers[0]
-            save_dir = logger.save_dir or trainer.default_root_dir
+            base = logger.save_dir or trainer.default_root_dir
             version = logger.version
             version = version if isinstance(version, str) else f"version_{version}"
-            return Path(save_dir, str(logger.name), version, "labelwatch")
-        return Path(trainer.default_root_dir, "labelwatch")
+            parts = (str(logger.name), version, "labelwatch")
+        if "://" in str(base):  # s3://, gs://: Lightning writes there through fsspec
+            local = Path(*parts)
+            self._warn_once(
+                "remote-root",
+                f"LabelWatch writes local files, and the Trainer's folder {base} is remote:"
+                f" its outputs go to {local.absolute()} instead (LabelWatch(dirpath=...)"
+                " chooses another).",
+            )
+            return local
+        return Path(base, *parts)
 
     def _in_logging_thread(self, function: Callable[..., None], *args: Any) -> None:
         """Run ``function(*args)`` on the logging thread, after what was handed to it before;

@@ -13,6 +13,7 @@ and after a resume is read back from the last epoch's files, not from the checkp
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
@@ -169,7 +170,7 @@ class EpochScorer:
         # Scoring may drop rows: realign embeddings and metadata by sample id.
         positions = pd.Index(captured.sample_ids).get_indexer(samples["sample_id"])
         for key, values in captured.metadata.items():
-            samples[key] = np.asarray(values, dtype=object)[positions]
+            samples[key] = self._metadata_column(key, values)[positions]
         if len(samples) == 0:
             return samples
         index = torch.from_numpy(positions)
@@ -430,6 +431,23 @@ class EpochScorer:
         samples["is_candidate"] = samples["is_candidate"].to_numpy(bool) | flagged
 
     # ------------------------------------------------------------------ carried by id
+    def _metadata_column(self, key: str, values: Sequence[object]) -> np.ndarray:
+        """One object per sample, as parquet can store it: paths as strings, and a column
+        that mixes kinds (numbers and strings, or holds lists) as text, with a warning."""
+        column = np.empty(len(values), dtype=object)
+        for row, value in enumerate(values):  # element by element: lists stay cells
+            column[row] = os.fspath(value) if isinstance(value, os.PathLike) else value
+        kinds = {_kind(value) for value in column if value is not None}
+        if len(kinds) > 1 or "other" in kinds:
+            self._warn(
+                f"metadata-{key}",
+                f"LabelWatch: metadata {key!r} holds values of several kinds"
+                f" ({', '.join(sorted(kinds))}); it is written as text. Give each sample one"
+                " number or one string.",
+            )
+            column[:] = [None if value is None else str(value) for value in column]
+        return column
+
     def _first_watch_scores(self, samples: pd.DataFrame, classes: list[str]) -> np.ndarray:
         """``(N, W)`` watch scores of each sample's first scored validation: this one's for
         a sample not seen before; kept by id across epochs and, after a resume, read back
@@ -440,12 +458,10 @@ class EpochScorer:
         if previous is None:  # a class watched only since the resume has no column there
             last = read_samples(self._last_dir, ["sample_id", *firsts], require_all=False)
             previous = last.set_index("sample_id") if last is not None else pd.DataFrame()
-        previous = previous.reindex(columns=firsts)
+        kept = [c for c in firsts if c in previous.columns]  # the others start now
         now = pd.DataFrame(samples[columns].to_numpy(), index=samples["sample_id"], columns=firsts)
         known = ids_in(now.index, previous.index)
-        kept = previous.loc[now.index[known]].to_numpy(np.float64)
-        # NaN: not scored then (a class watched since, or the sample's own label)
-        now.loc[known] = np.where(np.isnan(kept), now.loc[known].to_numpy(np.float64), kept)
+        now.loc[known, kept] = previous.loc[now.index[known], kept].to_numpy()
         self._first_watch = _kept_with(previous, now)
         return now.to_numpy(np.float64)
 
@@ -477,6 +493,17 @@ def ids_in(ids: pd.Index, others: pd.Index) -> np.ndarray:
     if others.is_unique:
         return others.get_indexer(ids) >= 0
     return ids.isin(others)
+
+
+def _kind(value: object) -> str:
+    """What parquet stores a metadata value as: numbers, strings, bytes or else."""
+    if isinstance(value, (bool, np.bool_)):
+        return "bool"
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "bytes" if isinstance(value, bytes) else "other"
 
 
 def _kept_with(previous: Kept, now: Kept) -> Kept:

@@ -328,7 +328,7 @@ class EpochHistory:
         import pyarrow.feather as feather
 
         try:
-            table = feather.read_table(path, memory_map=True)
+            table = feather.read_table(Path(path).absolute(), memory_map=True)  # not a URI
         except pa.ArrowInvalid as err:
             raise ValueError(f"{path} is not a labelwatch history file ({err})") from err
         raw = (table.schema.metadata or {}).get(b"labelwatch")

@@ -60,7 +60,7 @@ def read_samples(
         return None
     import pyarrow.parquet as pq
 
-    path = folder / "samples.parquet"
+    path = (folder / "samples.parquet").absolute()  # a relative one may read as a URI
     try:
         present = set(pq.read_schema(path).names)
         if not require_all:
@@ -95,8 +95,10 @@ def write_parquet(frame: pd.DataFrame, path: str, rows_per_group: int = ROWS_PER
 
 
 def write_atomic(path: Path, write: Callable[[str], Any]) -> None:
-    """Call ``write(tmp_path)`` then rename the result onto ``path`` in one step."""
-    tmp = _new_temp_file(path)
+    """Call ``write(tmp_path)`` then rename the result onto ``path`` in one step.
+    ``tmp_path`` is absolute: pyarrow reads a relative path whose first folder holds a
+    colon (``lr:0.1/...``) as a URI."""
+    tmp = os.path.abspath(_new_temp_file(path))
     try:
         write(tmp)
         os.replace(tmp, path)
