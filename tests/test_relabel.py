@@ -475,3 +475,19 @@ def test_ids_match_whatever_spaces_surround_them_in_either_file(tmp_path, capsys
     out = tmp_path / "corrected.csv"
     assert main(["apply", "--labels", str(labels), "--decisions", str(review), "-o", str(out)]) == 0
     assert out.read_text() == "sample_id,label\n a,y\nb ,y\nc,y\n"
+
+
+def test_the_corrected_labels_keep_the_labels_files_form(tmp_path, capsys):
+    """A labels file saved with ';', a byte-order mark, CRLF line ends and an empty and a
+    repeated header cell comes back in that form, with only the decided cell changed."""
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes("\ufeffsample_id;label;;note;note\r\n7;cat;;x;y\r\n8;dog;;;\r\n".encode())
+    decisions = tmp_path / "decisions.csv"
+    decisions.write_text("sample_id,decision\n7,dog\n")
+    out = tmp_path / "corrected.csv"
+    argv = ["apply", "--labels", str(labels), "--decisions", str(decisions), "-o", str(out)]
+    assert main(argv) == 0
+    expected = "\ufeffsample_id;label;;note;note\r\n7;dog;;x;y\r\n8;dog;;;\r\n".encode()
+    assert out.read_bytes() == expected
+    # the audit is a report, comma-separated whatever the labels file uses
+    assert (tmp_path / "corrected.audit.csv").read_text().startswith("sample_id,old_label,")

@@ -167,13 +167,14 @@ def to_csv_safe(frame: pd.DataFrame) -> pd.DataFrame:
     return safe
 
 
-def save_csv(frame: pd.DataFrame, path: str | Path) -> None:
-    """``frame.to_csv(path, index=False)``, quoting every text cell when one holds a
-    carriage return: pandas writes such a cell unquoted, and reads it back as a line break
-    (an id "a\rb" would split its row in two)."""
+def save_csv(frame: pd.DataFrame, path: str | Path, **options: Any) -> None:
+    """``frame.to_csv(path, index=False, **options)``, quoting every text cell when one
+    holds a carriage return: pandas writes such a cell unquoted, and reads it back as a line
+    break (an id "a\rb" would split its row in two)."""
     text = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
     returns = any(frame[c].astype(str).str.contains("\r", regex=False).any() for c in text)
-    frame.to_csv(path, index=False, quoting=csv.QUOTE_NONNUMERIC if returns else csv.QUOTE_MINIMAL)
+    quoting = csv.QUOTE_NONNUMERIC if returns else csv.QUOTE_MINIMAL
+    frame.to_csv(path, index=False, quoting=quoting, **options)
 
 
 def from_csv_safe(frame: pd.DataFrame) -> pd.DataFrame:

@@ -25,6 +25,9 @@ duplicates are merged.
 
 from __future__ import annotations
 
+import codecs
+import csv
+import io
 import logging
 import os
 from collections.abc import Sequence
@@ -81,9 +84,15 @@ class RelabelError(ValueError):
 
 def read_labels(path: str | Path, *, label_column: str = "label") -> pd.DataFrame:
     """The labels CSV as text, cells exactly as written (ids like ``007`` stay ``007``).
-    Comma, semicolon (a spreadsheet's CSV in some locales) or tab separated."""
+    Comma, semicolon (a spreadsheet's CSV in some locales) or tab separated.
+
+    The file's form (separator, byte-order mark, line ends and header cells as written;
+    columns with an empty or repeated header are named ``Unnamed: <i>`` and ``<name>.<k>``)
+    is kept in ``attrs["csv_form"]``, which :func:`write_corrections` writes back.
+    """
     path = Path(path)
-    labels = _read_csv_text(path, required=("sample_id", label_column))
+    labels, form = _read_csv_text(path, required=("sample_id", label_column))
+    labels.attrs["csv_form"] = {k: form[k] for k in ("sep", "bom", "lineterminator", "header")}
     missing = [c for c in ("sample_id", label_column) if c not in labels.columns]
     if missing:
         raise RelabelError(
@@ -118,7 +127,7 @@ def read_decisions(path: str | Path) -> pd.DataFrame:
             f"decisions must be a reviewed candidates .csv or .json, or a Label Studio export"
             f" .json, got {path.name!r}"
         )
-    table = from_csv_safe(_read_csv_text(path, required=("sample_id", "decision")))
+    table = from_csv_safe(_read_csv_text(path, required=("sample_id", "decision"))[0])
     lines = [f"line {line}" for line in range(2, len(table) + 2)]
     return decisions_from_table(table, source=f"csv:{path.name}", origins=lines)
 
@@ -186,27 +195,77 @@ def _reviewed_json(path: Path) -> pd.DataFrame | None:
     return pd.DataFrame(items)  # an item without a decision: blank, no decision
 
 
-def _read_csv_text(path: Path, *, required: Sequence[str]) -> pd.DataFrame:
+def _read_csv_text(path: Path, *, required: Sequence[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
     """A CSV as text cells, separated by commas, or by the semicolons or tabs that the
-    header shows (spreadsheets save ';' in locales where ',' is the decimal mark)."""
+    header shows (spreadsheets save ';' in locales where ',' is the decimal mark).
+
+    Returns the table and its form: ``sep``, ``bom``, ``lineterminator``, ``header`` (the
+    header cells as written; the table's columns are named as pandas names them, an empty
+    cell ``Unnamed: <i>`` and a repeated one ``<name>.<k>``) and ``lines`` (the line of the
+    file each row starts on). Blank lines are skipped.
+    """
     if path.suffix.lower() in (".parquet", ".pq", ".xlsx", ".xls"):
         raise RelabelError(
             f"{path} is not a CSV file: save it as CSV (UTF-8), e.g."
             f" pandas.read_parquet({str(path)!r}).to_csv('labels.csv', index=False)"
         )
     try:
-        with path.open(encoding="utf-8-sig", newline="") as text:
-            header = text.readline()
-        separator = next((sep for sep in (",", ";", "\t") if _splits(header, sep, required)), ",")
-        return pd.read_csv(
-            path, dtype=str, keep_default_na=False, encoding="utf-8-sig", sep=separator
-        )
+        bom = path.read_bytes()[:3] == codecs.BOM_UTF8
+        with path.open(encoding="utf-8-sig", newline="") as file:
+            text = io.StringIO(file.read(), newline="")
+        first = text.readline()
+        text.seek(0)
+        separator = next((sep for sep in (",", ";", "\t") if _splits(first, sep, required)), ",")
+        reader = csv.reader(text, delimiter=separator)
+        header, rows, lines = None, [], []
+        while True:
+            start = reader.line_num + 1  # the line the next row starts on
+            try:
+                cells = next(reader)
+            except StopIteration:
+                break
+            if not cells:
+                continue  # a blank line
+            if header is None:
+                header = cells
+            elif len(cells) > len(header):
+                raise RelabelError(
+                    f"{path}, line {start}: {len(cells)} cells, but the header has"
+                    f" {len(header)}; quote cells that hold a {separator!r}"
+                )
+            else:  # a short row: the missing cells are empty
+                rows.append(cells + [""] * (len(header) - len(cells)))
+                lines.append(start)
     except UnicodeDecodeError as err:
         raise RelabelError(
             f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as 'CSV UTF-8'"
         ) from err
-    except pd.errors.ParserError as err:
+    except csv.Error as err:
         raise RelabelError(f"{path} is not a readable CSV file: {err}") from err
+    if header is None:
+        raise RelabelError(f"{path} is empty: it needs a header row with {list(required)}")
+    ending = first[len(first.rstrip("\r\n")) :] or "\n"
+    form = {
+        "sep": separator,
+        "bom": bom,
+        "lineterminator": ending,
+        "header": header,
+        "lines": lines,
+    }
+    return pd.DataFrame(rows, columns=_column_names(header), dtype=str), form
+
+
+def _column_names(header: list[str]) -> list[str]:
+    """Header cells named as pandas.read_csv names them: unique, none empty."""
+    names: list[str] = []
+    for position, cell in enumerate(header):
+        name = cell or f"Unnamed: {position}"
+        base, count = name, 0
+        while name in names:
+            count += 1
+            name = f"{base}.{count}"
+        names.append(name)
+    return names
 
 
 def _splits(header: str, separator: str, required: Sequence[str]) -> bool:
@@ -445,9 +504,11 @@ def write_corrections(
 ) -> None:
     """Write the corrected labels and the audit, each atomically.
 
-    The corrected labels are written cell for cell as read (no formula quoting), so they
-    stay a drop-in replacement for the labels file; the audit, a report for people, is
-    quoted with :func:`labelwatch.candidates.to_csv_safe`.
+    The corrected labels are written cell for cell as read (no formula quoting), in the
+    labels file's form when they come from :func:`read_labels` (its separator, byte-order
+    mark, line ends and header row), so they stay a drop-in replacement for the labels file;
+    the audit, a report for people, is a comma-separated CSV quoted with
+    :func:`labelwatch.candidates.to_csv_safe`.
     """
     for path in (Path(output), Path(audit_path)):
         if path.suffix.lower() in (".parquet", ".pq", ".json", ".xlsx", ".xls"):
@@ -457,7 +518,15 @@ def write_corrections(
             )
     for path in (Path(output), Path(audit_path)):
         path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(Path(output), lambda p: save_csv(corrected, p))
+    form = corrected.attrs.get("csv_form") or {}
+    options: dict[str, Any] = {
+        "sep": form.get("sep", ","),
+        "lineterminator": form.get("lineterminator", "\n"),
+        "encoding": "utf-8-sig" if form.get("bom") else "utf-8",
+    }
+    if len(form.get("header") or ()) == len(corrected.columns):  # the header as written
+        options["header"] = form["header"]
+    write_atomic(Path(output), lambda p: save_csv(corrected, p, **options))
     write_atomic(Path(audit_path), lambda p: save_csv(to_csv_safe(audit), p))
 
 
