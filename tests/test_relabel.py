@@ -229,7 +229,8 @@ def test_apply_refuses_unknown_ids_unknown_classes_and_conflicts(run, tmp_path, 
 
 
 def test_disagreeing_label_studio_annotations_are_refused_as_conflicts(run, tmp_path):
-    """Two submitted annotations of one task that pick different classes conflict."""
+    """Two submitted annotations of one task that pick different classes conflict, unless
+    one of them is marked ground truth."""
     task = {
         "data": {"sample_id": 1004, "audio": "x", "epoch": 2},
         "predictions": [{"result": [{"to_name": "audio"}]}],
@@ -243,6 +244,13 @@ def test_disagreeing_label_studio_annotations_are_refused_as_conflicts(run, tmp_
     agreeing.write_text(json.dumps([export_task(task, 9, [(["a"], False), (["a"], False)])]))
     corrected, audit = apply_decisions(labels, read_decisions(agreeing))
     assert audit["new_label"].tolist() == ["a"] and audit["changed"].tolist() == [True]
+    settled = export_task(task, 9, [(["a"], False), (["b"], False)])
+    settled["annotations"][1]["ground_truth"] = True  # Label Studio's way to settle it
+    export.write_text(json.dumps([settled]))
+    corrected, audit = apply_decisions(labels, read_decisions(export))
+    assert audit[["new_label", "decision_source"]].values.tolist() == [
+        ["b", "label-studio:export.json (ground truth)"]
+    ]
 
 
 def test_apply_never_writes_over_its_inputs(run, tmp_path, capsys):

@@ -137,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
         " reviewed candidates CSV with a `decision` column (accept = take suggested_name,"
         " reject = keep, a class name = relabel, blank = no decision) or a Label Studio JSON"
         " export (each non-cancelled annotation is a decision; annotations of one task that"
-        " disagree conflict). Refuses unknown sample ids,"
+        " disagree conflict, unless exactly one is marked ground truth, which is then the"
+        " decision). Refuses unknown sample ids,"
         " unknown class names and conflicting decisions (listing them all), and any output"
         " that is an input. Writes atomically.",
     )
