@@ -475,14 +475,25 @@ def test_apply_decisions_keeps_integer_class_indices_integers():
 
 def test_ids_match_whatever_spaces_surround_them_in_either_file(tmp_path, capsys):
     """A spreadsheet may keep spaces around ids: the labels' ids are compared as the
-    decisions' are (stripped), and the corrected file keeps its cells as they were."""
+    decisions' are (stripped), from a review, a Label Studio export or the candidates'
+    suggestions alike, and the corrected file keeps its cells as they were."""
     labels = tmp_path / "labels.csv"
     labels.write_text("sample_id,label\n a,x\nb ,x\nc,y\n")
     review = tmp_path / "review.csv"
     review.write_text("sample_id,decision\na ,y\n b,y\n")
+    task = {"data": {"sample_id": "a "}, "predictions": [{"result": [{"to_name": "audio"}]}]}
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps([export_task(task, 1, [(["y"], False)])]))
     out = tmp_path / "corrected.csv"
-    assert main(["apply", "--labels", str(labels), "--decisions", str(review), "-o", str(out)]) == 0
-    assert out.read_text() == "sample_id,label\n a,y\nb ,y\nc,y\n"
+    for decisions in (review, export):
+        argv = ["apply", "--labels", str(labels), "--decisions", str(decisions)]
+        assert main([*argv, "-o", str(out)]) == 0
+        assert out.read_text().startswith("sample_id,label\n a,y\n")
+    assert out.read_text() == "sample_id,label\n a,y\nb ,x\nc,y\n"
+    accepted = pd.DataFrame({"sample_id": [" b"], "decision": ["accept"]})
+    candidates = pd.DataFrame({"sample_id": ["b  "], "suggested_name": ["y"]})
+    corrected, _ = apply_decisions(read_labels(labels), accepted, candidates=candidates)
+    assert corrected["label"].tolist() == ["x", "y", "y"]
 
 
 def test_the_corrected_labels_keep_the_labels_files_form(tmp_path, capsys):

@@ -271,7 +271,7 @@ def read_export(path: str | Path) -> pd.DataFrame:
         for annotation, label in decided:
             rows.append(
                 {
-                    "sample_id": str(data["sample_id"]),
+                    "sample_id": str(data["sample_id"]).strip(),  # as the CSV route reads it
                     "action": "relabel",
                     "label": label,
                     "decision": label,

@@ -327,12 +327,16 @@ def apply_decisions(
     suggested = {}
     if candidates is not None and "suggested_name" in candidates:
         suggested = dict(
-            zip(candidates["sample_id"].astype(str), candidates["suggested_name"], strict=True)
+            zip(
+                candidates["sample_id"].astype(str).str.strip(),
+                candidates["suggested_name"],
+                strict=True,
+            )
         )
     unknown_ids, unknown_names, no_suggestion, other_run, other_epoch = [], [], [], [], []
     resolved = []
     for row in table.to_dict("records"):
-        sample_id = str(row["sample_id"])
+        sample_id = str(row["sample_id"]).strip()  # ids compare stripped on every route
         where = f"{sample_id} ({row['decision_source']}, {row['origin']})"
         if sample_id not in current:
             unknown_ids.append(where)
