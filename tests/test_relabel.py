@@ -361,7 +361,7 @@ def test_labels_that_are_not_the_class_names_are_refused(tmp_path, capsys):
     assert main([*argv, "--class-names", "0", "1", "2"]) == 2
     err = capsys.readouterr().err
     assert "none of the labels in the labels file is among the class names" in err
-    assert "['0', '1', '2']: cat, dog" in err
+    assert "['0', '1', '2'] (pass the class names" in err and "label column): cat, dog" in err
     assert not out.exists()
     # a file of class names with an odd marker among them still applies
     labels.write_text("sample_id,label\n7,1\n8,unknown\n")
@@ -510,3 +510,18 @@ def test_the_corrected_labels_keep_the_labels_files_form(tmp_path, capsys):
     assert out.read_bytes() == expected
     # the audit is a report, comma-separated whatever the labels file uses
     assert (tmp_path / "corrected.audit.csv").read_text().startswith("sample_id,old_label,")
+
+
+def test_every_refused_decision_is_listed_one_a_line_when_there_are_many(tmp_path, capsys):
+    """A reviewer fixes the whole spreadsheet in one pass: 30 unknown class names are all
+    named, with their lines, one a line."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("sample_id,label\n" + "".join(f"s{i},a\n" for i in range(30)) + "x,b\n")
+    decisions = tmp_path / "decisions.csv"
+    decisions.write_text("sample_id,decision\n" + "".join(f"s{i},B\n" for i in range(30)))
+    argv = ["apply", "--labels", str(labels), "--decisions", str(decisions)]
+    assert main([*argv, "-o", str(tmp_path / "corrected.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "pass --class-names or --candidates to name them all): 30 of them:\n" in err
+    for i in range(30):
+        assert f"\n    'B' for s{i} (csv:decisions.csv, line {i + 2})\n" in err + "\n"

@@ -68,7 +68,7 @@ from xml.sax.saxutils import quoteattr
 import pandas as pd
 
 from labelwatch.candidates import CandidateSet, first_watch_column, to_records, watch_columns
-from labelwatch.relabel import DECISION_COLUMNS
+from labelwatch.relabel import DECISION_COLUMNS, _listed
 
 __all__ = ["MEDIA_TAGS", "fill_template", "labeling_config", "read_export", "to_tasks"]
 
@@ -285,8 +285,7 @@ def read_export(path: str | Path) -> pd.DataFrame:
     if missing:
         raise ValueError(
             f"{path}: tasks without data.sample_id (not made by `labelwatch"
-            f" export-label-studio`?): {', '.join(missing[:20])}"
-            + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+            f" export-label-studio`?): {_listed(missing)}"
         )
     if multiple:
         raise ValueError(f"{path}: annotations that pick several classes: {'; '.join(multiple)}")

@@ -75,7 +75,7 @@ DECISION_COLUMNS = (
     "origin",
 )
 CORRECTIONS_ARTIFACT = "label-corrections"
-_SHOWN = 20
+_INLINE = 5  # longer lists of problems are written one a line
 
 
 class RelabelError(ValueError):
@@ -470,9 +470,9 @@ def _label_codec(values: list[str], class_names: Sequence[str] | None) -> tuple[
         # them (a model trained without class_names calls its classes '0', '1', ...)
         strangers = sorted(set(present))
         raise RelabelError(
-            f"none of the labels in the labels file is among the class names {names}:"
-            f" {_listed(strangers)}. Pass the class names the labels use (--class-names),"
-            " or --label-column if this is not the label column."
+            f"none of the labels in the labels file is among the class names {names} (pass"
+            " the class names the labels use with --class-names, or --label-column if this"
+            f" is not the label column): {_listed(strangers)}"
         )
     return (lambda v: v), (lambda n: n), valid
 
@@ -499,8 +499,10 @@ def _joined(values: Any) -> str:
 
 
 def _listed(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_SHOWN])
-    return shown + (f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else "")
+    """Every item, so that one pass fixes them all: inline when few, else one a line."""
+    if len(items) <= _INLINE:
+        return ", ".join(items)
+    return f"{len(items)} of them:" + "".join(f"\n    {item}" for item in items)
 
 
 def write_corrections(
