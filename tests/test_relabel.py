@@ -118,12 +118,14 @@ def test_candidates_cli_writes_to_standard_output_and_keeps_its_table_narrow(run
 
 
 def test_candidates_cli_refuses_to_write_over_its_input(run, capsys):
-    """-o inside the epoch folder it reads is refused, and the file is left as it was."""
-    target = run["out"] / "epoch=2" / "candidates.csv"
-    before = target.read_bytes()
-    assert main(["candidates", str(run["out"]), "-o", str(target)]) == 2
-    assert "refusing to write" in capsys.readouterr().err
-    assert target.read_bytes() == before
+    """-o inside the outputs folder it reads (the epoch read or another) is refused, and
+    the files are left as they were."""
+    for epoch in (2, 1):
+        target = run["out"] / f"epoch={epoch}" / "candidates.csv"
+        before = target.read_bytes()
+        assert main(["candidates", str(run["out"]), "-o", str(target)]) == 2
+        assert "refusing to write" in capsys.readouterr().err
+        assert target.read_bytes() == before
 
 
 def test_round_trip_through_label_studio_and_a_second_training_run(run, tmp_path, capsys):
@@ -254,7 +256,8 @@ def test_disagreeing_label_studio_annotations_are_refused_as_conflicts(run, tmp_
 
 
 def test_apply_never_writes_over_its_inputs(run, tmp_path, capsys):
-    """-o or --audit naming the labels, a decisions file or the candidates is refused."""
+    """-o or --audit naming the labels, a decisions file or a file of the candidates'
+    outputs (any epoch's) is refused."""
     labels = run["root"] / "labels.csv"
     decisions = tmp_path / "decisions.csv"
     pd.DataFrame({"sample_id": ["1004"], "decision": ["b"]}).to_csv(decisions, index=False)
@@ -264,6 +267,7 @@ def test_apply_never_writes_over_its_inputs(run, tmp_path, capsys):
         ["-o", str(labels)],
         ["-o", str(tmp_path / "ok.csv"), "--audit", str(decisions)],
         ["-o", str(run["out"] / "epoch=2" / "x.csv"), "--candidates", str(run["out"])],
+        ["-o", str(run["out"] / "epoch=0" / "candidates.csv"), "--candidates", str(run["out"])],
     ):
         assert main([*base, *extra]) == 2
         assert "refusing to write" in capsys.readouterr().err
