@@ -529,3 +529,18 @@ def test_every_refused_decision_is_listed_one_a_line_when_there_are_many(tmp_pat
     assert "pass --class-names or --candidates to name them all): 30 of them:\n" in err
     for i in range(30):
         assert f"\n    'B' for s{i} (csv:decisions.csv, line {i + 2})\n" in err + "\n"
+
+
+def test_apply_decisions_takes_labels_read_by_plain_pandas_with_empty_cells():
+    """pandas.read_csv makes an empty label NaN and a column of indices with one empty
+    cell floats: they apply as the CLI applies the empty cells ('' is unlabelled), and the
+    indices stay floats."""
+    names = pd.read_csv(io.StringIO("sample_id,label\na,\nb,siren\nc,drill\n"))
+    decisions = pd.DataFrame({"sample_id": ["a", "b"], "decision": ["drill", "drill"]})
+    corrected, audit = apply_decisions(names, decisions)
+    assert corrected["label"].tolist() == ["drill", "drill", "drill"]
+    assert audit["old_label"].tolist() == ["", "siren"]
+    indices = pd.read_csv(io.StringIO("sample_id,label\na,\nb,0\nc,1\n"))
+    assert indices["label"].dtype == float
+    corrected, _ = apply_decisions(indices, decisions, class_names=["siren", "drill"])
+    assert corrected["label"].dtype == float and corrected["label"].tolist() == [1.0, 1.0, 1.0]

@@ -321,7 +321,7 @@ def apply_decisions(
     duplicated = sorted(set(ids[ids.duplicated()]))
     if duplicated:
         raise RelabelError(f"the labels hold these sample ids twice or more: {_listed(duplicated)}")
-    current = dict(zip(ids, labels[label_column].astype(str), strict=True))
+    current = dict(zip(ids, map(_label_text, labels[label_column].tolist()), strict=True))
     to_name, to_file, valid = _label_codec(list(current.values()), class_names)
 
     suggested = {}
@@ -475,6 +475,17 @@ def _label_codec(values: list[str], class_names: Sequence[str] | None) -> tuple[
             f" is not the label column): {_listed(strangers)}"
         )
     return (lambda v: v), (lambda n: n), valid
+
+
+def _label_text(value: Any) -> str:
+    """A label as text, as the CLI reads its cell: a missing one (None, NaN) as '', and a
+    whole float as an integer (pandas reads a column of class indices with an empty cell
+    as floats: 2.0 is class 2)."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _present(value: Any) -> Any:
