@@ -544,3 +544,18 @@ def test_apply_decisions_takes_labels_read_by_plain_pandas_with_empty_cells():
     assert indices["label"].dtype == float
     corrected, _ = apply_decisions(indices, decisions, class_names=["siren", "drill"])
     assert corrected["label"].dtype == float and corrected["label"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_categorical_label_column_gains_the_new_class_as_a_category():
+    """A relabel to a class outside a Categorical column's categories adds the category;
+    a Categorical of class indices takes the new index."""
+    labels = pd.DataFrame({"sample_id": ["a", "b"], "label": pd.Categorical(["siren", "drill"])})
+    decisions = pd.DataFrame({"sample_id": ["a"], "decision": ["dog_bark"]})
+    corrected, _ = apply_decisions(labels, decisions, class_names=["siren", "drill", "dog_bark"])
+    assert corrected["label"].tolist() == ["dog_bark", "drill"]
+    assert list(corrected["label"].cat.categories) == ["drill", "siren", "dog_bark"]
+    assert labels["label"].tolist() == ["siren", "drill"]  # the input is left as it was
+    indices = labels.assign(label=pd.Categorical([0, 1]))
+    corrected, _ = apply_decisions(indices, decisions, class_names=["siren", "drill", "dog_bark"])
+    assert corrected["label"].tolist() == [2, 1]
+    assert list(corrected["label"].cat.categories) == [0, 1, 2]

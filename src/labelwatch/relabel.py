@@ -428,8 +428,13 @@ def apply_decisions(
         mask = ids.isin(list(changes)).to_numpy()
         new_labels = ids[mask].map(changes)
         column = corrected[label_column]
-        if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
-            new_labels = pd.to_numeric(new_labels).astype(column.dtype)  # class indices
+        categorical = isinstance(column.dtype, pd.CategoricalDtype)
+        kind = column.cat.categories.dtype if categorical else column.dtype
+        if pd.api.types.is_numeric_dtype(kind) and not pd.api.types.is_bool_dtype(kind):
+            new_labels = pd.to_numeric(new_labels).astype(kind)  # class indices
+        if categorical:  # pandas refuses a value outside the categories: add it first
+            added = sorted(set(new_labels) - set(column.cat.categories))
+            corrected[label_column] = column.cat.add_categories(added)
         corrected.loc[mask, label_column] = new_labels.to_numpy()
     audit = pd.DataFrame(audit_rows, columns=list(AUDIT_COLUMNS))
     return corrected, audit
