@@ -559,3 +559,20 @@ def test_a_categorical_label_column_gains_the_new_class_as_a_category():
     corrected, _ = apply_decisions(indices, decisions, class_names=["siren", "drill", "dog_bark"])
     assert corrected["label"].tolist() == [2, 1]
     assert list(corrected["label"].cat.categories) == [0, 1, 2]
+
+
+def test_errors_name_the_line_of_the_file_a_row_is_on(tmp_path, capsys):
+    """A cell over several lines and a blank line do not shift the line numbers that
+    errors give; a row with more cells than the header is named by its line."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("sample_id,label\n10,siren\n11,drill\n")
+    decisions = tmp_path / "decisions.csv"
+    decisions.write_text(
+        'sample_id,decision,comment\n10,reject,"first\nsecond\nthird"\n\n11,Sirne,typo\n'
+    )
+    argv = ["apply", "--labels", str(labels), "--decisions", str(decisions)]
+    assert main([*argv, "-o", str(tmp_path / "corrected.csv")]) == 2
+    assert "'Sirne' for 11 (csv:decisions.csv, line 6)" in capsys.readouterr().err
+    decisions.write_text("sample_id,decision\n10,reject\n11,siren,extra\n")
+    assert main([*argv, "-o", str(tmp_path / "corrected.csv")]) == 2
+    assert "decisions.csv, line 3: 3 cells, but the header has 2" in capsys.readouterr().err

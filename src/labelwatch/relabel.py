@@ -127,9 +127,9 @@ def read_decisions(path: str | Path) -> pd.DataFrame:
             f"decisions must be a reviewed candidates .csv or .json, or a Label Studio export"
             f" .json, got {path.name!r}"
         )
-    table = from_csv_safe(_read_csv_text(path, required=("sample_id", "decision"))[0])
-    lines = [f"line {line}" for line in range(2, len(table) + 2)]
-    return decisions_from_table(table, source=f"csv:{path.name}", origins=lines)
+    table, form = _read_csv_text(path, required=("sample_id", "decision"))
+    lines = [f"line {line}" for line in form["lines"]]  # of the file, as an editor shows it
+    return decisions_from_table(from_csv_safe(table), source=f"csv:{path.name}", origins=lines)
 
 
 def decisions_from_table(
