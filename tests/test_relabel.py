@@ -576,3 +576,20 @@ def test_errors_name_the_line_of_the_file_a_row_is_on(tmp_path, capsys):
     decisions.write_text("sample_id,decision\n10,reject\n11,siren,extra\n")
     assert main([*argv, "-o", str(tmp_path / "corrected.csv")]) == 2
     assert "decisions.csv, line 3: 3 cells, but the header has 2" in capsys.readouterr().err
+
+
+def test_labels_compare_stripped_and_a_class_in_another_case_gets_a_hint(tmp_path, capsys):
+    """' siren ' in the labels file is the class siren (its cell is kept where unchanged);
+    a decision 'Siren' is unknown, with a hint at the class it differs from only in case."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("sample_id,label\na, siren \nb,drill\nc, siren \n")
+    decisions = tmp_path / "decisions.csv"
+    decisions.write_text("sample_id,decision\nb,siren\nc,reject\n")
+    out = tmp_path / "corrected.csv"
+    argv = ["apply", "--labels", str(labels), "--decisions", str(decisions), "-o", str(out)]
+    assert main(argv) == 0
+    assert out.read_text() == "sample_id,label\na, siren \nb,siren\nc, siren \n"
+    assert "1 labels changed, 1 kept" in capsys.readouterr().out
+    decisions.write_text("sample_id,decision\nb,Siren\n")
+    assert main(argv) == 2
+    assert "case-sensitive: did you mean 'siren' for 'Siren'?" in capsys.readouterr().err

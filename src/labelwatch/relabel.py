@@ -13,7 +13,9 @@ Studio JSON export (see :mod:`labelwatch.labelstudio`):
 - a class name: relabel to that class;
 - blank: no decision for that row.
 
-``accept`` and ``reject`` are read case-insensitively and win over a class of that name.
+``accept`` and ``reject`` are read case-insensitively and win over a class of that name;
+class names are case-sensitive. Sample ids, labels and decisions are compared with the
+spaces around them stripped (the labels file's cells are kept as written where unchanged).
 The valid class names are ``class_names`` when given, else the candidates' class names
 (``summary.json``), else the labels found in the labels file.
 
@@ -334,7 +336,7 @@ def apply_decisions(
             )
         )
     unknown_ids, unknown_names, no_suggestion, other_run, other_epoch = [], [], [], [], []
-    resolved = []
+    resolved, misspelt = [], set()
     for row in table.to_dict("records"):
         sample_id = str(row["sample_id"]).strip()  # ids compare stripped on every route
         where = f"{sample_id} ({row['decision_source']}, {row['origin']})"
@@ -358,9 +360,10 @@ def apply_decisions(
                 no_suggestion.append(where)
                 continue
         else:
-            new_name = str(row["label"])
+            new_name = str(row["label"]).strip()
         if row["action"] != "reject" and new_name not in valid:
             unknown_names.append(f"{new_name!r} for {where}")
+            misspelt.add(new_name)
             continue
         resolved.append({**row, "sample_id": sample_id, "new_name": new_name})
 
@@ -384,6 +387,12 @@ def apply_decisions(
             f"unknown class names (valid: {sorted(valid)}; pass --class-names or --candidates"
             f" to name them all): {_listed(unknown_names)}"
         )
+        by_case = {name.lower(): name for name in valid}
+        hints = [
+            f"{by_case[n.lower()]!r} for {n!r}" for n in sorted(misspelt) if n.lower() in by_case
+        ]
+        if hints:
+            problems.append(f"class names are case-sensitive: did you mean {', '.join(hints)}?")
     for other, of, fix in (
         (other_run, f"run than the candidates' ({run})", "pass that run's candidates"),
         (other_epoch, f"epoch than the candidates' ({epoch})", "pass --epoch"),
@@ -483,14 +492,15 @@ def _label_codec(values: list[str], class_names: Sequence[str] | None) -> tuple[
 
 
 def _label_text(value: Any) -> str:
-    """A label as text, as the CLI reads its cell: a missing one (None, NaN) as '', and a
-    whole float as an integer (pandas reads a column of class indices with an empty cell
-    as floats: 2.0 is class 2)."""
+    """A label as text, stripped as decisions are (a spreadsheet may keep ' siren '), as
+    the CLI reads its cell: a missing one (None, NaN) as '', and a whole float as an
+    integer (pandas reads a column of class indices with an empty cell as floats: 2.0 is
+    class 2)."""
     if value is None or (not isinstance(value, str) and pd.isna(value)):
         return ""
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    return str(value)
+    return str(value).strip()
 
 
 def _present(value: Any) -> Any:
