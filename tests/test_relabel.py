@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -593,3 +595,17 @@ def test_labels_compare_stripped_and_a_class_in_another_case_gets_a_hint(tmp_pat
     decisions.write_text("sample_id,decision\nb,Siren\n")
     assert main(argv) == 2
     assert "case-sensitive: did you mean 'siren' for 'Siren'?" in capsys.readouterr().err
+
+
+def test_candidates_piped_into_a_reader_that_stops_exits_quietly(run, tmp_path):
+    """`labelwatch candidates ... | head`: when the reader has gone, the command still
+    writes its -o file and exits without a traceback, with the status SIGPIPE gives."""
+    review = tmp_path / "review.csv"
+    command = [sys.executable, "-m", "labelwatch.cli", "candidates", str(run["out"])]
+    child = subprocess.Popen(
+        [*command, "-o", str(review)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    child.stdout.close()  # the reader is gone before the command prints anything
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 141, err
+    assert err == "" and review.is_file()
