@@ -148,7 +148,9 @@ def _parser() -> argparse.ArgumentParser:
         " disagree conflict, unless exactly one is marked ground truth, which is then the"
         " decision). Refuses unknown sample ids,"
         " unknown class names and conflicting decisions (listing them all), and any output"
-        " that is an input. Writes atomically.",
+        " that is an input or lies in the --candidates outputs folder. Writes corrected.csv"
+        " in the labels file's form (separator, byte-order mark, line ends, header row),"
+        " atomically.",
     )
     apply.add_argument("--labels", type=Path, required=True, help="the labels CSV to correct")
     apply.add_argument(
