@@ -207,3 +207,50 @@ def test_the_review_note_says_where_the_suggestion_comes_from():
     assert first["predictions"][0]["score"] == pytest.approx(0.97)
     assert "score" not in second["predictions"][0]
     assert second["predictions"][0]["result"][0]["value"] == {"choices": ["siren"]}
+
+
+def test_an_export_whose_choices_are_all_unread_is_refused_naming_them(tmp_path: Path):
+    """Choices under another from_name than the config's 'label', or only in drafts, are not
+    decisions: an export with nothing else says so instead of applying none."""
+    tasks = to_tasks(_candidates(), data_template="{path}")
+    renamed = export_task(tasks[0], 1, [(["siren"], False)])
+    renamed["annotations"][0]["result"][0]["from_name"] = "class"
+    drafted = export_task(tasks[1], 2, [])
+    drafted["drafts"] = [
+        {
+            "id": 5,
+            "result": export_task(tasks[1], 2, [(["siren"], False)])["annotations"][0]["result"],
+        }
+    ]
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps([renamed, drafted]))
+    with pytest.raises(ValueError, match="no submitted annotation picks a class") as raised:
+        read_export(path)
+    assert "task 1 chooses under from_name 'class'; task 2 has choices only in a draft" in str(
+        raised.value
+    )
+    # once one task is answered as labelwatch's config asks, the others are no decision
+    answered = export_task(tasks[0], 3, [(["siren"], False)])
+    path.write_text(json.dumps([renamed, drafted, answered]))
+    assert read_export(path)["origin"].tolist() == ["task 3, annotation 300"]
+
+
+def test_the_ground_truth_annotation_settles_a_disagreement(tmp_path: Path):
+    """Of annotators who disagree, the one annotation marked ground truth is the decision,
+    and its source says so; two marked ones that disagree stay a conflict."""
+    task = export_task(
+        to_tasks(_candidates(), data_template="{path}")[0],
+        4,
+        [(["siren"], False), (["dog_bark"], False)],
+    )
+    task["annotations"][1]["ground_truth"] = True
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps([task]))
+    decisions = read_export(path)
+    assert decisions[["label", "origin"]].values.tolist() == [
+        ["dog_bark", "task 4, annotation 401"]
+    ]
+    assert decisions["decision_source"].tolist() == ["label-studio:export.json (ground truth)"]
+    task["annotations"][0]["ground_truth"] = True
+    path.write_text(json.dumps([task]))
+    assert read_export(path)["label"].tolist() == ["siren", "dog_bark"]

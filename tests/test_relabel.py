@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -118,12 +120,14 @@ def test_candidates_cli_writes_to_standard_output_and_keeps_its_table_narrow(run
 
 
 def test_candidates_cli_refuses_to_write_over_its_input(run, capsys):
-    """-o inside the epoch folder it reads is refused, and the file is left as it was."""
-    target = run["out"] / "epoch=2" / "candidates.csv"
-    before = target.read_bytes()
-    assert main(["candidates", str(run["out"]), "-o", str(target)]) == 2
-    assert "refusing to write" in capsys.readouterr().err
-    assert target.read_bytes() == before
+    """-o inside the outputs folder it reads (the epoch read or another) is refused, and
+    the files are left as they were."""
+    for epoch in (2, 1):
+        target = run["out"] / f"epoch={epoch}" / "candidates.csv"
+        before = target.read_bytes()
+        assert main(["candidates", str(run["out"]), "-o", str(target)]) == 2
+        assert "refusing to write" in capsys.readouterr().err
+        assert target.read_bytes() == before
 
 
 def test_round_trip_through_label_studio_and_a_second_training_run(run, tmp_path, capsys):
@@ -229,7 +233,8 @@ def test_apply_refuses_unknown_ids_unknown_classes_and_conflicts(run, tmp_path, 
 
 
 def test_disagreeing_label_studio_annotations_are_refused_as_conflicts(run, tmp_path):
-    """Two submitted annotations of one task that pick different classes conflict."""
+    """Two submitted annotations of one task that pick different classes conflict, unless
+    one of them is marked ground truth."""
     task = {
         "data": {"sample_id": 1004, "audio": "x", "epoch": 2},
         "predictions": [{"result": [{"to_name": "audio"}]}],
@@ -243,10 +248,18 @@ def test_disagreeing_label_studio_annotations_are_refused_as_conflicts(run, tmp_
     agreeing.write_text(json.dumps([export_task(task, 9, [(["a"], False), (["a"], False)])]))
     corrected, audit = apply_decisions(labels, read_decisions(agreeing))
     assert audit["new_label"].tolist() == ["a"] and audit["changed"].tolist() == [True]
+    settled = export_task(task, 9, [(["a"], False), (["b"], False)])
+    settled["annotations"][1]["ground_truth"] = True  # Label Studio's way to settle it
+    export.write_text(json.dumps([settled]))
+    corrected, audit = apply_decisions(labels, read_decisions(export))
+    assert audit[["new_label", "decision_source"]].values.tolist() == [
+        ["b", "label-studio:export.json (ground truth)"]
+    ]
 
 
 def test_apply_never_writes_over_its_inputs(run, tmp_path, capsys):
-    """-o or --audit naming the labels, a decisions file or the candidates is refused."""
+    """-o or --audit naming the labels, a decisions file or a file of the candidates'
+    outputs (any epoch's) is refused."""
     labels = run["root"] / "labels.csv"
     decisions = tmp_path / "decisions.csv"
     pd.DataFrame({"sample_id": ["1004"], "decision": ["b"]}).to_csv(decisions, index=False)
@@ -256,6 +269,7 @@ def test_apply_never_writes_over_its_inputs(run, tmp_path, capsys):
         ["-o", str(labels)],
         ["-o", str(tmp_path / "ok.csv"), "--audit", str(decisions)],
         ["-o", str(run["out"] / "epoch=2" / "x.csv"), "--candidates", str(run["out"])],
+        ["-o", str(run["out"] / "epoch=0" / "candidates.csv"), "--candidates", str(run["out"])],
     ):
         assert main([*base, *extra]) == 2
         assert "refusing to write" in capsys.readouterr().err
@@ -353,7 +367,7 @@ def test_labels_that_are_not_the_class_names_are_refused(tmp_path, capsys):
     assert main([*argv, "--class-names", "0", "1", "2"]) == 2
     err = capsys.readouterr().err
     assert "none of the labels in the labels file is among the class names" in err
-    assert "['0', '1', '2']: cat, dog" in err
+    assert "['0', '1', '2'] (pass the class names" in err and "label column): cat, dog" in err
     assert not out.exists()
     # a file of class names with an odd marker among them still applies
     labels.write_text("sample_id,label\n7,1\n8,unknown\n")
@@ -467,11 +481,131 @@ def test_apply_decisions_keeps_integer_class_indices_integers():
 
 def test_ids_match_whatever_spaces_surround_them_in_either_file(tmp_path, capsys):
     """A spreadsheet may keep spaces around ids: the labels' ids are compared as the
-    decisions' are (stripped), and the corrected file keeps its cells as they were."""
+    decisions' are (stripped), from a review, a Label Studio export or the candidates'
+    suggestions alike, and the corrected file keeps its cells as they were."""
     labels = tmp_path / "labels.csv"
     labels.write_text("sample_id,label\n a,x\nb ,x\nc,y\n")
     review = tmp_path / "review.csv"
     review.write_text("sample_id,decision\na ,y\n b,y\n")
+    task = {"data": {"sample_id": "a "}, "predictions": [{"result": [{"to_name": "audio"}]}]}
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps([export_task(task, 1, [(["y"], False)])]))
     out = tmp_path / "corrected.csv"
-    assert main(["apply", "--labels", str(labels), "--decisions", str(review), "-o", str(out)]) == 0
-    assert out.read_text() == "sample_id,label\n a,y\nb ,y\nc,y\n"
+    for decisions in (review, export):
+        argv = ["apply", "--labels", str(labels), "--decisions", str(decisions)]
+        assert main([*argv, "-o", str(out)]) == 0
+        assert out.read_text().startswith("sample_id,label\n a,y\n")
+    assert out.read_text() == "sample_id,label\n a,y\nb ,x\nc,y\n"
+    accepted = pd.DataFrame({"sample_id": [" b"], "decision": ["accept"]})
+    candidates = pd.DataFrame({"sample_id": ["b  "], "suggested_name": ["y"]})
+    corrected, _ = apply_decisions(read_labels(labels), accepted, candidates=candidates)
+    assert corrected["label"].tolist() == ["x", "y", "y"]
+
+
+def test_the_corrected_labels_keep_the_labels_files_form(tmp_path, capsys):
+    """A labels file saved with ';', a byte-order mark, CRLF line ends and an empty and a
+    repeated header cell comes back in that form, with only the decided cell changed."""
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes("\ufeffsample_id;label;;note;note\r\n7;cat;;x;y\r\n8;dog;;;\r\n".encode())
+    decisions = tmp_path / "decisions.csv"
+    decisions.write_text("sample_id,decision\n7,dog\n")
+    out = tmp_path / "corrected.csv"
+    argv = ["apply", "--labels", str(labels), "--decisions", str(decisions), "-o", str(out)]
+    assert main(argv) == 0
+    expected = "\ufeffsample_id;label;;note;note\r\n7;dog;;x;y\r\n8;dog;;;\r\n".encode()
+    assert out.read_bytes() == expected
+    # the audit is a report, comma-separated whatever the labels file uses
+    assert (tmp_path / "corrected.audit.csv").read_text().startswith("sample_id,old_label,")
+
+
+def test_every_refused_decision_is_listed_one_a_line_when_there_are_many(tmp_path, capsys):
+    """A reviewer fixes the whole spreadsheet in one pass: 30 unknown class names are all
+    named, with their lines, one a line."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("sample_id,label\n" + "".join(f"s{i},a\n" for i in range(30)) + "x,b\n")
+    decisions = tmp_path / "decisions.csv"
+    decisions.write_text("sample_id,decision\n" + "".join(f"s{i},B\n" for i in range(30)))
+    argv = ["apply", "--labels", str(labels), "--decisions", str(decisions)]
+    assert main([*argv, "-o", str(tmp_path / "corrected.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "pass --class-names or --candidates to name them all): 30 of them:\n" in err
+    for i in range(30):
+        assert f"\n    'B' for s{i} (csv:decisions.csv, line {i + 2})\n" in err + "\n"
+
+
+def test_apply_decisions_takes_labels_read_by_plain_pandas_with_empty_cells():
+    """pandas.read_csv makes an empty label NaN and a column of indices with one empty
+    cell floats: they apply as the CLI applies the empty cells ('' is unlabelled), and the
+    indices stay floats."""
+    names = pd.read_csv(io.StringIO("sample_id,label\na,\nb,siren\nc,drill\n"))
+    decisions = pd.DataFrame({"sample_id": ["a", "b"], "decision": ["drill", "drill"]})
+    corrected, audit = apply_decisions(names, decisions)
+    assert corrected["label"].tolist() == ["drill", "drill", "drill"]
+    assert audit["old_label"].tolist() == ["", "siren"]
+    indices = pd.read_csv(io.StringIO("sample_id,label\na,\nb,0\nc,1\n"))
+    assert indices["label"].dtype == float
+    corrected, _ = apply_decisions(indices, decisions, class_names=["siren", "drill"])
+    assert corrected["label"].dtype == float and corrected["label"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_categorical_label_column_gains_the_new_class_as_a_category():
+    """A relabel to a class outside a Categorical column's categories adds the category;
+    a Categorical of class indices takes the new index."""
+    labels = pd.DataFrame({"sample_id": ["a", "b"], "label": pd.Categorical(["siren", "drill"])})
+    decisions = pd.DataFrame({"sample_id": ["a"], "decision": ["dog_bark"]})
+    corrected, _ = apply_decisions(labels, decisions, class_names=["siren", "drill", "dog_bark"])
+    assert corrected["label"].tolist() == ["dog_bark", "drill"]
+    assert list(corrected["label"].cat.categories) == ["drill", "siren", "dog_bark"]
+    assert labels["label"].tolist() == ["siren", "drill"]  # the input is left as it was
+    indices = labels.assign(label=pd.Categorical([0, 1]))
+    corrected, _ = apply_decisions(indices, decisions, class_names=["siren", "drill", "dog_bark"])
+    assert corrected["label"].tolist() == [2, 1]
+    assert list(corrected["label"].cat.categories) == [0, 1, 2]
+
+
+def test_errors_name_the_line_of_the_file_a_row_is_on(tmp_path, capsys):
+    """A cell over several lines and a blank line do not shift the line numbers that
+    errors give; a row with more cells than the header is named by its line."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("sample_id,label\n10,siren\n11,drill\n")
+    decisions = tmp_path / "decisions.csv"
+    decisions.write_text(
+        'sample_id,decision,comment\n10,reject,"first\nsecond\nthird"\n\n11,Sirne,typo\n'
+    )
+    argv = ["apply", "--labels", str(labels), "--decisions", str(decisions)]
+    assert main([*argv, "-o", str(tmp_path / "corrected.csv")]) == 2
+    assert "'Sirne' for 11 (csv:decisions.csv, line 6)" in capsys.readouterr().err
+    decisions.write_text("sample_id,decision\n10,reject\n11,siren,extra\n")
+    assert main([*argv, "-o", str(tmp_path / "corrected.csv")]) == 2
+    assert "decisions.csv, line 3: 3 cells, but the header has 2" in capsys.readouterr().err
+
+
+def test_labels_compare_stripped_and_a_class_in_another_case_gets_a_hint(tmp_path, capsys):
+    """' siren ' in the labels file is the class siren (its cell is kept where unchanged);
+    a decision 'Siren' is unknown, with a hint at the class it differs from only in case."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("sample_id,label\na, siren \nb,drill\nc, siren \n")
+    decisions = tmp_path / "decisions.csv"
+    decisions.write_text("sample_id,decision\nb,siren\nc,reject\n")
+    out = tmp_path / "corrected.csv"
+    argv = ["apply", "--labels", str(labels), "--decisions", str(decisions), "-o", str(out)]
+    assert main(argv) == 0
+    assert out.read_text() == "sample_id,label\na, siren \nb,siren\nc, siren \n"
+    assert "1 labels changed, 1 kept" in capsys.readouterr().out
+    decisions.write_text("sample_id,decision\nb,Siren\n")
+    assert main(argv) == 2
+    assert "case-sensitive: did you mean 'siren' for 'Siren'?" in capsys.readouterr().err
+
+
+def test_candidates_piped_into_a_reader_that_stops_exits_quietly(run, tmp_path):
+    """`labelwatch candidates ... | head`: when the reader has gone, the command still
+    writes its -o file and exits without a traceback, with the status SIGPIPE gives."""
+    review = tmp_path / "review.csv"
+    command = [sys.executable, "-m", "labelwatch.cli", "candidates", str(run["out"])]
+    child = subprocess.Popen(
+        [*command, "-o", str(review)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    child.stdout.close()  # the reader is gone before the command prints anything
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 141, err
+    assert err == "" and review.is_file()

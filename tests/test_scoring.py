@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -263,3 +265,19 @@ def test_ids_of_one_kind_are_accepted():
     assert frame["sample_id"].tolist() == [5, 6, 7]
     floats = score_predictions(logits=torch.randn(2, 2), labels=[0, 1], sample_ids=[0.5, 1.5])
     assert floats["sample_id"].tolist() == [0.5, 1.5]
+
+
+def test_pandas_input_scores_without_a_warning():
+    """A DataFrame's values are a read-only array, which torch warns about (once per
+    process, hence a fresh one): they are copied first."""
+    code = (
+        "import numpy as np, pandas as pd; from labelwatch import score_predictions;"
+        " logits = pd.DataFrame(np.random.default_rng(0).normal(size=(8, 3)));"
+        " score_predictions(logits=logits, labels=pd.Series([0, 1, 2, 0, 1, 2, 0, 1]))"
+    )
+    error = "error:The given NumPy array is not writable:UserWarning"
+    done = subprocess.run(
+        [sys.executable, "-W", error, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "not writable" not in done.stderr

@@ -167,13 +167,14 @@ def to_csv_safe(frame: pd.DataFrame) -> pd.DataFrame:
     return safe
 
 
-def save_csv(frame: pd.DataFrame, path: str | Path) -> None:
-    """``frame.to_csv(path, index=False)``, quoting every text cell when one holds a
-    carriage return: pandas writes such a cell unquoted, and reads it back as a line break
-    (an id "a\rb" would split its row in two)."""
+def save_csv(frame: pd.DataFrame, path: str | Path, **options: Any) -> None:
+    """``frame.to_csv(path, index=False, **options)``, quoting every text cell when one
+    holds a carriage return: pandas writes such a cell unquoted, and reads it back as a line
+    break (an id "a\rb" would split its row in two)."""
     text = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
     returns = any(frame[c].astype(str).str.contains("\r", regex=False).any() for c in text)
-    frame.to_csv(path, index=False, quoting=csv.QUOTE_NONNUMERIC if returns else csv.QUOTE_MINIMAL)
+    quoting = csv.QUOTE_NONNUMERIC if returns else csv.QUOTE_MINIMAL
+    frame.to_csv(path, index=False, quoting=quoting, **options)
 
 
 def from_csv_safe(frame: pd.DataFrame) -> pd.DataFrame:
@@ -266,10 +267,10 @@ def read_candidates(source: str | Path, *, epoch: int | None = None) -> Candidat
         )
     if (path / "files").is_dir() and any(path.glob("*.wandb")):
         return _from_wandb_run(path, epoch)
-    return _from_local(_local_epoch_dir(path, epoch))
+    return _from_local(_local_epoch_dir(path, epoch), path)
 
 
-def _from_local(epoch_dir: Path) -> CandidateSet:
+def _from_local(epoch_dir: Path, source: Path) -> CandidateSet:
     frame = pd.read_parquet(epoch_dir / "candidates.parquet")
     summary_path = epoch_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
@@ -293,7 +294,8 @@ def _from_local(epoch_dir: Path) -> CandidateSet:
         run=run_id if run_id is not None else str(root.resolve()),
         wandb_run_id=run_id,
         artifact=artifact,
-        inputs=(epoch_dir,),
+        # The outputs named (all the run's epochs), or the one epoch folder named.
+        inputs=(root if root.resolve().is_relative_to(source.resolve()) else source,),
     )
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -58,7 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # a reader that stopped (`| head`) shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # Exit quietly as Unix tools do; stdout goes to devnull so the flush at exit is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE  # the status of a tool that SIGPIPE stopped
     except (FileNotFoundError, ValueError) as err:
         print(f"labelwatch: error: {err}", file=sys.stderr)
         return 2
@@ -137,9 +145,12 @@ def _parser() -> argparse.ArgumentParser:
         " reviewed candidates CSV with a `decision` column (accept = take suggested_name,"
         " reject = keep, a class name = relabel, blank = no decision) or a Label Studio JSON"
         " export (each non-cancelled annotation is a decision; annotations of one task that"
-        " disagree conflict). Refuses unknown sample ids,"
+        " disagree conflict, unless exactly one is marked ground truth, which is then the"
+        " decision). Refuses unknown sample ids,"
         " unknown class names and conflicting decisions (listing them all), and any output"
-        " that is an input. Writes atomically.",
+        " that is an input or lies in the --candidates outputs folder. Writes corrected.csv"
+        " in the labels file's form (separator, byte-order mark, line ends, header row),"
+        " atomically.",
     )
     apply.add_argument("--labels", type=Path, required=True, help="the labels CSV to correct")
     apply.add_argument(
@@ -237,25 +248,25 @@ def _candidates(args: argparse.Namespace) -> int:
     if args.leaning is not None:
         columns = (watch_column(args.leaning), first_watch_column(args.leaning))
         shown += [c for c in columns if c in frame.columns]
+    out = frame.copy()
+    if found.run is not None and "run" not in out:
+        out["run"] = found.run
+    if fmt == "csv" and "decision" not in out:
+        out["decision"] = ""
+    if args.output is not None and not to_stdout:  # first: a closed stdout cannot stop it
+        write_table(out, args.output, fmt)
     if not to_stdout:  # with -o -, standard output carries the table itself
         with pd.option_context("display.width", 160):
             table = frame[shown].to_string(index=False, max_colwidth=40)
         print(table if len(frame) else "no candidates")
-    if args.output is not None:
-        out = frame.copy()
-        if found.run is not None and "run" not in out:
-            out["run"] = found.run
-        if fmt == "csv" and "decision" not in out:
-            out["decision"] = ""
-        if to_stdout:
-            if fmt == "csv":
-                save_csv(to_csv_safe(out), sys.stdout)
-            else:
-                sys.stdout.write(records_json(out))
-            print(f"wrote {len(frame)} candidates to standard output", file=sys.stderr)
+    if to_stdout:
+        if fmt == "csv":
+            save_csv(to_csv_safe(out), sys.stdout)
         else:
-            write_table(out, args.output, fmt)
-            print(f"wrote {len(frame)} candidates to {args.output}")
+            sys.stdout.write(records_json(out))
+        print(f"wrote {len(frame)} candidates to standard output", file=sys.stderr)
+    elif args.output is not None:
+        print(f"wrote {len(frame)} candidates to {args.output}")
     return 0
 
 

@@ -44,9 +44,14 @@ Export (what :func:`read_export` reads: Label Studio's "JSON" export, a list of 
 
 Each non-cancelled annotation with a ``label`` choice is one decision (a class name) for
 ``data["sample_id"]``. Cancelled (skipped) annotations, drafts, predictions and empty
-results are ignored. Several annotations of one task are all kept as decisions, so if
-they disagree :func:`labelwatch.relabel.apply_decisions` refuses them as conflicting
-(resolve it in Label Studio and export again) rather than silently picking one.
+results are ignored; an export in which nothing is read, but annotations choose under
+another ``from_name`` or only drafts hold choices, is refused, naming those tasks.
+Several annotations of one task are all kept as decisions, so if they disagree
+:func:`labelwatch.relabel.apply_decisions` refuses them as conflicting (resolve it in
+Label Studio and export again) rather than silently picking one; where exactly one of
+them is marked ground truth (``"ground_truth": true``, Label Studio's way to settle a
+disagreement), that one alone is the decision, and its ``decision_source`` says
+``(ground truth)``.
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ from xml.sax.saxutils import quoteattr
 import pandas as pd
 
 from labelwatch.candidates import CandidateSet, first_watch_column, to_records, watch_columns
-from labelwatch.relabel import DECISION_COLUMNS
+from labelwatch.relabel import DECISION_COLUMNS, _listed
 
 __all__ = ["MEDIA_TAGS", "fill_template", "labeling_config", "read_export", "to_tasks"]
 
@@ -215,15 +220,19 @@ def _check_media(media: str) -> None:
 
 
 def read_export(path: str | Path) -> pd.DataFrame:
-    """Decisions from a Label Studio JSON export: one row per non-cancelled annotation.
+    """Decisions from a Label Studio JSON export: one row per non-cancelled annotation
+    (only the ground-truth one of a task that marks exactly one of several as such).
 
     Columns: ``sample_id`` (text), ``action`` (``"relabel"``), ``label`` (the chosen class),
     ``decision`` (the same), ``suggested_name``, ``decision_source``
-    (``label-studio:<file name>``), ``epoch``, ``run``, ``origin`` (task and annotation id).
+    (``label-studio:<file name>``, plus `` (ground truth)`` where that settled the task),
+    ``epoch``, ``run``, ``origin`` (task and annotation id).
 
     Raises:
         ValueError: when the file is not a JSON list of tasks, a task lacks
-            ``data.sample_id``, or one annotation picks several classes.
+            ``data.sample_id``, one annotation picks several classes, or no annotation
+            picks a class under ``from_name="label"`` while some choose under another
+            name or only drafts hold choices.
     """
     path = Path(path)
     try:
@@ -235,13 +244,14 @@ def read_export(path: str | Path) -> pd.DataFrame:
             f"{path} is not a Label Studio JSON export (a list of tasks); export with the"
             " 'JSON' format, not 'JSON_MIN' or 'CSV'."
         )
-    rows, missing, multiple = [], [], []
+    rows, missing, multiple, unread = [], [], [], []
     for position, task in enumerate(tasks):
         task_id = task.get("id", f"#{position}")
         data = task.get("data") or {}
         if not isinstance(data, dict) or data.get("sample_id") is None:
             missing.append(str(task_id))
             continue
+        decided = []
         for annotation in task.get("annotations") or []:
             if annotation.get("was_cancelled"):
                 continue
@@ -251,14 +261,22 @@ def read_export(path: str | Path) -> pd.DataFrame:
             if len(set(chosen)) > 1:
                 multiple.append(f"{data['sample_id']} (task {task_id}): {sorted(set(chosen))}")
                 continue
+            decided.append((annotation, chosen[0]))
+        source = f"label-studio:{path.name}"
+        truths = [d for d in decided if d[0].get("ground_truth") is True]
+        if len(truths) == 1 and len(decided) > 1:  # how Label Studio settles a disagreement
+            decided, source = truths, f"{source} (ground truth)"
+        if not decided:
+            unread.append(_unread(task, task_id))
+        for annotation, label in decided:
             rows.append(
                 {
-                    "sample_id": str(data["sample_id"]),
+                    "sample_id": str(data["sample_id"]).strip(),  # as the CSV route reads it
                     "action": "relabel",
-                    "label": chosen[0],
-                    "decision": chosen[0],
+                    "label": label,
+                    "decision": label,
                     "suggested_name": data.get("suggested_name"),
-                    "decision_source": f"label-studio:{path.name}",
+                    "decision_source": source,
                     "epoch": data.get("epoch"),
                     "run": data.get("run"),
                     "origin": f"task {task_id}, annotation {annotation.get('id')}",
@@ -267,12 +285,37 @@ def read_export(path: str | Path) -> pd.DataFrame:
     if missing:
         raise ValueError(
             f"{path}: tasks without data.sample_id (not made by `labelwatch"
-            f" export-label-studio`?): {', '.join(missing[:20])}"
-            + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+            f" export-label-studio`?): {_listed(missing)}"
         )
     if multiple:
         raise ValueError(f"{path}: annotations that pick several classes: {'; '.join(multiple)}")
+    unread = [u for u in unread if u]
+    if not rows and unread:
+        raise ValueError(
+            f"{path}: no submitted annotation picks a class under from_name {FROM_NAME!r} (the"
+            f" <Choices> of labelwatch's labelling config), so there is nothing to apply:"
+            f" {'; '.join(unread)}. Fix it in Label Studio (a <Choices> named {FROM_NAME!r},"
+            " as `labelwatch export-label-studio --config-out` writes it; drafts submitted)"
+            " and export again."
+        )
     return pd.DataFrame(rows, columns=list(DECISION_COLUMNS), dtype=object)
+
+
+def _unread(task: dict[str, Any], task_id: Any) -> str | None:
+    """What a task without a decision holds that read_export does not read, if anything:
+    choices under another from_name, or choices only in drafts."""
+    others = {
+        str(item.get("from_name"))
+        for annotation in task.get("annotations") or []
+        if not annotation.get("was_cancelled")
+        for item in annotation.get("result") or []
+        if isinstance(item, dict) and item.get("type") == "choices"
+    } - {FROM_NAME}
+    if others:
+        return f"task {task_id} chooses under from_name {', '.join(map(repr, sorted(others)))}"
+    if any(_choices(draft.get("result") or []) for draft in task.get("drafts") or []):
+        return f"task {task_id} has choices only in a draft (not submitted)"
+    return None
 
 
 def _choices(result: list[Any]) -> list[str]:

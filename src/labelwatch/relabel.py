@@ -13,7 +13,9 @@ Studio JSON export (see :mod:`labelwatch.labelstudio`):
 - a class name: relabel to that class;
 - blank: no decision for that row.
 
-``accept`` and ``reject`` are read case-insensitively and win over a class of that name.
+``accept`` and ``reject`` are read case-insensitively and win over a class of that name;
+class names are case-sensitive. Sample ids, labels and decisions are compared with the
+spaces around them stripped (the labels file's cells are kept as written where unchanged).
 The valid class names are ``class_names`` when given, else the candidates' class names
 (``summary.json``), else the labels found in the labels file.
 
@@ -25,6 +27,9 @@ duplicates are merged.
 
 from __future__ import annotations
 
+import codecs
+import csv
+import io
 import logging
 import os
 from collections.abc import Sequence
@@ -72,7 +77,7 @@ DECISION_COLUMNS = (
     "origin",
 )
 CORRECTIONS_ARTIFACT = "label-corrections"
-_SHOWN = 20
+_INLINE = 5  # longer lists of problems are written one a line
 
 
 class RelabelError(ValueError):
@@ -81,9 +86,15 @@ class RelabelError(ValueError):
 
 def read_labels(path: str | Path, *, label_column: str = "label") -> pd.DataFrame:
     """The labels CSV as text, cells exactly as written (ids like ``007`` stay ``007``).
-    Comma, semicolon (a spreadsheet's CSV in some locales) or tab separated."""
+    Comma, semicolon (a spreadsheet's CSV in some locales) or tab separated.
+
+    The file's form (separator, byte-order mark, line ends and header cells as written;
+    columns with an empty or repeated header are named ``Unnamed: <i>`` and ``<name>.<k>``)
+    is kept in ``attrs["csv_form"]``, which :func:`write_corrections` writes back.
+    """
     path = Path(path)
-    labels = _read_csv_text(path, required=("sample_id", label_column))
+    labels, form = _read_csv_text(path, required=("sample_id", label_column))
+    labels.attrs["csv_form"] = {k: form[k] for k in ("sep", "bom", "lineterminator", "header")}
     missing = [c for c in ("sample_id", label_column) if c not in labels.columns]
     if missing:
         raise RelabelError(
@@ -118,9 +129,9 @@ def read_decisions(path: str | Path) -> pd.DataFrame:
             f"decisions must be a reviewed candidates .csv or .json, or a Label Studio export"
             f" .json, got {path.name!r}"
         )
-    table = from_csv_safe(_read_csv_text(path, required=("sample_id", "decision")))
-    lines = [f"line {line}" for line in range(2, len(table) + 2)]
-    return decisions_from_table(table, source=f"csv:{path.name}", origins=lines)
+    table, form = _read_csv_text(path, required=("sample_id", "decision"))
+    lines = [f"line {line}" for line in form["lines"]]  # of the file, as an editor shows it
+    return decisions_from_table(from_csv_safe(table), source=f"csv:{path.name}", origins=lines)
 
 
 def decisions_from_table(
@@ -186,27 +197,77 @@ def _reviewed_json(path: Path) -> pd.DataFrame | None:
     return pd.DataFrame(items)  # an item without a decision: blank, no decision
 
 
-def _read_csv_text(path: Path, *, required: Sequence[str]) -> pd.DataFrame:
+def _read_csv_text(path: Path, *, required: Sequence[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
     """A CSV as text cells, separated by commas, or by the semicolons or tabs that the
-    header shows (spreadsheets save ';' in locales where ',' is the decimal mark)."""
+    header shows (spreadsheets save ';' in locales where ',' is the decimal mark).
+
+    Returns the table and its form: ``sep``, ``bom``, ``lineterminator``, ``header`` (the
+    header cells as written; the table's columns are named as pandas names them, an empty
+    cell ``Unnamed: <i>`` and a repeated one ``<name>.<k>``) and ``lines`` (the line of the
+    file each row starts on). Blank lines are skipped.
+    """
     if path.suffix.lower() in (".parquet", ".pq", ".xlsx", ".xls"):
         raise RelabelError(
             f"{path} is not a CSV file: save it as CSV (UTF-8), e.g."
             f" pandas.read_parquet({str(path)!r}).to_csv('labels.csv', index=False)"
         )
     try:
-        with path.open(encoding="utf-8-sig", newline="") as text:
-            header = text.readline()
-        separator = next((sep for sep in (",", ";", "\t") if _splits(header, sep, required)), ",")
-        return pd.read_csv(
-            path, dtype=str, keep_default_na=False, encoding="utf-8-sig", sep=separator
-        )
+        bom = path.read_bytes()[:3] == codecs.BOM_UTF8
+        with path.open(encoding="utf-8-sig", newline="") as file:
+            text = io.StringIO(file.read(), newline="")
+        first = text.readline()
+        text.seek(0)
+        separator = next((sep for sep in (",", ";", "\t") if _splits(first, sep, required)), ",")
+        reader = csv.reader(text, delimiter=separator)
+        header, rows, lines = None, [], []
+        while True:
+            start = reader.line_num + 1  # the line the next row starts on
+            try:
+                cells = next(reader)
+            except StopIteration:
+                break
+            if not cells:
+                continue  # a blank line
+            if header is None:
+                header = cells
+            elif len(cells) > len(header):
+                raise RelabelError(
+                    f"{path}, line {start}: {len(cells)} cells, but the header has"
+                    f" {len(header)}; quote cells that hold a {separator!r}"
+                )
+            else:  # a short row: the missing cells are empty
+                rows.append(cells + [""] * (len(header) - len(cells)))
+                lines.append(start)
     except UnicodeDecodeError as err:
         raise RelabelError(
             f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as 'CSV UTF-8'"
         ) from err
-    except pd.errors.ParserError as err:
+    except csv.Error as err:
         raise RelabelError(f"{path} is not a readable CSV file: {err}") from err
+    if header is None:
+        raise RelabelError(f"{path} is empty: it needs a header row with {list(required)}")
+    ending = first[len(first.rstrip("\r\n")) :] or "\n"
+    form = {
+        "sep": separator,
+        "bom": bom,
+        "lineterminator": ending,
+        "header": header,
+        "lines": lines,
+    }
+    return pd.DataFrame(rows, columns=_column_names(header), dtype=str), form
+
+
+def _column_names(header: list[str]) -> list[str]:
+    """Header cells named as pandas.read_csv names them: unique, none empty."""
+    names: list[str] = []
+    for position, cell in enumerate(header):
+        name = cell or f"Unnamed: {position}"
+        base, count = name, 0
+        while name in names:
+            count += 1
+            name = f"{base}.{count}"
+        names.append(name)
+    return names
 
 
 def _splits(header: str, separator: str, required: Sequence[str]) -> bool:
@@ -262,18 +323,22 @@ def apply_decisions(
     duplicated = sorted(set(ids[ids.duplicated()]))
     if duplicated:
         raise RelabelError(f"the labels hold these sample ids twice or more: {_listed(duplicated)}")
-    current = dict(zip(ids, labels[label_column].astype(str), strict=True))
+    current = dict(zip(ids, map(_label_text, labels[label_column].tolist()), strict=True))
     to_name, to_file, valid = _label_codec(list(current.values()), class_names)
 
     suggested = {}
     if candidates is not None and "suggested_name" in candidates:
         suggested = dict(
-            zip(candidates["sample_id"].astype(str), candidates["suggested_name"], strict=True)
+            zip(
+                candidates["sample_id"].astype(str).str.strip(),
+                candidates["suggested_name"],
+                strict=True,
+            )
         )
     unknown_ids, unknown_names, no_suggestion, other_run, other_epoch = [], [], [], [], []
-    resolved = []
+    resolved, misspelt = [], set()
     for row in table.to_dict("records"):
-        sample_id = str(row["sample_id"])
+        sample_id = str(row["sample_id"]).strip()  # ids compare stripped on every route
         where = f"{sample_id} ({row['decision_source']}, {row['origin']})"
         if sample_id not in current:
             unknown_ids.append(where)
@@ -295,9 +360,10 @@ def apply_decisions(
                 no_suggestion.append(where)
                 continue
         else:
-            new_name = str(row["label"])
+            new_name = str(row["label"]).strip()
         if row["action"] != "reject" and new_name not in valid:
             unknown_names.append(f"{new_name!r} for {where}")
+            misspelt.add(new_name)
             continue
         resolved.append({**row, "sample_id": sample_id, "new_name": new_name})
 
@@ -321,6 +387,12 @@ def apply_decisions(
             f"unknown class names (valid: {sorted(valid)}; pass --class-names or --candidates"
             f" to name them all): {_listed(unknown_names)}"
         )
+        by_case = {name.lower(): name for name in valid}
+        hints = [
+            f"{by_case[n.lower()]!r} for {n!r}" for n in sorted(misspelt) if n.lower() in by_case
+        ]
+        if hints:
+            problems.append(f"class names are case-sensitive: did you mean {', '.join(hints)}?")
     for other, of, fix in (
         (other_run, f"run than the candidates' ({run})", "pass that run's candidates"),
         (other_epoch, f"epoch than the candidates' ({epoch})", "pass --epoch"),
@@ -365,8 +437,13 @@ def apply_decisions(
         mask = ids.isin(list(changes)).to_numpy()
         new_labels = ids[mask].map(changes)
         column = corrected[label_column]
-        if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
-            new_labels = pd.to_numeric(new_labels).astype(column.dtype)  # class indices
+        categorical = isinstance(column.dtype, pd.CategoricalDtype)
+        kind = column.cat.categories.dtype if categorical else column.dtype
+        if pd.api.types.is_numeric_dtype(kind) and not pd.api.types.is_bool_dtype(kind):
+            new_labels = pd.to_numeric(new_labels).astype(kind)  # class indices
+        if categorical:  # pandas refuses a value outside the categories: add it first
+            added = sorted(set(new_labels) - set(column.cat.categories))
+            corrected[label_column] = column.cat.add_categories(added)
         corrected.loc[mask, label_column] = new_labels.to_numpy()
     audit = pd.DataFrame(audit_rows, columns=list(AUDIT_COLUMNS))
     return corrected, audit
@@ -407,11 +484,23 @@ def _label_codec(values: list[str], class_names: Sequence[str] | None) -> tuple[
         # them (a model trained without class_names calls its classes '0', '1', ...)
         strangers = sorted(set(present))
         raise RelabelError(
-            f"none of the labels in the labels file is among the class names {names}:"
-            f" {_listed(strangers)}. Pass the class names the labels use (--class-names),"
-            " or --label-column if this is not the label column."
+            f"none of the labels in the labels file is among the class names {names} (pass"
+            " the class names the labels use with --class-names, or --label-column if this"
+            f" is not the label column): {_listed(strangers)}"
         )
     return (lambda v: v), (lambda n: n), valid
+
+
+def _label_text(value: Any) -> str:
+    """A label as text, stripped as decisions are (a spreadsheet may keep ' siren '), as
+    the CLI reads its cell: a missing one (None, NaN) as '', and a whole float as an
+    integer (pandas reads a column of class indices with an empty cell as floats: 2.0 is
+    class 2)."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
 
 
 def _present(value: Any) -> Any:
@@ -436,8 +525,10 @@ def _joined(values: Any) -> str:
 
 
 def _listed(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_SHOWN])
-    return shown + (f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else "")
+    """Every item, so that one pass fixes them all: inline when few, else one a line."""
+    if len(items) <= _INLINE:
+        return ", ".join(items)
+    return f"{len(items)} of them:" + "".join(f"\n    {item}" for item in items)
 
 
 def write_corrections(
@@ -445,9 +536,11 @@ def write_corrections(
 ) -> None:
     """Write the corrected labels and the audit, each atomically.
 
-    The corrected labels are written cell for cell as read (no formula quoting), so they
-    stay a drop-in replacement for the labels file; the audit, a report for people, is
-    quoted with :func:`labelwatch.candidates.to_csv_safe`.
+    The corrected labels are written cell for cell as read (no formula quoting), in the
+    labels file's form when they come from :func:`read_labels` (its separator, byte-order
+    mark, line ends and header row), so they stay a drop-in replacement for the labels file;
+    the audit, a report for people, is a comma-separated CSV quoted with
+    :func:`labelwatch.candidates.to_csv_safe`.
     """
     for path in (Path(output), Path(audit_path)):
         if path.suffix.lower() in (".parquet", ".pq", ".json", ".xlsx", ".xls"):
@@ -457,7 +550,15 @@ def write_corrections(
             )
     for path in (Path(output), Path(audit_path)):
         path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(Path(output), lambda p: save_csv(corrected, p))
+    form = corrected.attrs.get("csv_form") or {}
+    options: dict[str, Any] = {
+        "sep": form.get("sep", ","),
+        "lineterminator": form.get("lineterminator", "\n"),
+        "encoding": "utf-8-sig" if form.get("bom") else "utf-8",
+    }
+    if len(form.get("header") or ()) == len(corrected.columns):  # the header as written
+        options["header"] = form["header"]
+    write_atomic(Path(output), lambda p: save_csv(corrected, p, **options))
     write_atomic(Path(audit_path), lambda p: save_csv(to_csv_safe(audit), p))
 
 

@@ -488,6 +488,8 @@ def _as_tensor(value: Any, name: str) -> torch.Tensor:
         raise ValueError(f"`{name}` must be a tensor or array, got {type(value).__name__}") from err
     if array.dtype == object:
         raise ValueError(f"`{name}` must be numeric, got an array of Python objects.")
+    if not array.flags.writeable:  # e.g. a pandas frame's values: torch warns on read-only
+        array = array.copy()
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
