@@ -57,9 +57,9 @@ def _fit(
     train, val = loaders(num_val=60, flip=FLIPPED)
     model = model or TinyClassifier(lr=0.2)
     callback, recorder = LabelWatch(projection="none", **arguments), ProbabilityRecorder()
-    Trainer(
-        **trainer_kwargs(tmp_path, callbacks=[callback, recorder], max_epochs=max_epochs)
-    ).fit(model, train, val)
+    Trainer(**trainer_kwargs(tmp_path, callbacks=[callback, recorder], max_epochs=max_epochs)).fit(
+        model, train, val
+    )
     return model, callback, recorder
 
 
@@ -80,9 +80,7 @@ def test_averaged_self_confidence_is_the_mean_over_the_last_window_epochs(tmp_pa
         assert now["averaged_epochs"].eq(2).all()
     assert epochs[0]["averaged_epochs"].eq(1).all()
     # the history for a resume sits beside the newest epoch only
-    assert [p.parent.name for p in (tmp_path / "labelwatch").glob("*/history.arrow")] == [
-        "epoch=3"
-    ]
+    assert [p.parent.name for p in (tmp_path / "labelwatch").glob("*/history.arrow")] == ["epoch=3"]
 
 
 def test_history_is_saved_off_the_training_thread(tmp_path: Path, monkeypatch):
@@ -303,9 +301,7 @@ def test_a_second_trainer_with_the_same_callback_starts_afresh_in_its_own_folder
     train, val = loaders(num_val=60, flip=FLIPPED)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="LabelWatch")
-        Trainer(**trainer_kwargs(second, callbacks=[callback], max_epochs=1)).fit(
-            model, train, val
-        )
+        Trainer(**trainer_kwargs(second, callbacks=[callback], max_epochs=1)).fit(model, train, val)
     assert {p: p.read_bytes() for p in (first / "labelwatch").rglob("*") if p.is_file()} == before
     samples = _read(second, 0)
     assert samples["averaged_epochs"].eq(1).all()
@@ -403,3 +399,107 @@ def test_a_large_epoch_on_a_cpu_uses_the_approximate_search_and_a_capped_one_war
     with pytest.warns(UserWarning, match="60 samples with embeddings on a CPU; the neighbourhood"):
         capped = fit(tmp_path / "capped")
     assert capped["knn_agreement"].isna().all()
+
+
+class EmbeddingsWithoutDirection(TinyClassifier):
+    """Finite logits, but some embeddings with no direction: every 12th all zero (a dead
+    layer), others with a NaN or with 1e5, which float16 stores as inf. Keeps the last
+    epoch's embeddings by sample id."""
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        out = super().validation_step(batch, batch_idx)
+        ids, embeddings = batch["sample_id"], out["embeddings"].clone()
+        embeddings[ids % 12 == 0] = 0.0
+        embeddings[ids % 12 == 5, 0] = torch.nan
+        embeddings[ids % 12 == 7, 1] = 1e5
+        if batch_idx == 0:
+            self.embeddings = {}
+        self.embeddings.update(zip(ids.tolist(), embeddings.detach(), strict=True))
+        return {**out, "embeddings": embeddings}
+
+
+@pytest.mark.parametrize("search", ["exact", "approximate"])
+def test_rows_whose_embeddings_have_no_direction_keep_their_logit_scores_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, search: str
+):
+    """NaN, float16-overflowed and all-zero embeddings no longer stop the fit or borrow
+    arbitrary neighbours: those rows have NaN knn_agreement, watch scores and map
+    coordinates, p_mix from their averaged probabilities alone, are counted in
+    summary.json and warned about once per epoch; the other rows' neighbours are searched
+    among themselves, on the exact or the approximate search."""
+    import labelwatch.epoch_scoring as module
+    from labelwatch.neighbours import approximate_neighbours, knn_neighbours
+
+    if search == "approximate":
+        monkeypatch.setattr(module, "EXACT_KNN_POINTS", 20)
+    torch.manual_seed(0)
+    train, val = loaders(num_val=60, flip=FLIPPED)
+    model, recorder = EmbeddingsWithoutDirection(lr=0.2), ProbabilityRecorder()
+    callback = LabelWatch(
+        class_names=["a", "b", "c"],
+        watch_classes=["c"],
+        embeddings_dtype="float16",
+        projection="pca",
+        map_in_background=False,
+    )
+    trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[callback, recorder]))
+    with pytest.warns(UserWarning, match="no neighbours") as record:
+        trainer.fit(model, train, val)
+    warned = [str(w.message) for w in record if "no neighbours" in str(w.message)]
+    assert len(warned) == 2 and "epoch 1, 10 had NaN or infinite embeddings" in warned[1]
+    assert "`embeddings_dtype`='float16' overflows above 65504" in warned[1]
+    assert "and 5 had all-zero embeddings" in warned[1]
+
+    samples = _read(tmp_path, 1)
+    bad = (samples["sample_id"] % 12).isin([0, 5, 7]).to_numpy()
+    assert bad.sum() == 15 and len(samples) == 60
+    without = samples[bad]
+    for column in ("knn_agreement", "watch_c", "x", "y", "moved"):
+        assert without[column].isna().all(), column
+    assert samples.loc[~bad, ["knn_agreement", "x", "y"]].notna().all().all()
+    assert samples.loc[~bad & (samples["given_name"] != "c"), "watch_c"].notna().all()
+    assert without["self_confidence"].notna().all()
+    summary = json.loads((tmp_path / "labelwatch/epoch=1/summary.json").read_text())
+    assert (summary["num_nonfinite_embeddings"], summary["num_zero_embeddings"]) == (10, 5)
+    assert summary["map_points"] == 45
+
+    # p_mix of a row without neighbours is its averaged probabilities
+    ids = samples["sample_id"].tolist()
+    labels = torch.tensor(samples["given_label"].to_numpy())
+    averaged = recorder.averaged(ids, window=2)[torch.from_numpy(bad)]
+    expected = combined_quality(averaged, labels[bad], method="averaged_margin")
+    np.testing.assert_allclose(without["label_quality"], expected.double(), rtol=1e-5, atol=1e-6)
+    # the others' neighbours: searched among the others alone, as stored (float16)
+    kept = torch.stack([model.embeddings[i] for i in samples.loc[~bad, "sample_id"]]).half()
+    find = approximate_neighbours if search == "approximate" else knn_neighbours
+    neighbours = find(kept, k=10)
+    agreement = (labels[~bad][neighbours] == labels[~bad][:, None]).float().mean(dim=1)
+    np.testing.assert_allclose(samples.loc[~bad, "knn_agreement"], agreement.double(), atol=1e-7)
+
+
+def test_all_zero_embeddings_are_no_candidates_for_the_samples_that_come_first(tmp_path: Path):
+    """A sure and right model on a validation set sorted by class, with every fourth
+    embedding all zero: those rows used to take the first ten samples (all of class 0)
+    as neighbours, so kNN agreement flagged the other classes' zero rows."""
+
+    class SureAndRight(TinyClassifier):
+        def validation_step(self, batch: dict, batch_idx: int) -> dict:
+            embeddings = batch["x"].clone()
+            embeddings[batch["sample_id"] % 4 == 0] = 0.0
+            logits = 10.0 * torch.nn.functional.one_hot(batch["target"], 3).float()
+            return {"logits": logits, "embeddings": embeddings}
+
+    blobs = BlobDataset(60, seed=2)
+    by_class = sorted(range(60), key=lambda i: (int(blobs.labels[i]), i))
+    train, _ = loaders()
+    val = DataLoader(Subset(blobs, by_class), batch_size=16)
+    callback = LabelWatch(projection="none")
+    with pytest.warns(UserWarning, match="15 had all-zero embeddings"):
+        Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=1)).fit(
+            SureAndRight(), train, val
+        )
+    samples = _read(tmp_path, 0)
+    zero = samples["sample_id"] % 4 == 0
+    assert samples.loc[zero, "knn_agreement"].isna().all()
+    assert samples.loc[~zero, "knn_agreement"].ge(0.8).all()
+    assert not samples["is_candidate"].any()

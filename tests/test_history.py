@@ -296,6 +296,43 @@ def test_history_scores_equal_the_standalone_functions(method, with_neighbours):
     assert torch.equal(scores.is_mixed_confident_mismatch, flagged.is_confident_mismatch)
 
 
+@pytest.mark.parametrize("method", COMBINED_METHODS)
+def test_a_row_of_nan_neighbours_is_scored_as_without_embeddings(method):
+    """A sample without neighbours (a row of NaN in knn_distribution) has p_mix = its
+    averaged probabilities, the kNN clause off and a knn method's stand-in as quality; the
+    other rows' p_mix keeps its neighbours, and chunks still equal one call."""
+    generator = torch.Generator().manual_seed(5)
+    averaged = torch.softmax(3 * torch.randn(300, 5, generator=generator), dim=1)
+    labels = torch.randint(0, 5, (300,), generator=generator)
+    votes = torch.randint(0, 5, (300, 10), generator=generator)
+    knn = torch.nn.functional.one_hot(votes, 5).float().mean(dim=1)
+    knn[:30] = torch.nan
+    alone = torch.arange(300) < 30
+    scores = history_scores(averaged, labels, knn, method=method)
+    mixed = mix_probabilities(averaged, knn)
+    assert torch.equal(mixed[:30], averaged[:30])
+    assert torch.equal(mixed[30:], mix_probabilities(averaged[30:], knn[30:]))
+    flagged = compute_scores(mixed, labels)
+    agreement = knn.gather(1, labels[:, None]).squeeze(1)
+    disagree = ~alone & (agreement < 0.2)
+    assert torch.equal(scores.is_candidate, flagged.is_confident_mismatch | disagree)
+    assert not scores.is_candidate[:30].all()  # NaN does not count as no agreement
+    stand_in = {"knn_agreement": "averaged_margin"}.get(method, method)
+    stand_in = stand_in.replace("knn_mixed", "averaged")
+    expected = combined_quality(averaged[alone], labels[alone], method=stand_in)
+    torch.testing.assert_close(scores.quality[alone], expected, rtol=0, atol=1e-6)
+    if method != "knn_agreement":  # it has no NaN, so the rest is the plain formula
+        assert torch.equal(scores.quality, combined_quality(averaged, labels, knn, method=method))
+    given = averaged.gather(1, labels[:, None]).squeeze(1)
+    thresholds = mixed_thresholds(given, labels, 5, agreement)
+    assert torch.equal(thresholds, compute_scores(mixed, labels).thresholds)
+    parts = [
+        history_scores(averaged[r], labels[r], knn[r], method=method, thresholds=thresholds)
+        for r in (slice(0, 20), slice(20, 300))
+    ]
+    assert torch.equal(HistoryScores.concat(parts).is_candidate, scores.is_candidate)
+
+
 def test_compute_scores_without_entropy():
     """with_entropy=False leaves the entropy out and changes nothing else (the method that
     needs it is refused); writable=True gives the same scores and leaves the input as it was."""

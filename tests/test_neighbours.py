@@ -7,11 +7,13 @@ import torch
 
 from labelwatch.neighbours import (
     approximate_neighbours,
+    has_direction,
     knn_agreement,
     knn_label_distribution,
     knn_neighbours,
     label_agreement,
     label_distribution,
+    neighbour_labels,
 )
 
 
@@ -108,7 +110,6 @@ def test_distribution_rows_sum_to_one_with_requested_classes():
         ({"labels": torch.tensor([0, -1, 0])}, r"`labels` must be class indices >= 0, got -1"),
         ({"k": 0}, r"`k` must be an integer >= 1, got 0"),
         ({"chunk_size": 0}, r"`chunk_size` must be None or an integer >= 1, got 0"),
-        ({"embeddings": torch.tensor([[0.0], [float("nan")], [1.0]])}, r"must be finite"),
     ],
 )
 def test_bad_inputs_raise_value_error(kwargs, match):
@@ -127,10 +128,9 @@ def test_num_classes_must_cover_the_labels():
 
 def test_neighbour_indices_give_the_distribution_and_the_agreement():
     """knn_neighbours' (N, k) indices, as labels, give knn_label_distribution and
-    knn_agreement exactly; an all-zero row is similar to nothing."""
+    knn_agreement exactly."""
     generator = torch.Generator().manual_seed(4)
     points = torch.randn(120, 6, generator=generator)
-    points[7] = 0.0
     labels = torch.randint(0, 4, (120,), generator=generator)
     neighbours = knn_neighbours(points, k=5, chunk_size=50)
     assert neighbours.shape == (120, 5) and not (neighbours == torch.arange(120)[:, None]).any()
@@ -141,11 +141,8 @@ def test_neighbour_indices_give_the_distribution_and_the_agreement():
     normed = torch.nn.functional.normalize(points, dim=1)
     similarity = normed @ normed.T
     similarity.fill_diagonal_(-torch.inf)
-    # the zero row's similarities are all 0: its neighbours are the lowest indices
-    assert neighbours[7].tolist() == [0, 1, 2, 3, 4]
-    rows = torch.arange(120) != 7
-    reference = similarity[rows].topk(5, dim=1).indices
-    assert (neighbours[rows] == reference).float().mean() > 0.99  # float rounding may swap
+    reference = similarity.topk(5, dim=1).indices
+    assert (neighbours == reference).float().mean() > 0.99  # float rounding may swap
     assert torch.equal(label_agreement(labels[neighbours], labels, 4), agreement)
     nobody = torch.empty(2, 0, dtype=torch.long)
     assert label_distribution(nobody, 4).eq(0.25).all()
@@ -168,9 +165,63 @@ def test_the_approximate_search_finds_the_exact_cosine_neighbours_above_8192_poi
 
 
 def test_the_approximate_search_falls_back_to_the_exact_one_for_many_identical_rows():
-    """Half the rows all-zero (dead units) would make one giant cell, slower than the exact
-    search: the exact neighbours are returned instead, tie rule included."""
+    """Half the rows identical (a collapsed layer) would make one giant cell, slower than
+    the exact search: the exact neighbours are returned instead, tie rule included."""
     generator = torch.Generator().manual_seed(0)
     points = torch.randn(400, 16, generator=generator)
-    points[::2] = 0
+    points[::2] = 1.0
     assert torch.equal(approximate_neighbours(points, k=10), knn_neighbours(points, k=10))
+
+
+def _with_rows_without_direction() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The clusters with six rows inserted that have no direction (zero, NaN, +-inf) at
+    the front, where the old tie rule made them everybody's first pick; and the mask of
+    the cluster rows."""
+    points, noisy = _clusters()
+    bad = torch.zeros(6, 8)
+    bad[2, 3], bad[3, 0], bad[4, 7], bad[5] = torch.nan, torch.inf, -torch.inf, torch.nan
+    points = torch.cat([bad, points])
+    labels = torch.cat([torch.tensor([0, 1, 2, 0, 1, 2]), noisy])
+    return points, labels, torch.arange(66) >= 6
+
+
+def test_a_row_without_direction_is_nobodys_neighbour_and_has_none():
+    """All-zero and non-finite rows have no direction (has_direction): their neighbours
+    are -1, their agreement and label distribution NaN, and every other row gets exactly
+    the neighbours it has without them, on the exact and the approximate search."""
+    points, labels, clean = _with_rows_without_direction()
+    assert torch.equal(has_direction(points), clean)
+    for search in (knn_neighbours, approximate_neighbours):
+        neighbours = search(points, k=5)
+        assert neighbours.shape == (66, 5)
+        assert neighbours[:6].eq(-1).all()
+        assert torch.equal(neighbours[clean], search(points[clean], k=5) + 6)
+    agreement = knn_agreement(points, labels, k=5)
+    assert agreement[:6].isnan().all()
+    assert torch.equal(agreement[clean], knn_agreement(points[clean], labels[clean], k=5))
+    distribution = knn_label_distribution(points, labels, 3, k=5)
+    assert distribution[:6].isnan().all()
+    assert torch.equal(
+        distribution[clean], knn_label_distribution(points[clean], labels[clean], 3, k=5)
+    )
+
+
+def test_neighbour_labels_keep_the_missing_marker():
+    """neighbour_labels gives -1 for an index -1, which label_distribution and
+    label_agreement turn into NaN, instead of the last sample's label."""
+    labels = torch.tensor([0, 1, 2])
+    neighbours = torch.tensor([[1, 2], [-1, -1], [0, 1]])
+    found = neighbour_labels(labels, neighbours)
+    assert found.tolist() == [[1, 2], [-1, -1], [0, 1]]
+    assert label_agreement(found, labels, 3)[1].isnan()
+    distribution = label_distribution(found, 3)
+    assert distribution[1].isnan().all() and distribution[[0, 2]].sum(dim=1).eq(1).all()
+
+
+def test_with_one_row_with_direction_no_row_has_neighbours():
+    """A single row with a direction among directionless ones has no candidate neighbour:
+    every row's neighbours are -1."""
+    points = torch.zeros(4, 3)
+    points[2] = 1.0
+    assert knn_neighbours(points, k=3).tolist() == [[-1]] * 4
+    assert knn_agreement(points, torch.tensor([0, 1, 0, 1]), k=3).isnan().all()

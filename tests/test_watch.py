@@ -134,6 +134,28 @@ def test_no_score_where_a_label_has_too_few_samples_no_spread_or_no_watched_samp
     assert scores.isnan().all()
 
 
+def test_an_embedding_without_direction_has_no_score_and_moves_no_other():
+    """An all-zero or non-finite embedding gets NaN and is left out of the class means and
+    medians: the other samples score as if it were not there (one NaN would otherwise
+    spread to every class mean)."""
+    embeddings, labels, hidden = _clusters()
+    predicted = (labels + (torch.arange(len(labels)) % 5 == 0).long()) % 3
+    expected = watch_scores(embeddings, labels, [SIREN, DRILL], 3, predictions=predicted)
+    bad = torch.zeros(4, 8)
+    bad[1, 2], bad[2, 5], bad[3] = torch.nan, torch.inf, 1e5
+    with_bad = torch.cat([bad.half().float(), embeddings])  # 1e5: a float16 overflow
+    scores = watch_scores(
+        with_bad,
+        torch.cat([torch.tensor([DOG, DOG, SIREN, DRILL]), labels]),
+        [SIREN, DRILL],
+        3,
+        predictions=torch.cat([torch.tensor([DOG, SIREN, SIREN, DOG]), predicted]),
+    )
+    assert scores[:4].isnan().all()
+    torch.testing.assert_close(scores[4:], expected, equal_nan=True, rtol=0, atol=0)
+    assert scores[4 + hidden, 0].min() >= 3
+
+
 def test_bad_inputs_are_clear_errors():
     embeddings, labels, _ = _clusters()
     with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 2\)"):

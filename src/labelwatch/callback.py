@@ -54,6 +54,7 @@ from labelwatch.epoch_scoring import (
     is_output_column,
 )
 from labelwatch.media import _FromPath
+from labelwatch.neighbours import has_direction
 from labelwatch.projection import (
     MapJob,
     MapResult,
@@ -905,17 +906,23 @@ class LabelWatchLogic:
         name: str | None,
         epoch: int,
     ) -> MapJob | None:
-        """The rows to map (all, or a stratified subsample with every candidate)."""
+        """The rows to map (all, or a stratified subsample with every candidate), less those
+        whose embedding has no direction (NaN, inf or all zero): no place to put them."""
         if captured.embeddings is None or self.projection == "none":
             return None
         ids = samples["sample_id"]
         rows = self._subsample(samples, candidates)
         positions = pd.Index(captured.sample_ids).get_indexer(ids.iloc[rows])
-        embeddings = captured.embeddings[torch.from_numpy(positions)].float().numpy()
+        embeddings = captured.embeddings[torch.from_numpy(positions)]
+        directed = has_direction(embeddings)
+        if not bool(directed.all()):
+            rows, embeddings = rows[directed.numpy()], embeddings[directed]
+            if len(rows) == 0:
+                return None
         return MapJob(
             epoch=epoch,
             sample_ids=ids.iloc[rows].tolist(),
-            embeddings=embeddings,
+            embeddings=embeddings.float().numpy(),
             previous=self._previous_map(name),
             method=self.projection,
             seed=self.seed,
@@ -1054,22 +1061,18 @@ class LabelWatchLogic:
                 pending.epoch,
                 pending.step,
                 pending.name,
-                self._table_rows(samples, candidates, result),
+                self._table_rows(samples, candidates),
                 candidates,
                 summary,
                 pending.out_dir,
             )
 
-    def _table_rows(
-        self, samples: pd.DataFrame, candidates: pd.DataFrame, result: MapResult | None
-    ) -> pd.DataFrame:
-        """The rows W&B gets: all up to `max_points`, else the mapped subsample (or, without
-        a map, the same kind of subsample), every candidate included. Building a W&B table
-        costs ~0.1 ms a row in the training process, so it stays bounded."""
+    def _table_rows(self, samples: pd.DataFrame, candidates: pd.DataFrame) -> pd.DataFrame:
+        """The rows W&B gets: all up to `max_points`, else the subsample that was mapped
+        (with its rows the map left off, at NaN x/y), every candidate included. Building a
+        W&B table costs ~0.1 ms a row in the training process, so it stays bounded."""
         if len(samples) <= self.max_points:
             return samples
-        if result is not None:
-            return samples[samples["x"].notna()]
         return samples.iloc[self._subsample(samples, candidates)]
 
     def _subsample(self, samples: pd.DataFrame, candidates: pd.DataFrame) -> np.ndarray:
@@ -1113,6 +1116,7 @@ class LabelWatchLogic:
                 min_watch_score=self.min_watch_score,
                 ignore_index=self.ignore_index,
                 seed=self.seed,
+                embeddings_dtype=self.embeddings_dtype,
             )
             scorer = EpochScorer(
                 options,
@@ -1150,6 +1154,9 @@ class LabelWatchLogic:
             "num_samples": len(samples),
             "num_ignored": samples.attrs["num_ignored"],
             "num_nonfinite": samples.attrs["num_nonfinite"],
+            # kept, without neighbours, watch scores or a place on the map
+            "num_nonfinite_embeddings": samples.attrs.get("num_nonfinite_embeddings", 0),
+            "num_zero_embeddings": samples.attrs.get("num_zero_embeddings", 0),
             "num_mismatches": int(samples["is_mismatch"].sum()),
             "mismatch_rate": float(samples["is_mismatch"].sum() / scored),
             "num_confident_mismatches": int(samples["is_confident_mismatch"].sum()),

@@ -130,6 +130,7 @@ class HistoryScores:
     @classmethod
     def concat(cls, parts: list[HistoryScores]) -> HistoryScores:
         """The scores of consecutive chunks of rows, as one (every part has the method)."""
+
         def cat(name: str) -> torch.Tensor:
             return torch.cat([getattr(part, name) for part in parts])
 
@@ -158,12 +159,14 @@ def history_scores(
 
     The one place the callback's defaults are computed, so ``benchmarks/detection.py``
     measures exactly what LabelWatch logs. Without ``knn_distribution`` (no embeddings)
-    ``p_mix`` is ``averaged`` and a ``knn_*`` ``method`` uses its stand-in.
+    ``p_mix`` is ``averaged`` and a ``knn_*`` ``method`` uses its stand-in; so for each
+    row of NaN in it (a sample without neighbours), whose kNN clause is then off.
 
     Args:
         averaged: ``(N, C)`` probabilities averaged over the last epochs.
         labels: ``(N,)`` given class indices in ``[0, C)``.
-        knn_distribution: ``(N, C)`` neighbours' label fractions, or None.
+        knn_distribution: ``(N, C)`` neighbours' label fractions (a row of NaN: none),
+            or None.
         method: a combined ``label_quality`` method, or None to skip ``quality``.
         knn_weight: weight of the neighbours in ``p_mix``, in [0, 1].
         min_knn_agreement: see :func:`candidate_flags`.
@@ -205,6 +208,9 @@ def history_scores(
         quality = combined_quality(
             averaged, labels, knn_distribution, method=method, knn_weight=knn_weight
         )
+        alone = _without_neighbours(knn_distribution)
+        if method == "knn_agreement" and alone.any():  # their stand-in: the averaged margin
+            quality[alone] = ((scored.margin[alone] + 1) / 2).clamp(0.0, 1.0)
     return HistoryScores(
         quality=quality,
         method=method,
@@ -225,7 +231,7 @@ def mixed_thresholds(
 ) -> torch.Tensor:
     """Confident learning's per-class thresholds of ``p_mix``, from the given-label column
     alone: ``averaged_given`` ``(N,)`` the averaged probability of each given label and
-    ``knn_agreement`` ``(N,)`` its neighbours' fraction (None: no neighbours). Lets
+    ``knn_agreement`` ``(N,)`` its neighbours' fraction (None or NaN: no neighbours). Lets
     :func:`history_scores` work through chunks of rows without an ``(N, C)`` ``p_mix``."""
     given = averaged_given.float()[:, None]
     if knn_agreement is not None:  # p_mix at the given label, with the same float operations
@@ -242,16 +248,22 @@ def mix_probabilities(
 
     Args:
         probs: ``(N, C)`` probabilities (e.g. averaged over epochs), rows summing to 1.
-        knn_distribution: ``(N, C)`` fraction of each sample's neighbours in each class.
+        knn_distribution: ``(N, C)`` fraction of each sample's neighbours in each class;
+            a row of NaN for a sample without neighbours.
         knn_weight: in [0, 1]; 0 gives ``probs``, 1 the neighbours' labels alone.
 
     Returns:
-        ``(N, C)`` float32 on ``probs``' device.
+        ``(N, C)`` float32 on ``probs``' device; ``probs``' row for a sample without
+        neighbours.
     """
     _check_pair(probs, knn_distribution)
     _check_weight(knn_weight)
     knn = knn_distribution.to(probs.device, torch.float32)
-    return (1 - knn_weight) * probs.float() + knn_weight * knn
+    mixed = (1 - knn_weight) * probs.float() + knn_weight * knn
+    alone = _without_neighbours(knn)
+    if alone.any():
+        mixed[alone] = probs[alone].float()
+    return mixed
 
 
 def combined_quality(
@@ -268,7 +280,8 @@ def combined_quality(
         probs: ``(N, C)`` probabilities, ideally averaged over the last epochs.
         labels: ``(N,)`` given class indices in ``[0, C)``.
         knn_distribution: ``(N, C)`` neighbours' label fractions; required by the
-            ``knn_*`` methods, ignored by the others.
+            ``knn_*`` methods, ignored by the others. A row of NaN (no neighbours) has
+            ``p_mix`` = ``probs``; its ``"knn_agreement"`` is NaN.
         method: ``"knn_mixed_margin"`` (default): ``(p_mix(given) - max p_mix(other) + 1)
             / 2``; ``"knn_mixed_self_confidence"``: ``p_mix(given)``;
             ``"averaged_margin"`` / ``"averaged_self_confidence"``: the same on ``probs``
@@ -323,7 +336,8 @@ def candidate_flags(
     per-class thresholds) finds another class confident in ``p_mix``, the probabilities
     mixed with the neighbours' labels, **or** when fewer than ``min_knn_agreement`` of its
     neighbours share its label (with ``k=10`` and 0.2: at most one neighbour agrees).
-    Without ``knn_distribution`` it is confident learning on ``probs`` alone.
+    Without ``knn_distribution`` it is confident learning on ``probs`` alone, and so for
+    a row of NaN in it (a sample without neighbours).
 
     Args:
         probs: ``(N, C)`` probabilities, ideally averaged over the last epochs.
@@ -364,10 +378,16 @@ def reachable_agreement(labels: torch.Tensor, num_neighbours: int) -> torch.Tens
     return ((counts - 1).float() / num_neighbours).clamp(0.0, 1.0)
 
 
+def _without_neighbours(knn_distribution: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` bool: the rows of NaN, samples without neighbours."""
+    return knn_distribution.isnan().any(dim=1)
+
+
 def _neighbours_disagree(
     knn_distribution: torch.Tensor, labels: torch.Tensor, min_knn_agreement: float | torch.Tensor
 ) -> torch.Tensor:
-    """The candidate rule's neighbourhood clause: kNN agreement below the minimum."""
+    """The candidate rule's neighbourhood clause: kNN agreement below the minimum (never
+    for a sample without neighbours: NaN is below nothing)."""
     agreement = knn_distribution.to(labels.device, torch.float32).gather(1, labels[:, None])
     if isinstance(min_knn_agreement, torch.Tensor):
         min_knn_agreement = min_knn_agreement.to(labels.device, torch.float32)
@@ -431,8 +451,7 @@ def _check_probs_labels(probs: torch.Tensor, labels: torch.Tensor) -> None:
         or labels.dtype == torch.bool
     ):
         raise ValueError(
-            f"`labels` must be an integer tensor of shape ({len(probs)},), got"
-            f" {describe(labels)}"
+            f"`labels` must be an integer tensor of shape ({len(probs)},), got {describe(labels)}"
         )
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= probs.shape[1]):
         raise ValueError(

@@ -39,9 +39,11 @@ from labelwatch.combined import (
 from labelwatch.history import HISTORY_FILE, EpochHistory
 from labelwatch.neighbours import (
     approximate_neighbours,
+    has_direction,
     knn_neighbours,
     label_agreement,
     label_distribution,
+    neighbour_labels,
 )
 from labelwatch.scoring import LABEL_QUALITY_METHODS, SAMPLE_COLUMNS, score_predictions
 from labelwatch.sinks.local import read_samples
@@ -98,6 +100,7 @@ class ScoringOptions:
     min_watch_score: float
     ignore_index: int
     seed: int
+    embeddings_dtype: str = "float32"
 
 
 def effective_label_quality(method: str, have_neighbours: bool) -> str:
@@ -179,6 +182,7 @@ class EpochScorer:
             (index == torch.arange(len(index))).all()
         )  # no row dropped: logits and embeddings need no gather
         embeddings = device_embeddings if device_embeddings is not None else captured.embeddings
+        self._count_without_direction(samples, embeddings, None if kept_all else index, epoch)
         neighbour_labels = self._neighbour_labels(embeddings, None if kept_all else index, labels)
         column = samples.columns.get_loc("y")
         samples.insert(column + 1, "moved", np.nan)
@@ -307,7 +311,9 @@ class EpochScorer:
         )
         minimum = torch.full(labels.shape, float(o.min_knn_agreement))
         if neighbour_labels is not None:
-            minimum *= reachable_agreement(labels, neighbour_labels.shape[1])
+            # the classes as the search saw them: rows without neighbours were no keys
+            keys = neighbour_labels[:, 0] >= 0 if neighbour_labels.shape[1] else slice(None)
+            minimum[keys] *= reachable_agreement(labels[keys], neighbour_labels.shape[1])
         parts = []
         for rows in step.chunks():
             averaged = step.average(rows, torch.softmax(logits[rows].float(), dim=1).cpu())
@@ -347,13 +353,56 @@ class EpochScorer:
         samples["is_candidate"] = candidate.numpy()
 
     # ------------------------------------------------------------------ neighbours, watch
+    def _count_without_direction(
+        self,
+        samples: pd.DataFrame,
+        embeddings: torch.Tensor | None,
+        rows: torch.Tensor | None,
+        epoch: int,
+    ) -> None:
+        """Count (in ``samples.attrs``, for summary.json) and warn about the scored rows whose
+        embedding has no direction (:func:`has_direction`): they get no neighbours, no watch
+        scores and no place on the map, but keep every score from their logits."""
+        samples.attrs["num_nonfinite_embeddings"] = samples.attrs["num_zero_embeddings"] = 0
+        if embeddings is None or embeddings.shape[1] == 0:
+            return
+        directed = has_direction(embeddings)
+        if rows is not None:
+            directed = directed[rows.to(directed.device)]
+        if bool(directed.all()):
+            return
+        lost = (~directed).nonzero().squeeze(1)
+        if rows is not None:
+            lost = rows.to(lost.device)[lost]
+        bad = embeddings[lost]  # only these rows: no N x D mask
+        finite = torch.isfinite(bad).all(dim=1)
+        nonfinite, zero = int((~finite).sum()), int(finite.sum())
+        samples.attrs["num_nonfinite_embeddings"] = nonfinite
+        samples.attrs["num_zero_embeddings"] = zero
+        causes = []
+        if nonfinite:
+            cause = f"{nonfinite} had NaN or infinite embeddings"
+            if self.options.embeddings_dtype == "float16" and bool(torch.isinf(bad).any()):
+                cause += (
+                    " (`embeddings_dtype`='float16' overflows above 65504: use"
+                    " `embeddings_dtype`='float32')"
+                )
+            causes.append(cause)
+        if zero:
+            causes.append(f"{zero} had all-zero embeddings (dead units, or silent inputs?)")
+        rank_zero_warn(
+            f"LabelWatch: of the validation samples of epoch {epoch}, {' and '.join(causes)};"
+            " they have no neighbours (knn_agreement NaN, p_mix their averaged"
+            " probabilities), no watch scores and no place on the map."
+        )
+
     def _neighbour_labels(
         self, embeddings: torch.Tensor | None, rows: torch.Tensor | None, labels: torch.Tensor
     ) -> torch.Tensor | None:
         """``(N, k)`` given labels of each scored sample's 10 nearest neighbours (cosine),
-        searched on the embeddings' device among the scored ``rows`` (None: all); None
-        without embeddings, or on a CPU above KNN_MAX_SAMPLES. Kept as labels, not an
-        N x C distribution, to save memory."""
+        searched on the embeddings' device among the scored ``rows`` (None: all), -1 for
+        a row without a direction; None without embeddings, or on a CPU above
+        KNN_MAX_SAMPLES. Kept as labels, not an N x C distribution, to save memory."""
         if embeddings is None:
             return None
         on_cpu = embeddings.device.type == "cpu"
@@ -382,7 +431,7 @@ class EpochScorer:
             )
         else:
             neighbours = knn_neighbours(embeddings, k=KNN_NEIGHBOURS).cpu()
-        return labels[neighbours]
+        return neighbour_labels(labels, neighbours)
 
     def _add_watch_columns(
         self, samples: pd.DataFrame, embeddings: torch.Tensor | None, labels: torch.Tensor

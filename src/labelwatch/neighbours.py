@@ -9,20 +9,28 @@ when the model is there).
 Neighbours are chosen deterministically: the ``k`` most similar samples, and among equal
 similarities the lower index first, so results do not depend on ``chunk_size`` or on the
 order in which a ``topk`` kernel happens to return ties.
+
+A row without a direction (:func:`has_direction`: NaN or infinite values, or all zero)
+is similar to nothing: it is neither searched for nor found. Its neighbour indices are
+-1, its agreement and label distribution NaN.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 __all__ = [
     "approximate_neighbours",
+    "has_direction",
     "knn_agreement",
     "knn_label_distribution",
     "knn_neighbours",
     "label_agreement",
     "label_distribution",
+    "neighbour_labels",
 ]
 
 # Values of the chunk x N similarity block when `chunk_size` is None: at most 2**24 float32
@@ -44,7 +52,8 @@ def knn_agreement(
 
     Args:
         embeddings: ``(N, D)`` floating-point embeddings; cosine similarity is used (rows are
-            L2-normalised; an all-zero row is similar to nothing, 0 with every sample).
+            L2-normalised). A row with NaN or infinite values, or all zero, has no
+            neighbours and is nobody's neighbour.
         labels: ``(N,)`` integer class indices (the given, possibly noisy labels), ``>= 0``.
         k: neighbours per sample, ``>= 1``; when ``k`` exceeds the candidates available
             (``N - 1`` with ``exclude_self``, else ``N``) every candidate is a neighbour.
@@ -55,7 +64,8 @@ def knn_agreement(
     Returns:
         ``(N,)`` float32 tensor on the embeddings' device, in [0, 1]; lower = the
         neighbourhood disagrees with the given label = more likely mislabelled. With no
-        candidate neighbours (``N == 1`` and ``exclude_self``) the agreement is 1.
+        candidate neighbours (``N == 1`` and ``exclude_self``) the agreement is 1; NaN for
+        a row without neighbours (see ``embeddings``).
 
     Raises:
         ValueError: for inputs of the wrong shape, dtype or range, or bad ``k``/``chunk_size``.
@@ -63,8 +73,8 @@ def knn_agreement(
     embeddings, labels, k, chunk_size = _check(embeddings, labels, k, chunk_size)
     if exclude_self and len(labels) < 2:  # no neighbour to contradict the label
         return torch.ones(len(labels), dtype=torch.float32, device=embeddings.device)
-    neighbours = _neighbours(embeddings, k, chunk_size, exclude_self)
-    return label_agreement(labels[neighbours], labels, int(labels.max()) + 1)
+    neighbours = _directed_neighbours(embeddings, k, chunk_size, exclude_self)
+    return label_agreement(neighbour_labels(labels, neighbours), labels, int(labels.max()) + 1)
 
 
 def knn_label_distribution(
@@ -87,7 +97,8 @@ def knn_label_distribution(
 
     Returns:
         ``(N, C)`` float32 tensor on the embeddings' device, each entry in [0, 1] and each
-        row summing to 1 (the uniform row when a sample has no candidate neighbours).
+        row summing to 1 (the uniform row when a sample has no candidate neighbours); a row
+        of NaN for a row without neighbours (see :func:`knn_agreement`).
 
     Raises:
         ValueError: as :func:`knn_agreement`, and when a label is ``>= num_classes``.
@@ -100,8 +111,8 @@ def knn_label_distribution(
         raise ValueError(
             f"`num_classes` must be an integer > every label (>= {needed}), got {num_classes!r}"
         )
-    neighbours = _neighbours(embeddings, k, chunk_size, exclude_self)
-    return label_distribution(labels[neighbours], num_classes)
+    neighbours = _directed_neighbours(embeddings, k, chunk_size, exclude_self)
+    return label_distribution(neighbour_labels(labels, neighbours), num_classes)
 
 
 def knn_neighbours(
@@ -121,10 +132,12 @@ def knn_neighbours(
         embeddings, k, chunk_size, exclude_self: as in :func:`knn_agreement`.
 
     Returns:
-        ``(N, min(k, candidates))`` int64 tensor on the embeddings' device.
+        ``(N, min(k, candidates))`` int64 tensor on the embeddings' device, the candidates
+        being the rows with a direction (:func:`has_direction`); a row without one has
+        no neighbours, all -1 (as has every row when no row has a candidate).
     """
     embeddings, k, chunk_size = _check_embeddings(embeddings, k, chunk_size)
-    return _neighbours(embeddings, k, chunk_size, exclude_self)
+    return _directed_neighbours(embeddings, k, chunk_size, exclude_self)
 
 
 def approximate_neighbours(embeddings: torch.Tensor, *, k: int = 10, seed: int = 0) -> torch.Tensor:
@@ -135,18 +148,23 @@ def approximate_neighbours(embeddings: torch.Tensor, *, k: int = 10, seed: int =
     neighbours get exact ones.
 
     Returns:
-        ``(N, min(k, N - 1))`` int64 tensor on the CPU.
+        ``(N, min(k, candidates))`` int64 tensor on the CPU, -1 rows as in
+        :func:`knn_neighbours`.
     """
+    points = embeddings.detach().float().cpu()
+    return _among_directed(points, lambda rows: _approximate_neighbours(rows, k, seed))
+
+
+def _approximate_neighbours(points: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     from labelwatch.ann import approximate_knn
 
-    points = embeddings.detach().float().cpu()
     points = points / points.norm(dim=1, keepdim=True).clamp(min=1e-12)
     k = min(k, len(points) - 1)
     if k < 1:
         return torch.empty(len(points), 0, dtype=torch.long)
     if _largest_duplicate_share(points) > _MAX_DUPLICATE_SHARE:
-        # many identical rows (all-zero ones from dead units, a collapsed layer) make one
-        # giant cell, searched whole: slower than the exact search
+        # many identical rows (a collapsed layer) make one giant cell, searched whole:
+        # slower than the exact search
         return knn_neighbours(points, k=k).cpu()
     found, _ = approximate_knn(points.numpy(), k, seed=seed)
     neighbours = torch.from_numpy(found.astype(np.int64))
@@ -159,8 +177,9 @@ def approximate_neighbours(embeddings: torch.Tensor, *, k: int = 10, seed: int =
 
 
 # Above this share of identical rows approximate_neighbours searches exactly: they fill one
-# cell that is searched whole (benchmarks/knn.py: with 30% all-zero rows the approximate
-# search is still faster, with 60% it is not).
+# cell that is searched whole (benchmarks/knn.py: with 30% identical rows the approximate
+# search is still faster, with 60% it is not; all-zero rows, measured there, are now left
+# out of the search before).
 _MAX_DUPLICATE_SHARE = 0.4
 
 
@@ -173,15 +192,42 @@ def _largest_duplicate_share(points: torch.Tensor) -> float:
     return float(counts.max()) / len(points)
 
 
+def has_direction(embeddings: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` bool: the rows that cosine similarity can compare, finite and not all zero.
+
+    A NaN or infinite value (a float16 overflow above 65504, say) leaves a row no
+    direction, and so does zero norm (dead units, a silent clip): such a row is
+    similar to nothing, and its nearest neighbours would be whichever samples come
+    first. Row maxima and minima, not an ``N x D`` mask: NaN spreads to both, an
+    infinity is one of them, and a row is all zero when both are 0.
+    """
+    if embeddings.shape[1] == 0:
+        return torch.zeros(len(embeddings), dtype=torch.bool, device=embeddings.device)
+    top, bottom = embeddings.detach().amax(dim=1), embeddings.detach().amin(dim=1)
+    return torch.isfinite(top) & torch.isfinite(bottom) & ((top != 0) | (bottom != 0))
+
+
+def neighbour_labels(labels: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    """``(N, k)`` labels of the ``neighbours`` indices, -1 where an index is -1 (no
+    neighbour); ``labels[neighbours]`` would read the last label there."""
+    found = labels[neighbours.clamp(min=0)]
+    return torch.where(neighbours >= 0, found, -1)
+
+
 def label_distribution(neighbour_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``(N, C)`` float32 fraction of each row's neighbours in each class, from the
-    ``(N, k)`` labels of its neighbours (the uniform row when ``k`` is 0)."""
+    ``(N, k)`` labels of its neighbours (the uniform row when ``k`` is 0; a row of NaN
+    where the labels are -1, no neighbours)."""
     num_rows, k = neighbour_labels.shape
     device = neighbour_labels.device
     if k == 0:
         return torch.full((num_rows, num_classes), 1.0 / num_classes, device=device)
+    missing = neighbour_labels[:, 0] < 0  # a row has all its neighbours or none
     counts = torch.zeros(num_rows, num_classes, dtype=torch.float32, device=device)
-    counts.scatter_add_(1, neighbour_labels, torch.ones(neighbour_labels.shape, device=device))
+    counts.scatter_add_(
+        1, neighbour_labels.clamp(min=0), torch.ones(neighbour_labels.shape, device=device)
+    )
+    counts[missing] = torch.nan
     return counts / k
 
 
@@ -189,11 +235,14 @@ def label_agreement(
     neighbour_labels: torch.Tensor, labels: torch.Tensor, num_classes: int
 ) -> torch.Tensor:
     """``(N,)`` float32 :func:`label_distribution` at each row's own label, without the
-    ``(N, C)`` array: the fraction of its neighbours that share its label."""
+    ``(N, C)`` array: the fraction of its neighbours that share its label (NaN for a row
+    without neighbours)."""
     k = neighbour_labels.shape[1]
     if k == 0:
         return torch.full(labels.shape, 1.0 / num_classes, device=neighbour_labels.device)
-    return (neighbour_labels == labels[:, None]).sum(dim=1) / float(k)
+    agreement = (neighbour_labels == labels[:, None]).sum(dim=1) / float(k)
+    agreement[neighbour_labels[:, 0] < 0] = torch.nan
+    return agreement
 
 
 def _check(
@@ -241,10 +290,33 @@ def _check_embeddings(
         chunk_size = max(1, values // max(len(embeddings), 1))
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be None or an integer >= 1, got {chunk_size!r}")
-    # A sum is finite when every value is (an overflow only makes it a suspect): no N x D mask.
-    if not bool(torch.isfinite(embeddings.sum())) and not bool(torch.isfinite(embeddings).all()):
-        raise ValueError("`embeddings` must be finite; drop rows with NaN or infinite values")
     return embeddings.detach(), k, chunk_size
+
+
+def _directed_neighbours(
+    embeddings: torch.Tensor, k: int, chunk_size: int, exclude_self: bool
+) -> torch.Tensor:
+    """:func:`_neighbours` among the rows with a direction; -1 rows for the others."""
+    return _among_directed(embeddings, lambda rows: _neighbours(rows, k, chunk_size, exclude_self))
+
+
+def _among_directed(
+    embeddings: torch.Tensor, search: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``search`` run on the rows with a direction alone, its indices mapped back to all
+    rows; the other rows get -1. Unchanged (no copy) when every row has one."""
+    directed = has_direction(embeddings)
+    if bool(directed.all()):
+        return search(embeddings)
+    kept = directed.nonzero().squeeze(1)
+    found = search(embeddings[kept])
+    kept = kept.to(found.device)
+    # at least one column, so a row without neighbours still shows as -1
+    out = torch.full(
+        (len(embeddings), max(found.shape[1], 1)), -1, dtype=torch.long, device=found.device
+    )
+    out[kept, : found.shape[1]] = kept[found]
+    return out
 
 
 def _neighbours(

@@ -49,6 +49,8 @@ from collections.abc import Sequence
 
 import torch
 
+from labelwatch.neighbours import has_direction
+
 __all__ = ["DEFAULT_MIN_WATCH_SCORE", "MIN_CLASS_SAMPLES", "watched_indices", "watch_scores"]
 
 # A sample at least this many robust standard deviations toward a watched class is flagged.
@@ -84,8 +86,10 @@ def watch_scores(
     Returns:
         ``(N, len(watched))`` float32 on the CPU; higher = leans further toward the watched
         class than the other samples with its label. NaN for a sample labelled with the
-        watched class itself, when no sample is labelled with the watched class, and for a
-        label with fewer than ``MIN_CLASS_SAMPLES`` samples or no spread (MAD 0).
+        watched class itself, when no sample is labelled with the watched class, for a
+        label with fewer than ``MIN_CLASS_SAMPLES`` samples or no spread (MAD 0), and for
+        an embedding with NaN or infinite values or all zero (:func:`has_direction`),
+        which is left out of the class means and the medians too.
 
     Raises:
         ValueError: for inputs of the wrong shape or range.
@@ -106,6 +110,20 @@ def watch_scores(
     labels = labels.to(device)
     scores = torch.full((len(labels), len(watched)), float("nan"))
     if not watched or not len(labels):
+        return scores
+    directed = has_direction(embeddings)
+    if not bool(directed.all()):  # score the others as if these rows were not there
+        kept = directed.nonzero().squeeze(1)
+        scores[kept.cpu()] = watch_scores(
+            embeddings[kept],
+            labels[kept],
+            watched,
+            num_classes,
+            predictions=predictions[kept.to(predictions.device)]
+            if predictions is not None
+            else None,
+            chunk_rows=chunk_rows,
+        )
         return scores
 
     def normalised(start: int) -> torch.Tensor:
