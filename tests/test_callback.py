@@ -393,8 +393,56 @@ def test_missing_logits_without_logits_layer_is_a_clear_error(tmp_path: Path):
     """No logits in the outputs and no logits_layer: the error says how to fix it."""
     train, val = loaders()
     trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[LabelWatch()], max_epochs=1))
-    with pytest.raises(ValueError, match="found no logits.*logits_layer"):
+    with pytest.raises(ValueError, match="found no logits.*returned nothing.*logits_layer"):
         trainer.fit(TinyClassifier(return_outputs=False), train, val)
+
+
+class _ReturnsTheLogits(TinyClassifier):
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self(batch["x"])
+
+
+def test_logits_returned_bare_are_a_clear_error_that_says_what_came(tmp_path: Path):
+    """`return logits` instead of `return {"logits": logits}`: the error says what it got."""
+    train, val = loaders()
+    trainer = Trainer(**trainer_kwargs(tmp_path, callbacks=[LabelWatch()], max_epochs=1))
+    with pytest.raises(ValueError, match=r"returned a tensor of shape \(16, 3\), not a dict"):
+        trainer.fit(_ReturnsTheLogits(), train, val)
+
+
+class _IdsBecomeStrings(TinyClassifier):
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(BlobDataset(48, seed=2, string_ids=self.current_epoch > 0), batch_size=16)
+
+
+def test_ids_that_change_kind_between_epochs_start_afresh_with_a_warning(tmp_path: Path):
+    """Integer ids in epoch 0, strings from epoch 1: no sample matched, both kinds stayed in
+    the history for good, and its file could no longer be written. Now a warning says what
+    starts again, and the history is written."""
+    train, _ = loaders()
+    watch = LabelWatch(projection="pca")
+    kwargs = trainer_kwargs(tmp_path, callbacks=[watch], reload_dataloaders_every_n_epochs=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        Trainer(**kwargs).fit(_IdsBecomeStrings(), train)
+    messages = [str(w.message) for w in record]
+    assert any("ids changed from integers to str" in m for m in messages)
+    assert not any("could not write its epoch history" in m for m in messages)
+    samples = pd.read_parquet(tmp_path / "labelwatch/epoch=1/samples.parquet")
+    assert samples["sample_id"].str.startswith("clip-").all()
+    assert (samples["averaged_epochs"] == 1).all()
+    assert (tmp_path / "labelwatch/epoch=1/history.arrow").is_file()
+
+
+def test_a_fit_that_never_validates_says_nothing_was_scored(tmp_path: Path):
+    """limit_val_batches=0 (or no validation loader): one warning at the end of fit, not
+    silence and no outputs."""
+    train, val = loaders()
+    watch = LabelWatch(projection="none")
+    kwargs = trainer_kwargs(tmp_path, callbacks=[watch], limit_val_batches=0)
+    with pytest.warns(UserWarning, match="LabelWatch scored no validation in this fit"):
+        Trainer(**kwargs).fit(TinyClassifier(), train, val)
+    assert watch.output_root is None
 
 
 class CountsTrainingSteps(TinyClassifier):

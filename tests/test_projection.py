@@ -536,3 +536,17 @@ def test_a_waiting_map_is_dropped_only_for_a_newer_epoch_of_its_dataloader():
         watch._drop_stale_maps()
     dropped = [(p.epoch, p.name) for p in watch._pending if p.map is None]
     assert dropped == [(0, "b"), (1, "a")]  # not the first (running), nor each newest
+
+
+def test_the_worker_keeps_no_finished_maps():
+    """Each finished map's future held its coordinates and ids for the rest of the fit: a
+    long fit kept every epoch's map in memory."""
+    points = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    worker = MapWorker(warm_up=False)
+    try:
+        for epoch in range(3):
+            worker.submit(MapJob(epoch, list(range(50)), points, {}, "pca", 0)).result()
+        worker.submit(MapJob(3, list(range(50)), points, {}, "pca", 0)).result()
+        assert len(worker._futures) == 1  # only the newest, until the next submission
+    finally:
+        worker.shutdown()

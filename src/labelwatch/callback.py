@@ -102,6 +102,24 @@ class _PendingEpoch:
     map: Future | None = None  # None once cancelled: logged without coordinates
 
 
+def _id_kind(sample_ids: Sequence[Any]) -> str | None:
+    """What kind of ids an epoch has: numbers match only numbers, strings only strings."""
+    if not len(sample_ids):
+        return None
+    first = sample_ids[0]
+    return "integers" if isinstance(first, (int, np.integer)) else type(first).__name__
+
+
+def _describe(value: Any) -> str:
+    """A returned value, for an error message: its type, and a tensor's shape or a dict's
+    keys."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}, not a dict"
+    if isinstance(value, Mapping):
+        return f"a dict with the keys {list(value)}"
+    return f"a {type(value).__name__}, not a dict"
+
+
 class LabelWatchLogic:
     """Everything LabelWatch does, independent of which Lightning package runs it.
 
@@ -317,6 +335,7 @@ class LabelWatchLogic:
         # zero only): the epoch history (on disk, not in the checkpoint), flag streaks and
         # first watch scores.
         self._scorers: dict[str | None, EpochScorer] = {}
+        self._id_kinds: dict[str | None, str | None] = {}  # each dataloader's last ids' kind
         # The history file ((window - 1) x N x C floats, 0.8 GB at 100k x 1000) is written on its
         # own thread; a history is not updated again until its previous save is done.
         self._history_saver: ThreadPoolExecutor | None = None
@@ -410,10 +429,12 @@ class LabelWatchLogic:
         if logits is None and tapped_logits is not None:
             logits = self._tapped("logits_layer", self.logits_layer, *tapped_logits)
         if logits is None:
+            got = "nothing" if outputs is None else _describe(outputs)
             raise ValueError(
-                "LabelWatch found no logits: return a dict with"
-                f" {self.logits_key!r} from validation_step, or set `logits_layer` to the name of"
-                " the submodule that outputs them (e.g. LabelWatch(logits_layer='classifier'))."
+                f"LabelWatch found no logits: validation_step returned {got}. Return a dict"
+                f" with {self.logits_key!r} ({{{self.logits_key!r}: logits, ...}}), or set"
+                " `logits_layer` to the name of the submodule that outputs them (e.g."
+                " LabelWatch(logits_layer='classifier'))."
             )
         embeddings = out.get(self.embeddings_key)
         if embeddings is None and tapped_embeddings is not None:
@@ -511,6 +532,13 @@ class LabelWatchLogic:
                 " validation came (early stopping, max_steps in mid-epoch and"
                 " check_val_every_n_epoch can end a fit so); the last scored epoch is"
                 f" {scored}. every_n_epochs=1 scores every validation.",
+            )
+        if self._skipped_epoch is None and not self._last_results and trainer.is_global_zero:
+            self._warn_once(
+                "nothing-scored",
+                "LabelWatch scored no validation in this fit: none ran (no validation"
+                " dataloader, limit_val_batches=0, or check_val_every_n_epoch beyond"
+                " max_epochs), or none had samples. No outputs were written.",
             )
         # The wait can take a while at 100k samples: say why fit lingers.
         waiting = []
@@ -694,6 +722,7 @@ class LabelWatchLogic:
             self._previous_epochs,
             self._last_results,
             self._scorers,
+            self._id_kinds,
             self._warned,  # a new fit warns again about what still holds for it
         ):
             state.clear()
@@ -1096,13 +1125,24 @@ class LabelWatchLogic:
     ) -> pd.DataFrame:
         """Scores of the host copy ``captured`` (:class:`EpochScorer`); ``run`` is the
         validation run's step in the epoch history."""
-        return self._scorer(name).score(captured, epoch, device_embeddings, run=run)
+        kind = _id_kind(captured.sample_ids)
+        was, self._id_kinds[name] = self._id_kinds.get(name), kind
+        fresh = was is not None and kind != was
+        if fresh:  # no id matches: start afresh, rather than keep both kinds for good
+            self._warn_once(
+                f"id-kind-{name}",
+                f"LabelWatch: the sample ids changed from {was} to {kind} since the last"
+                " validation, so no sample is recognised: the averaging window, flag streaks,"
+                " first watch scores and the map's alignment start again. Keep ids stable.",
+            )
+            self._previous_maps[name] = {}
+        return self._scorer(name, fresh).score(captured, epoch, device_embeddings, run=run)
 
-    def _scorer(self, name: str | None) -> EpochScorer:
+    def _scorer(self, name: str | None, fresh: bool = False) -> EpochScorer:
         """This dataloader's scorer; a resumed fit's reads what its samples carry over
-        from the last epoch's files."""
+        from the last epoch's files (unless ``fresh``)."""
         scorer = self._scorers.get(name)
-        if scorer is None:
+        if scorer is None or fresh:
             options = ScoringOptions(
                 class_names=self.class_names,
                 label_quality=self.label_quality,
@@ -1121,7 +1161,7 @@ class LabelWatchLogic:
             scorer = EpochScorer(
                 options,
                 self._warn_once,
-                last_dir=self._last_epoch_dir(name),
+                last_dir=None if fresh else self._last_epoch_dir(name),
                 last_run=self.last_run,
                 last_epoch=self.last_epoch,
             )

@@ -455,7 +455,8 @@ class MapWorker:
 
     def submit(self, job: MapJob) -> Future:
         future = self._timed(self._pool.submit(compute_map, job))
-        self._futures.append(future)
+        # Only those not done: a done one holds its map, which a long fit would pile up.
+        self._futures = [f for f in self._futures if not f.done()] + [future]
         return future
 
     def patience(self) -> float:
