@@ -472,3 +472,26 @@ def test_resume_into_a_new_wandb_run_names_that_runs_artifact(tmp_path: Path):
     assert [(a["name"], a["aliases"]) for a in logged] == [
         ("relabel-candidates-lwsecond", ["epoch-1", "latest"])
     ]
+
+
+def test_a_resume_from_an_older_checkpoint_sets_the_later_epochs_aside(tmp_path: Path):
+    """Four epochs, then a resume from epoch 1's checkpoint to three: epochs 2 and 3 of the
+    first fit stayed beside the new ones, and readers took the stale epoch 3 for the
+    latest. They are renamed abandoned-epoch=<n>, with a warning."""
+    from labelwatch import load_candidates
+
+    train, val = _data()
+    every = dict(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    kwargs = trainer_kwargs(tmp_path, enable_checkpointing=True)
+    first = LabelWatch(projection="none")
+    Trainer(**{**kwargs, "max_epochs": 4, "callbacks": [first, ModelCheckpoint(**every)]}).fit(
+        TinyClassifier(), train, val
+    )
+    resumed = LabelWatch(projection="none")
+    with pytest.warns(UserWarning, match=r"holds epochs \[2, 3\] of the fit that went on"):
+        Trainer(**{**kwargs, "max_epochs": 3, "callbacks": [resumed]}).fit(
+            TinyClassifier(), train, val, ckpt_path=tmp_path / "ckpt/epoch=1.ckpt"
+        )
+    names = sorted(p.name for p in (tmp_path / "labelwatch").iterdir())
+    assert names == ["abandoned-epoch=2", "abandoned-epoch=3", "epoch=0", "epoch=1", "epoch=2"]
+    assert load_candidates(tmp_path / "labelwatch")["epoch"].unique().tolist() == [2]

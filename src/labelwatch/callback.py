@@ -336,6 +336,8 @@ class LabelWatchLogic:
         # first watch scores.
         self._scorers: dict[str | None, EpochScorer] = {}
         self._id_kinds: dict[str | None, str | None] = {}  # each dataloader's last ids' kind
+        self._resumed_after: int | None = None  # the checkpoint's last epoch, on a resume
+        self._set_aside: set[Path] = set()  # folders whose later epochs were renamed
         # The history file ((window - 1) x N x C floats, 0.8 GB at 100k x 1000) is written on its
         # own thread; a history is not updated again until its previous save is done.
         self._history_saver: ThreadPoolExecutor | None = None
@@ -654,6 +656,7 @@ class LabelWatchLogic:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_epoch = state_dict.get("last_epoch")
+        self._resumed_after = self.last_epoch  # epochs beyond it are of an abandoned fit
         # Checkpoints from before runs were counted keyed the history by epoch.
         self.last_run = state_dict.get("last_run", self.last_epoch)
         root, absolute = state_dict.get("output_root"), state_dict.get("output_root_absolute")
@@ -714,7 +717,7 @@ class LabelWatchLogic:
         """Forget the last fit's outputs, per-sample state and warnings. A resumed fit gets
         its output folder and epoch back from the checkpoint (load_state_dict comes after
         setup)."""
-        self.last_epoch = self.last_run = None
+        self.last_epoch = self.last_run = self._resumed_after = None
         self.output_root = None
         self.last_output_dir = None
         for state in (
@@ -723,6 +726,7 @@ class LabelWatchLogic:
             self._last_results,
             self._scorers,
             self._id_kinds,
+            self._set_aside,
             self._warned,  # a new fit warns again about what still holds for it
         ):
             state.clear()
@@ -892,6 +896,9 @@ class LabelWatchLogic:
         summary["dataloader"] = name
         summary.update(self._wandb_run_ids())
         root = self.output_root / name if name is not None else self.output_root
+        if self._resumed_after is not None and root not in self._set_aside:
+            self._set_aside.add(root)  # once per folder: later epochs are this fit's own
+            self._set_aside_later_epochs(root, self._resumed_after)
         pending = _PendingEpoch(epoch, trainer.global_step, name, samples, candidates, summary)
         pending.out_dir = root / f"epoch={epoch}"
         self._last_results[name] = (epoch, len(candidates), len(samples), pending.out_dir)
@@ -1267,6 +1274,31 @@ class LabelWatchLogic:
             return
         pending.written = True
         self.last_output_dir = pending.out_dir
+
+    def _set_aside_later_epochs(self, root: Path, after: int) -> None:
+        """On a resume from an older checkpoint, the epochs that the first fit wrote after
+        it belong to a run that does not continue, and readers would take the newest of
+        them for the latest: they are renamed to ``abandoned-epoch=<n>``."""
+        later = []
+        for folder in root.glob("epoch=*"):
+            number = folder.name.split("=", 1)[1]
+            if number.isdigit() and int(number) > after:
+                later.append(int(number))
+                target, copies = folder.with_name(f"abandoned-{folder.name}"), 1
+                while target.exists():  # abandoned before, by another resume
+                    copies += 1
+                    target = folder.with_name(f"abandoned{copies}-{folder.name}")
+                try:
+                    folder.rename(target)
+                except OSError as err:
+                    rank_zero_warn(f"LabelWatch could not rename {folder} to {target}: {err}")
+        if later:
+            self._warn_once(
+                f"abandoned-{root}",
+                f"LabelWatch: this fit resumes after epoch {after}, and {root} holds epochs"
+                f" {sorted(later)} of the fit that went on from there; they are renamed"
+                " abandoned-epoch=<n>, so that readers take this fit's epochs for the latest.",
+            )
 
     def _unused(self, root: Path, names: Iterable[str | None]) -> Path:
         """``root``, or ``root-v1``, ``root-v2``, ... when the folders of the dataloaders
