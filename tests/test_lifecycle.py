@@ -495,3 +495,15 @@ def test_a_resume_from_an_older_checkpoint_sets_the_later_epochs_aside(tmp_path:
     names = sorted(p.name for p in (tmp_path / "labelwatch").iterdir())
     assert names == ["abandoned-epoch=2", "abandoned-epoch=3", "epoch=0", "epoch=1", "epoch=2"]
     assert load_candidates(tmp_path / "labelwatch")["epoch"].unique().tolist() == [2]
+
+
+def test_a_resume_that_names_the_watched_dataloader_continues_the_fit(tmp_path: Path):
+    """`dataloaders=[0]` added on resume changed the callback's state key: the checkpoint's
+    state was not loaded, and the fit wrote to labelwatch-v1 from scratch."""
+    _fit(tmp_path, LabelWatch(projection="none"), tmp_path / "run")
+    resumed = LabelWatch(projection="none", dataloaders=[0])
+    with pytest.warns(UserWarning, match="the fit continues from that state"):
+        _fit(tmp_path, resumed, tmp_path / "run", resume=True)
+    assert resumed.output_root == tmp_path / "run/labelwatch"
+    assert sorted(_epochs(resumed.output_root)) == [0, 1, 2, 3]
+    assert _epochs(resumed.output_root)[2]["averaged_epochs"].eq(3).all()

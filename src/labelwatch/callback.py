@@ -654,6 +654,23 @@ class LabelWatchLogic:
             "output_root_absolute": str(root.absolute()) if root is not None else None,
         }
 
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Before ``load_state_dict``, which Lightning calls only under this callback's own
+        state key: a resume that changed `dataloaders` or `table_key` changed that key, and
+        the fit would start afresh. With one LabelWatch on each side, its state is taken."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        saved = [k for k in states if isinstance(k, str) and k.startswith("LabelWatch{")]
+        watches = [c for c in trainer.callbacks if isinstance(c, LabelWatchLogic)]
+        if len(saved) == 1 and len(watches) == 1:
+            rank_zero_warn(
+                f"LabelWatch: the checkpoint holds LabelWatch's state under {saved[0]}, and"
+                f" this one's key is {self.state_key} (other `dataloaders` or `table_key`);"
+                " the fit continues from that state. Ignore Lightning's warning about it."
+            )
+            self.load_state_dict(states[saved[0]])
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_epoch = state_dict.get("last_epoch")
         self._resumed_after = self.last_epoch  # epochs beyond it are of an abandoned fit
