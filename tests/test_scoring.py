@@ -189,6 +189,11 @@ def test_bfloat16_probabilities_are_scored_as_float32():
             {"logits": torch.randn(2, 3, 4), "labels": [0, 1]},
             r"must be 2-D .* got shape \(2, 3, 4\)",
         ),
+        (
+            {"logits": torch.randn(2), "labels": [0, 1]},
+            r"got shape \(2,\)\. A binary classifier with one logit z a sample: pass"
+            r" `torch.stack\(\[torch.zeros_like\(z\), z\], 1\)`",
+        ),
         ({"logits": torch.randn(3, 3), "labels": [0, 1]}, "has 3 rows but `labels` has 2"),
         (
             {"logits": torch.randn(2, 3), "labels": [0, 3]},

@@ -406,3 +406,20 @@ def test_watch_scores_follow_their_samples_when_scoring_drops_rows(tmp_path: Pat
         expected,
         equal_nan=True,
     )
+
+
+def test_a_watched_class_no_validation_sample_has_is_warned_about(tmp_path: Path):
+    """A watched class absent from the validation set left its columns NaN in silence."""
+    from torch.utils.data import DataLoader, Subset
+
+    from tests.helpers import BlobDataset
+
+    train, _ = loaders()
+    val = DataLoader(Subset(BlobDataset(48, seed=2), [i for i in range(48) if i % 3]), 16)
+    callback = LabelWatch(projection="none", watch_classes=[0])
+    with pytest.warns(UserWarning, match="no validation sample is labelled '0'"):
+        Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_epochs=1)).fit(
+            TinyClassifier(), train, val
+        )
+    samples = pd.read_parquet(tmp_path / "labelwatch" / "epoch=0" / "samples.parquet")
+    assert samples["watch_0"].isna().all()

@@ -460,6 +460,14 @@ class EpochScorer:
             predictions = torch.tensor(samples["predicted_label"].to_numpy(np.int64))
             scores = watch_scores(embeddings, labels, watched, len(names), predictions=predictions)
         classes = [names[index] for index in watched]
+        absent = [names[i] for i in watched if not bool((labels == i).any())]
+        if absent:
+            self._warn(
+                f"watch-absent-{absent}",
+                f"LabelWatch: no validation sample is labelled {', '.join(map(repr, absent))}:"
+                " the watch learns what a class is from its samples, so its watch scores are"
+                " NaN and flag nothing.",
+            )
         for watched_name, values in zip(classes, scores.double().numpy().T, strict=True):
             samples[watch_column(watched_name)] = values
         first = self._first_watch_scores(samples, classes)

@@ -101,9 +101,15 @@ def check_predictions(
     """
     values = _as_tensor(values, name)
     if values.ndim != 2:
+        fix = (
+            " A binary classifier with one logit z a sample: pass"
+            " `torch.stack([torch.zeros_like(z), z], 1)` (its softmax is [1 - sigmoid(z),"
+            " sigmoid(z)])."
+            if name == "logits" and values.ndim == 1
+            else " Flatten extra dimensions or pick the classification head's output."
+        )
         raise ValueError(
-            f"`{name}` must be 2-D (N samples x C classes), got shape {tuple(values.shape)}."
-            " Flatten extra dimensions or pick the classification head's output."
+            f"`{name}` must be 2-D (N samples x C classes), got shape {tuple(values.shape)}.{fix}"
         )
     num_samples, num_classes = values.shape
     if num_classes < 2:
