@@ -418,6 +418,12 @@ class MixedIds(LogitsOnly):  # ids of two kinds, as from an object column: 0, "1
         return {**super().validation_step(batch, batch_idx), "sample_id": ids}
 
 
+class NarrowerLater(CountsTrainingSteps):  # as a feature map that flattens to another width
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        out = super().validation_step(batch, batch_idx)
+        return {**out, "embeddings": out["embeddings"][:, : 16 - 8 * batch_idx]}
+
+
 class TargetSeven(BlobDataset):
     def __getitem__(self, index: int) -> dict:
         return {**super().__getitem__(index), "target": 7 if index == 5 else 0}
@@ -495,6 +501,12 @@ class TupleClassifier(CountsTrainingSteps):
             {},
             "`sample_ids` must be of one kind, all integers or all strings",
         ),
+        (
+            NarrowerLater,
+            lambda: DataLoader(BlobDataset(48), batch_size=16),
+            {},
+            "embeddings of 8 values per sample in validation batch 1 but 16 in the first",
+        ),
     ],
     ids=[
         "no-logits",
@@ -505,6 +517,7 @@ class TupleClassifier(CountsTrainingSteps):
         "subset-sampler-no-ids",
         "random-batch-sampler-no-ids",
         "mixed-id-kinds",
+        "embedding-width-changes",
     ],
 )
 def test_capture_mistakes_fail_in_the_sanity_check_before_training(

@@ -119,6 +119,37 @@ def test_an_integer_id_beyond_64_bits_is_refused_in_the_batch_that_brings_it():
         buffer.add(torch.randn(2, 3), torch.tensor([0, 1]), [7, 2**64 + 5])
 
 
+class _EmbeddingsAs(TinyClassifier):
+    """Returns its embeddings rounded to tenths, as floats, integers or a numpy array."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        out = super().validation_step(batch, batch_idx)
+        tenths = (out["embeddings"] * 10).round()
+        kinds = {"float": tenths, "int": tenths.to(torch.int32), "numpy": tenths.numpy()}
+        return {**out, "embeddings": kinds[self.kind]}
+
+
+def test_integer_and_numpy_embeddings_are_scored_and_mapped_as_floats(tmp_path: Path):
+    """Quantised (integer) embeddings are stored as float32 and a numpy array as a tensor:
+    both give what the same values as a float tensor give, neighbours and map included."""
+    samples = {}
+    for kind in ("float", "int", "numpy"):
+        torch.manual_seed(0)
+        train, val = loaders(num_val=40, flip=4)
+        callback = LabelWatch(projection="pca")
+        Trainer(**trainer_kwargs(tmp_path / kind, callbacks=[callback], max_epochs=1)).fit(
+            _EmbeddingsAs(kind), train, val
+        )
+        samples[kind] = pd.read_parquet(tmp_path / kind / "labelwatch/epoch=0/samples.parquet")
+    assert samples["float"][["knn_agreement", "x"]].notna().all().all()
+    pd.testing.assert_frame_equal(samples["int"], samples["float"])
+    pd.testing.assert_frame_equal(samples["numpy"], samples["float"])
+
+
 def _epoch(ids: list[int], logits: torch.Tensor, targets: list[int]) -> CapturedEpoch:
     return CapturedEpoch(logits, torch.tensor(targets), torch.tensor(ids), None)
 

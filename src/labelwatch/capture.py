@@ -156,6 +156,7 @@ class EpochBuffer:
         self._ids: list[Any] = []  # ids that are not tensors (strings, lists)
         self._metadata: dict[str, list[Any]] = {}
         self._num_embedded = 0
+        self._embedding_width: int | None = None  # the first batch's: every batch needs it
         self.num_batches = 0
         self.num_samples = 0
 
@@ -167,7 +168,11 @@ class EpochBuffer:
         embeddings: torch.Tensor | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
-        """Append one batch; shapes are checked here, values only at epoch end."""
+        """Append one batch; shapes are checked here, values only at epoch end.
+
+        Embeddings may be a numpy array; integer ones (quantised, say) are stored as
+        float32, which the map and the neighbours need.
+        """
         if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
             raise ValueError(
@@ -213,8 +218,7 @@ class EpochBuffer:
         self._logits.append(logits)
         self._targets.append(targets)
         if embeddings is not None:
-            _check_length("embeddings", embeddings.shape[0], batch_size)
-            self._embeddings.append(embeddings.reshape(batch_size, -1))
+            self._embeddings.append(self._embeddings_of(embeddings, logits.device, batch_size))
             self._num_embedded += 1
         for key, value in (metadata or {}).items():
             _check_length(f"metadata {key!r}", _rows(value), batch_size)
@@ -227,6 +231,29 @@ class EpochBuffer:
             self._metadata.setdefault(key, []).append(value)
         self.num_batches += 1
         self.num_samples += batch_size
+
+    def _embeddings_of(
+        self, embeddings: Any, device: torch.device, batch_size: int
+    ) -> torch.Tensor:
+        """(batch, D) floating-point embeddings, D the same in every batch of the epoch."""
+        if not isinstance(embeddings, torch.Tensor):  # a numpy array, say
+            embeddings = torch.as_tensor(embeddings, device=device)
+        _check_length("embeddings", embeddings.shape[0], batch_size)
+        if not embeddings.dtype.is_floating_point:  # cosine similarity and PCA need floats
+            embeddings = embeddings.float()
+        embeddings = embeddings.reshape(batch_size, -1)
+        width = embeddings.shape[1]
+        if self._embedding_width is None:
+            self._embedding_width = width
+        elif width != self._embedding_width:  # caught here, not by the concat at epoch end
+            raise ValueError(
+                f"LabelWatch got embeddings of {width} values per sample in validation batch"
+                f" {self.num_batches} but {self._embedding_width} in the first; every batch needs"
+                " the same width. A feature map whose size follows the input (clips of"
+                " different lengths, say) flattens to a different width: pool it to a fixed"
+                " size (a mean over time, say) before returning it, or hook a pooled layer."
+            )
+        return embeddings
 
     def slabs(self) -> dict[str, torch.Tensor]:
         """The first slab of each column, whole: what a later epoch's buffer can reuse.
