@@ -1373,7 +1373,8 @@ class LabelWatch(LabelWatchLogic, Callback):
       batch (a numpy array, and integer embeddings as float32); without them no map;
     - targets: ``outputs[target_key]``, else ``batch[target_key]``, else ``batch[1]``;
     - sample ids: ``outputs[sample_id_key]``, else ``batch[sample_id_key]``, else the
-      running position (valid only in one process with an unshuffled loader).
+      running position (valid only in one process with an unshuffled loader); integers
+      or strings, others (floats, tuples, bytes) are refused in the batch that has them.
 
     After ``fit``, ``output_root``, ``last_output_dir`` (the newest epoch's folder) and
     ``last_epoch`` say where the outputs are, in the process that scored them: rank zero.
