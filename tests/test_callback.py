@@ -466,6 +466,30 @@ class MixedIds(LogitsOnly):  # ids of two kinds, as from an object column: 0, "1
         return {**super().validation_step(batch, batch_idx), "sample_id": ids}
 
 
+class FloatIds(LogitsOnly):  # ids from a float column: 1000.5, 1001.5, ...
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        ids = batch["sample_id"].double() + 0.5
+        return {**super().validation_step(batch, batch_idx), "sample_id": ids}
+
+
+class TupleIds(LogitsOnly):  # (file, chunk) pairs
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        ids = list(zip(batch["path"], batch["sample_id"].tolist(), strict=True))
+        return {**super().validation_step(batch, batch_idx), "sample_id": ids}
+
+
+class TupleIdSamples(BlobDataset):  # (file, chunk) per sample, which collate transposes
+    def __getitem__(self, index: int) -> dict:
+        item = super().__getitem__(index)
+        return {**item, "sample_id": (item["path"], index)}
+
+
+class NarrowerLater(CountsTrainingSteps):  # as a feature map that flattens to another width
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        out = super().validation_step(batch, batch_idx)
+        return {**out, "embeddings": out["embeddings"][:, : 16 - 8 * batch_idx]}
+
+
 class TargetSeven(BlobDataset):
     def __getitem__(self, index: int) -> dict:
         return {**super().__getitem__(index), "target": 7 if index == 5 else 0}
@@ -543,6 +567,30 @@ class TupleClassifier(CountsTrainingSteps):
             {},
             "`sample_ids` must be of one kind, all integers or all strings",
         ),
+        (
+            FloatIds,
+            lambda: DataLoader(BlobDataset(48), batch_size=16),
+            {},
+            r"integers or strings, got a torch.float64 tensor \(first id 1000.5\).*ids.long\(\)",
+        ),
+        (
+            TupleIds,
+            lambda: DataLoader(BlobDataset(48), batch_size=16),
+            {},
+            r"got the tuple \('audio/0.wav', 1000\); join its parts .*f\"\{file\}#\{chunk\}\"",
+        ),
+        (
+            LogitsOnly,
+            lambda: DataLoader(TupleIdSamples(48), batch_size=16),
+            {},
+            r"got 2 sample ids for 16 samples, each a sequence of 16: per-sample tuple ids",
+        ),
+        (
+            NarrowerLater,
+            lambda: DataLoader(BlobDataset(48), batch_size=16),
+            {},
+            "embeddings of 8 values per sample in validation batch 1 but 16 in the first",
+        ),
     ],
     ids=[
         "no-logits",
@@ -553,6 +601,10 @@ class TupleClassifier(CountsTrainingSteps):
         "subset-sampler-no-ids",
         "random-batch-sampler-no-ids",
         "mixed-id-kinds",
+        "float-ids",
+        "tuple-ids",
+        "collated-tuple-ids",
+        "embedding-width-changes",
     ],
 )
 def test_capture_mistakes_fail_in_the_sanity_check_before_training(

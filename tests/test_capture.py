@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -117,6 +119,72 @@ def test_an_integer_id_beyond_64_bits_is_refused_in_the_batch_that_brings_it():
     buffer.add(torch.randn(2, 3), torch.tensor([0, 1]), [2**64 - 1, 2**63])  # uint64: fine
     with pytest.raises(ValueError, match=r"sample id 18446744073709551621, which does not fit"):
         buffer.add(torch.randn(2, 3), torch.tensor([0, 1]), [7, 2**64 + 5])
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        (torch.tensor([0.0, 0.25]), r"got a torch.float32 tensor \(first id 0.0\).*ids.long\(\)"),
+        (torch.tensor([True, False]), r"got a torch.bool tensor"),
+        ([0.5, 1.5], r"got the float 0.5; give whole numbers as integers \(int\(i\)\)"),
+        (np.array([0.5, 1.5]), r"got the float 0.5; give whole numbers as integers"),
+        ([b"a.wav", b"b.wav"], r"got the bytes b'a.wav'; decode it"),
+        ([uuid.UUID(int=1), uuid.UUID(int=2)], r"got the UUID .*; give it as a string"),
+        ([("a.wav", 0), ("a.wav", 1)], r"got the tuple \(\'a.wav\', 0\); join its parts"),
+    ],
+    ids=["float-tensor", "bool-tensor", "floats", "numpy-floats", "bytes", "uuids", "tuples"],
+)
+def test_ids_that_are_not_integers_or_strings_are_refused_in_their_batch(ids, message):
+    """Float ids would be cut to integers, and other kinds break the parquet or CSV column
+    (or a labels file's match): the batch that brings one is refused, with the fix."""
+    buffer = EpochBuffer()
+    buffer.add(
+        torch.randn(2, 3), torch.tensor([0, 1]), ["x", "y"] if isinstance(ids, list) else None
+    )
+    with pytest.raises(ValueError, match=message):
+        buffer.add(torch.randn(2, 3), torch.tensor([0, 1]), ids)
+
+
+def test_integers_and_strings_of_numpy_types_are_ids():
+    """numpy integers and strings are integers and strings."""
+    buffer = EpochBuffer()
+    buffer.add(torch.randn(2, 3), torch.tensor([0, 1]), [np.int64(3), np.uint8(4)])
+    buffer.add(torch.randn(2, 3), torch.tensor([0, 1]), [np.int32(5), 6])
+    assert buffer.collect().sample_ids == [3, 4, 5, 6]
+    strings = EpochBuffer()
+    strings.add(torch.randn(2, 3), torch.tensor([0, 1]), np.array(["a.wav", "b.wav"]))
+    assert strings.collect().sample_ids == ["a.wav", "b.wav"]
+
+
+class _EmbeddingsAs(TinyClassifier):
+    """Returns its embeddings rounded to tenths, as floats, integers or a numpy array."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        out = super().validation_step(batch, batch_idx)
+        tenths = (out["embeddings"] * 10).round()
+        kinds = {"float": tenths, "int": tenths.to(torch.int32), "numpy": tenths.numpy()}
+        return {**out, "embeddings": kinds[self.kind]}
+
+
+def test_integer_and_numpy_embeddings_are_scored_and_mapped_as_floats(tmp_path: Path):
+    """Quantised (integer) embeddings are stored as float32 and a numpy array as a tensor:
+    both give what the same values as a float tensor give, neighbours and map included."""
+    samples = {}
+    for kind in ("float", "int", "numpy"):
+        torch.manual_seed(0)
+        train, val = loaders(num_val=40, flip=4)
+        callback = LabelWatch(projection="pca")
+        Trainer(**trainer_kwargs(tmp_path / kind, callbacks=[callback], max_epochs=1)).fit(
+            _EmbeddingsAs(kind), train, val
+        )
+        samples[kind] = pd.read_parquet(tmp_path / kind / "labelwatch/epoch=0/samples.parquet")
+    assert samples["float"][["knn_agreement", "x"]].notna().all().all()
+    pd.testing.assert_frame_equal(samples["int"], samples["float"])
+    pd.testing.assert_frame_equal(samples["numpy"], samples["float"])
 
 
 def _epoch(ids: list[int], logits: torch.Tensor, targets: list[int]) -> CapturedEpoch:

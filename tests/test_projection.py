@@ -11,13 +11,14 @@ import pytest
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import WandbLogger
 
-from labelwatch import LabelWatch, load_candidates
+from labelwatch import LabelWatch, load_candidates, projection
 from labelwatch.projection import (
     WORKER_THREAD_VARIABLES,
     MapJob,
     MapWorker,
     compute_map,
     id_priority,
+    pca,
     project,
     stratified_subsample,
 )
@@ -316,6 +317,25 @@ def test_an_interrupt_logs_outstanding_epochs_without_coordinates(
     if summary["projection"] == "none":
         assert "the fit stopped with the maps of epoch(s) [0] unfinished" in " ".join(said)
     assert not (tmp_path / "labelwatch/epoch=1").exists()
+
+
+def test_wide_embeddings_get_the_covariances_pca_from_the_gram_matrix(monkeypatch):
+    """With more dimensions than points the axes come from the N x N Gram matrix, never
+    the D x D covariance, and the points land where the covariance puts them, signs
+    included; axes beyond the N - 1 that N centred points span are zero."""
+    rng = np.random.default_rng(0)
+    wide = (rng.normal(size=(30, 400)) * np.linspace(3, 0.1, 400)).astype(np.float32)
+    with monkeypatch.context() as patch:
+        patch.setattr(projection, "_axes_from_gram", projection._axes_from_covariance)
+        by_covariance = {k: pca(wide, k) for k in (2, 50)}
+
+    def no_covariance(centred: np.ndarray, dimensions: int) -> np.ndarray:
+        raise AssertionError(f"a {centred.shape[1]} x {centred.shape[1]} covariance")
+
+    monkeypatch.setattr(projection, "_axes_from_covariance", no_covariance)
+    for k, expected in by_covariance.items():
+        np.testing.assert_allclose(pca(wide, k), expected, atol=1e-4 * np.abs(expected).max())
+    assert not pca(wide, 50)[:, 29:].any()
 
 
 def test_a_projection_callable_with_the_wrong_shape_is_reported():

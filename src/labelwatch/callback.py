@@ -1485,10 +1485,12 @@ class LabelWatch(LabelWatchLogic, Callback):
     - logits: ``outputs[logits_key]`` from ``validation_step``, else the output of the
       submodule ``logits_layer``;
     - embeddings (optional): ``outputs[embeddings_key]``, else the output of
-      ``embedding_layer``, flattened to ``(batch, D)``; without them there is no map;
+      ``embedding_layer``, flattened to ``(batch, D)`` with the same ``D`` in every
+      batch (a numpy array, and integer embeddings as float32); without them no map;
     - targets: ``outputs[target_key]``, else ``batch[target_key]``, else ``batch[1]``;
     - sample ids: ``outputs[sample_id_key]``, else ``batch[sample_id_key]``, else the
-      running position (valid only in one process with an unshuffled loader).
+      running position (valid only in one process with an unshuffled loader); integers
+      or strings, others (floats, tuples, bytes) are refused in the batch that has them.
 
     After ``fit``, ``output_root``, ``last_output_dir`` (the newest epoch's folder) and
     ``last_epoch`` say where the outputs are, in the process that scored them: rank zero.

@@ -7,6 +7,7 @@ epoch end, so capturing adds no host synchronisation to the validation loop.
 from __future__ import annotations
 
 import atexit
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,6 +157,7 @@ class EpochBuffer:
         self._ids: list[Any] = []  # ids that are not tensors (strings, lists)
         self._metadata: dict[str, list[Any]] = {}
         self._num_embedded = 0
+        self._embedding_width: int | None = None  # the first batch's: every batch needs it
         self.num_batches = 0
         self.num_samples = 0
 
@@ -167,7 +169,11 @@ class EpochBuffer:
         embeddings: torch.Tensor | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
-        """Append one batch; shapes are checked here, values only at epoch end."""
+        """Append one batch; shapes and kinds are checked here, values at epoch end.
+
+        Embeddings may be a numpy array; integer ones (quantised, say) are stored as
+        float32, which the map and the neighbours need.
+        """
         if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
             raise ValueError(
@@ -191,8 +197,16 @@ class EpochBuffer:
             sample_ids = torch.arange(self.num_samples, self.num_samples + batch_size)
         if isinstance(sample_ids, torch.Tensor):
             sample_ids = sample_ids.reshape(-1)
+            _check_id_dtype(sample_ids)
         elif isinstance(sample_ids, np.ndarray) or not isinstance(sample_ids, Sequence):
             sample_ids = list(np.asarray(sample_ids).reshape(-1).tolist())
+        if _rows(sample_ids) != batch_size and _collated_parts(sample_ids, batch_size):
+            raise ValueError(
+                f"LabelWatch got {len(sample_ids)} sample ids for {batch_size} samples, each a"
+                f" sequence of {batch_size}: per-sample tuple ids, which the default collate"
+                " turns into one list per part. Give each sample one integer or string id,"
+                ' e.g. f"{file}#{chunk}" in the dataset\'s __getitem__.'
+            )
         _check_length("sample ids", _rows(sample_ids), batch_size)
         if isinstance(sample_ids, torch.Tensor) and not self._ids:
             self._tensor_ids.append(sample_ids)
@@ -201,20 +215,15 @@ class EpochBuffer:
                 self._ids = _flatten([self._tensor_ids.concat()])
                 self._tensor_ids = _Rows(None, torch.long, None)
             ids = _flatten([sample_ids])
-            huge = next(
-                (i for i in ids if isinstance(i, int) and not _INT_MIN <= i < _UINT_END), None
-            )
-            if huge is not None:  # parquet stores integer ids in 64 bits
-                raise ValueError(
-                    f"LabelWatch got the sample id {huge}, which does not fit in 64 bits; give"
-                    " such ids as strings (str(id))."
-                )
+            for sample_id in ids:  # plain str and int by identity: this runs for every id
+                kind = type(sample_id)
+                if not (kind is str or (kind is int and _INT_MIN <= sample_id < _UINT_END)):
+                    _check_id(sample_id)
             self._ids.extend(ids)
         self._logits.append(logits)
         self._targets.append(targets)
         if embeddings is not None:
-            _check_length("embeddings", embeddings.shape[0], batch_size)
-            self._embeddings.append(embeddings.reshape(batch_size, -1))
+            self._embeddings.append(self._embeddings_of(embeddings, logits.device, batch_size))
             self._num_embedded += 1
         for key, value in (metadata or {}).items():
             _check_length(f"metadata {key!r}", _rows(value), batch_size)
@@ -227,6 +236,29 @@ class EpochBuffer:
             self._metadata.setdefault(key, []).append(value)
         self.num_batches += 1
         self.num_samples += batch_size
+
+    def _embeddings_of(
+        self, embeddings: Any, device: torch.device, batch_size: int
+    ) -> torch.Tensor:
+        """(batch, D) floating-point embeddings, D the same in every batch of the epoch."""
+        if not isinstance(embeddings, torch.Tensor):  # a numpy array, say
+            embeddings = torch.as_tensor(embeddings, device=device)
+        _check_length("embeddings", embeddings.shape[0], batch_size)
+        if not embeddings.dtype.is_floating_point:  # cosine similarity and PCA need floats
+            embeddings = embeddings.float()
+        embeddings = embeddings.reshape(batch_size, -1)
+        width = embeddings.shape[1]
+        if self._embedding_width is None:
+            self._embedding_width = width
+        elif width != self._embedding_width:  # caught here, not by the concat at epoch end
+            raise ValueError(
+                f"LabelWatch got embeddings of {width} values per sample in validation batch"
+                f" {self.num_batches} but {self._embedding_width} in the first; every batch needs"
+                " the same width. A feature map whose size follows the input (clips of"
+                " different lengths, say) flattens to a different width: pool it to a fixed"
+                " size (a mean over time, say) before returning it, or hook a pooled layer."
+            )
+        return embeddings
 
     def slabs(self) -> dict[str, torch.Tensor]:
         """The first slab of each column, whole: what a later epoch's buffer can reuse.
@@ -550,6 +582,60 @@ _INT_MIN, _UINT_END = -(2**63), 2**64  # integer ids parquet can hold (int64 or 
 
 def _rows(values: Any) -> int:
     return values.shape[0] if isinstance(values, torch.Tensor) else len(values)
+
+
+def _check_id_dtype(sample_ids: torch.Tensor) -> None:
+    """Integer ids only: the id slab is int64, which would cut 1.5 to 1 (and make 0.25
+    and 0.5 one id). Whole-number floats are refused too: telling them apart takes a pass
+    over every id, and `.long()` is the user's one call."""
+    dtype = sample_ids.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        first = sample_ids[:1].tolist()
+        raise ValueError(
+            f"LabelWatch expects sample ids that are integers or strings, got a {dtype} tensor"
+            f"{f' (first id {first[0]!r})' if first else ''}; ids are kept as 64-bit integers,"
+            " which would cut 1.5 to 1. Return whole-number ids as integers (`ids.long()`)"
+            " and others as strings ([str(i) for i in ids.tolist()])."
+        )
+
+
+def _check_id(sample_id: Any) -> None:
+    """An id that is not a plain str or int: integers of other types (numpy's) pass when
+    parquet can hold them; anything but an integer or a string is refused, in its batch:
+    a tuple fails the parquet write at epoch end, a UUID the W&B table, and bytes are
+    written to the CSV as b'...', which no labels file matches."""
+    if isinstance(sample_id, str):
+        return
+    if isinstance(sample_id, numbers.Integral) and not isinstance(sample_id, bool):
+        if _INT_MIN <= int(sample_id) < _UINT_END:
+            return
+        raise ValueError(
+            f"LabelWatch got the sample id {sample_id}, which does not fit in 64 bits; give"
+            " such ids as strings (str(id))."
+        )
+    if isinstance(sample_id, (tuple, list)):
+        fix = 'join its parts into one string, e.g. f"{file}#{chunk}"'
+    elif isinstance(sample_id, (float, np.floating)):
+        fix = "give whole numbers as integers (int(i)) and other ids as strings (str(i))"
+    elif isinstance(sample_id, bytes):
+        fix = "decode it (sample_id.decode())"
+    else:  # a UUID, None, ...
+        fix = "give it as a string (str(sample_id))"
+    raise ValueError(
+        "LabelWatch expects each sample id to be an integer or a string (one parquet and CSV"
+        f" column holds them), got the {type(sample_id).__name__} {sample_id!r}; {fix}."
+    )
+
+
+def _collated_parts(ids: Any, batch_size: int) -> bool:
+    """Whether ``ids`` are per-sample tuples after the default collate: one sequence (or
+    1-D tensor) of ``batch_size`` per part."""
+
+    def is_part(part: Any) -> bool:
+        sequence = isinstance(part, (list, tuple)) or getattr(part, "ndim", 0) == 1
+        return sequence and _rows(part) == batch_size
+
+    return isinstance(ids, (list, tuple)) and len(ids) > 0 and all(map(is_part, ids))
 
 
 def _check_length(what: str, length: int, batch_size: int) -> None:

@@ -120,18 +120,37 @@ def reduce_dimensions(embeddings: np.ndarray, dimensions: int = PCA_DIMENSIONS) 
 def pca(embeddings: np.ndarray, dimensions: int) -> np.ndarray:
     """Top principal components, zero-padded when there are fewer than asked for.
 
-    Eigenvectors of the D x D covariance (cheap for N >> D); component signs are fixed
-    so that the map does not flip between runs.
+    The axes come from the D x D covariance when N >= D, else from the N x N Gram matrix
+    (a conv feature map flattened to D = 10k made the covariance take minutes and
+    8 * D^2 bytes). Component signs are fixed so that the map does not flip between runs.
     """
     centred = embeddings - embeddings.mean(axis=0, keepdims=True)
-    covariance = (centred.T @ centred).astype(np.float64)
-    values, vectors = np.linalg.eigh(covariance)
-    components = vectors[:, np.argsort(values)[::-1][:dimensions]].T
+    wide = centred.shape[1] > len(centred)
+    components = (_axes_from_gram if wide else _axes_from_covariance)(centred, dimensions)
     signs = np.sign(components[np.arange(len(components)), np.abs(components).argmax(axis=1)])
     reduced = centred @ (components * signs[:, None]).T.astype(np.float32)
     if reduced.shape[1] < dimensions:
         reduced = np.pad(reduced, ((0, 0), (0, dimensions - reduced.shape[1])))
     return reduced.astype(np.float32)
+
+
+def _axes_from_covariance(centred: np.ndarray, dimensions: int) -> np.ndarray:
+    """The top ``dimensions`` principal axes (rows, unit length), from the covariance."""
+    covariance = (centred.T @ centred).astype(np.float64)
+    values, vectors = np.linalg.eigh(covariance)
+    return vectors[:, np.argsort(values)[::-1][:dimensions]].T
+
+
+def _axes_from_gram(centred: np.ndarray, dimensions: int) -> np.ndarray:
+    """The same axes from the Gram matrix X X^T: each is X^T u for an eigenvector u, made
+    unit length. Eigenvalues at rounding level (the centred rows span at most N - 1
+    dimensions) give no axis: X^T u would be noise, and is left to the zero padding."""
+    values, vectors = np.linalg.eigh((centred @ centred.T).astype(np.float64))
+    order = np.argsort(values)[::-1][:dimensions]
+    tolerance = max(values.max(initial=0.0), 0.0) * len(centred) * np.finfo(np.float32).eps
+    order = order[values[order] > tolerance]
+    axes = (centred.T @ vectors[:, order]).T
+    return axes / np.linalg.norm(axes, axis=1, keepdims=True)
 
 
 def normalise(coords: np.ndarray) -> np.ndarray:
