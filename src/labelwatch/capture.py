@@ -82,6 +82,7 @@ class _Rows:
         self._device = device  # None: the batch's own device
         self._reuse = reuse
         self.first_slab: torch.Tensor | None = None  # whole, for the next epoch to reuse
+        self._copied_from: torch.device | None = None  # a GPU copying into pinned memory
 
     def append(self, batch: torch.Tensor) -> None:
         # shape[0], not len(): a tensor's len() costs microseconds, and this runs per batch
@@ -114,12 +115,16 @@ class _Rows:
             pin = torch.device(device) == torch.device("cpu") and batch.device.type == "cuda"
             shape = (rows, *batch.shape[1:])
             slab = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+        if slab.device.type == "cpu" and batch.device.type == "cuda":
+            self._copied_from = batch.device
         if not self._slabs:
             self.first_slab = slab
         self._slabs.append(slab)
         self._used, self._capacity = 0, slab.shape[0]
 
     def concat(self) -> torch.Tensor:
+        if self._copied_from is not None:  # the non-blocking copies to the host must land
+            torch.cuda.synchronize(self._copied_from)
         self._slabs[-1] = self._slabs[-1][: self._used]
         if len(self._slabs) == 1:
             return self._slabs.pop()
