@@ -472,6 +472,11 @@ class FloatIds(LogitsOnly):  # ids from a float column: 1000.5, 1001.5, ...
         return {**super().validation_step(batch, batch_idx), "sample_id": ids}
 
 
+class OneLogit(LogitsOnly):  # a binary head's single logit a sample, squeezed to (N,)
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"logits": self(batch["x"])[:, 0]}
+
+
 class TupleIds(LogitsOnly):  # (file, chunk) pairs
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
         ids = list(zip(batch["path"], batch["sample_id"].tolist(), strict=True))
@@ -591,6 +596,13 @@ class TupleClassifier(CountsTrainingSteps):
             {},
             "embeddings of 8 values per sample in validation batch 1 but 16 in the first",
         ),
+        (
+            OneLogit,
+            lambda: DataLoader(BlobDataset(48), batch_size=16),
+            {},
+            r"got \(16,\)\. A binary classifier with one logit z a sample: return"
+            r" `torch.stack\(\[torch.zeros_like\(z\), z\], 1\)`",
+        ),
     ],
     ids=[
         "no-logits",
@@ -605,6 +617,7 @@ class TupleClassifier(CountsTrainingSteps):
         "tuple-ids",
         "collated-tuple-ids",
         "embedding-width-changes",
+        "one-logit",
     ],
 )
 def test_capture_mistakes_fail_in_the_sanity_check_before_training(

@@ -120,14 +120,15 @@ def test_candidates_cli_writes_to_standard_output_and_keeps_its_table_narrow(run
 
 
 def test_candidates_cli_refuses_to_write_over_its_input(run, capsys):
-    """-o inside the outputs folder it reads (the epoch read or another) is refused, and
-    the files are left as they were."""
-    for epoch in (2, 1):
-        target = run["out"] / f"epoch={epoch}" / "candidates.csv"
-        before = target.read_bytes()
-        assert main(["candidates", str(run["out"]), "-o", str(target)]) == 2
-        assert "refusing to write" in capsys.readouterr().err
-        assert target.read_bytes() == before
+    """-o inside the outputs folder it reads (the epoch read or another, also when the
+    source is one epoch folder among them) is refused, and the files are left as they were."""
+    for source in (run["out"], run["out"] / "epoch=2"):
+        for epoch in (2, 1):
+            target = run["out"] / f"epoch={epoch}" / "candidates.csv"
+            before = target.read_bytes()
+            assert main(["candidates", str(source), "-o", str(target)]) == 2
+            assert "refusing to write" in capsys.readouterr().err
+            assert target.read_bytes() == before
 
 
 def test_round_trip_through_label_studio_and_a_second_training_run(run, tmp_path, capsys):

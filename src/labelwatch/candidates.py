@@ -294,9 +294,14 @@ def _from_local(epoch_dir: Path, source: Path) -> CandidateSet:
         run=run_id if run_id is not None else str(root.resolve()),
         wandb_run_id=run_id,
         artifact=artifact,
-        # The outputs named (all the run's epochs), or the one epoch folder named.
-        inputs=(root if root.resolve().is_relative_to(source.resolve()) else source,),
+        # The run's outputs (all its epochs), when they were named or the epoch folder
+        # named sits among them; else that one epoch folder (a copy kept elsewhere).
+        inputs=(root if _among_epochs(root, source) else source,),
     )
+
+
+def _among_epochs(root: Path, source: Path) -> bool:
+    return root.resolve().is_relative_to(source.resolve()) or len(_epochs_under(root)) > 1
 
 
 def _wandb_run_of_outputs(root: Path) -> tuple[str | None, str | None]:

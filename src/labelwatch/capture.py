@@ -181,9 +181,15 @@ class EpochBuffer:
         """
         if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
+            fix = (
+                "A binary classifier with one logit z a sample: return"
+                " `torch.stack([torch.zeros_like(z), z], 1)` as `logits`."
+                if isinstance(logits, torch.Tensor) and logits.ndim == 1
+                else "Return the classifier's 2-D output as `logits`, or set `logits_layer`"
+                " to the head."
+            )
             raise ValueError(
-                f"LabelWatch expects logits of shape (batch, num_classes), got {shape}. Return"
-                " the classifier's 2-D output as `logits`, or set `logits_layer` to the head."
+                f"LabelWatch expects logits of shape (batch, num_classes), got {shape}. {fix}"
             )
         batch_size = logits.shape[0]
         targets = torch.as_tensor(targets, device=logits.device)
