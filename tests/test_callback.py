@@ -92,6 +92,7 @@ def test_wandb_artifact_records_name_type_aliases_and_files(wandb_fit):
         assert metadata["class_names"] == CLASS_NAMES
         assert set(metadata["thresholds"]) == set(CLASS_NAMES)
         assert metadata["num_samples"] == 60
+        assert metadata["num_nonfinite_embeddings"] == metadata["num_zero_embeddings"] == 0
 
 
 def test_wandb_run_gets_summary_metrics(wandb_fit):

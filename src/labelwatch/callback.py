@@ -1504,7 +1504,9 @@ class LabelWatch(LabelWatchLogic, Callback):
             when ``validation_step`` does not return them. A layer that runs more than
             once a step (test-time augmentation) gives its last output, with a warning.
         embedding_layer: dotted name of the submodule whose output is the embedding.
-        metadata_keys: batch keys copied into every row (for example a file path).
+        metadata_keys: batch keys copied into every row (for example a file path): one
+            number or string per sample. Paths are written as strings, and a key whose
+            values mix kinds (or hold lists) as text, with a warning.
         dataloaders: which validation dataloaders to watch, by index or name (None = all).
             With several, each gets its own folder, W&B keys and artifact, by name. Two
             LabelWatch callbacks in one Trainer must watch different dataloaders (or have
@@ -1515,7 +1517,9 @@ class LabelWatch(LabelWatchLogic, Callback):
             early stopping ends on a skipped epoch warns that its final model is unscored.
         projection: ``"umap"`` (PCA below 16 samples), ``"pca"``, ``"none"``, or a picklable
             callable ``f(embeddings, init) -> (N, 2)``. Maps are warm-started from the
-            previous epoch by sample id; see :mod:`labelwatch.projection`.
+            previous epoch by sample id; see :mod:`labelwatch.projection`. Rows whose
+            embedding is NaN/inf or all zero are left off the map (a callable gets the
+            others only).
         label_quality: ranking in [0, 1], lower = more likely mislabelled. Default
             ``"knn_mixed_margin"``: the margin ``(p_mix(given) - max p_mix(other) + 1) / 2``
             of ``p_mix = (1 - knn_weight) * averaged + knn_weight * knn``, where ``averaged``
@@ -1553,19 +1557,25 @@ class LabelWatch(LabelWatchLogic, Callback):
             what sets it apart from the sample's own label), as a robust z-score among the
             samples with that label (see :mod:`labelwatch.watch`), and
             ``first_watch_<class>``, its score in the first validation that scored it,
-            before the model learned to overlook the class. Needs embeddings.
+            before the model learned to overlook the class. Needs embeddings; a watched
+            class that no validation sample is labelled with scores NaN everywhere (warned).
         min_watch_score: a sample with a watch score at least this, now or in its first
             validation, is a candidate (``is_watch_candidate``), suggested as that class
             unless the candidate rule flags it anyway.
         ignore_index: target value of unlabelled samples; skipped and counted.
         dirpath: local output folder; defaults to ``<save_dir>/<name>/<version>/labelwatch``
             of the first logger (like ``ModelCheckpoint``), or ``<default_root_dir>/labelwatch``.
+            A URL is refused; when the Trainer's folder is remote (``s3://``), the default is
+            ``./<name>/<version>/labelwatch`` (``./labelwatch`` without a logger), with a
+            warning.
         table_key: W&B key of the per-sample table; candidates go to ``<prefix>/candidates``.
         media_fn: maps a row (a dict with ``sample_id``, the metadata keys and the scores)
             to a ``wandb.Audio`` / ``wandb.Image`` (or None); logged for every candidate
             and for up to ``max_media_rows`` other rows.
         max_media_rows: cap on media for rows that are not candidates.
-        embeddings_dtype: ``"float16"`` stores embeddings at half the memory.
+        embeddings_dtype: ``"float16"`` stores embeddings at half the memory. Values beyond
+            +-65504 overflow to inf there: such rows lose their neighbours, watch scores and
+            map point (counted in ``summary.json`` as ``num_nonfinite_embeddings``, warned).
         logits_dtype: ``"float16"`` stores the captured logits at half the memory; every
             score is still computed in float32 from them (the probabilities move by about
             1e-3: rankings barely change). Logits beyond +-65504 are not finite in
@@ -1580,7 +1590,9 @@ class LabelWatch(LabelWatchLogic, Callback):
         max_points: map and log to W&B at most this many rows: a class-stratified
             subsample that includes every candidate (the local files keep every row).
         map_in_background: compute UMAP maps in a worker process (True), so training does
-            not wait; False computes them in the training process.
+            not wait; False computes them in the training process. At fit end a map that
+            takes over 5 minutes (or ten times the slowest so far) stops the worker, and the
+            epochs still mapping are logged without coordinates.
         seed: seed of the 2-D map.
 
     Raises:

@@ -6,7 +6,8 @@
 - ``labelwatch apply --labels labels.csv --decisions FILE -o corrected.csv [--audit ...]``
 
 Errors (bad sources, refused decisions, an output that is an input) print one
-``labelwatch: error: ...`` message and exit with status 2.
+``labelwatch: error: ...`` message and exit with status 2. Output piped into a reader
+that stops early (``| head``) ends quietly with status 141, as Unix tools do.
 """
 
 from __future__ import annotations

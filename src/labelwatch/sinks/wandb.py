@@ -209,6 +209,8 @@ _ARTIFACT_METADATA = (
     "num_mismatches",
     "num_ignored",
     "num_nonfinite",
+    "num_nonfinite_embeddings",
+    "num_zero_embeddings",
     "label_quality",
     "candidate_rule",
     "num_flagged",
