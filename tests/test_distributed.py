@@ -221,7 +221,8 @@ import torch
 import torch.distributed as dist
 from labelwatch.capture import CapturedEpoch, merge_ranks
 
-rank, port, out, same_ids = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+rank, port, out, case = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+same_ids = case == "same"
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 received = []  # bytes this rank receives from collectives that give every rank the result
 all_gather, all_gather_object = dist.all_gather, dist.all_gather_object
@@ -240,18 +241,23 @@ def counted_all_gather_object(outputs, obj, *args, **kwargs):
 dist.all_gather, dist.all_gather_object = counted_all_gather, counted_all_gather_object
 rows = 4 if same_ids else 3 + rank  # uneven
 embeddings = torch.tensor([[1e5, 1e-6], [-3e38, 0.5], [7.0, -2e4], [1e30, 1e-30]][:rows])
+ids = torch.arange(rows) if same_ids else torch.arange(rows) * 2 + rank
+if rank == 1 and case == "narrower":  # a collate that pads to each batch's longest item
+    embeddings = embeddings[:, :1]
+if rank == 1 and case == "listed":  # integer ids as a list here, a tensor on rank 0
+    ids = ids.tolist()
 local = CapturedEpoch(
     logits=torch.zeros(rows, 2),
     targets=torch.zeros(rows, dtype=torch.long),
-    sample_ids=torch.arange(rows) if same_ids else torch.arange(rows) * 2 + rank,
+    sample_ids=ids,
     embeddings=embeddings.bfloat16(),
 )
 try:
     merged = merge_ranks(local)
 except ValueError as err:
     merged = str(err)
-if rank == 0 and not same_ids:
-    merged = {"ids": merged.sample_ids, "embeddings": merged.embeddings}
+if rank == 0 and not isinstance(merged, str):
+    merged = {"ids": list(merged.sample_ids), "embeddings": merged.embeddings}
 if rank == 0:
     torch.save(merged, out)
 else:
@@ -266,13 +272,15 @@ def _free_port() -> str:
         return str(probe.getsockname()[1])
 
 
-def _gather_in_two_processes(tmp_path: Path, same_ids: bool) -> object:
-    """Run GATHER_SCRIPT's merge_ranks on 2 gloo processes; what rank 0 got."""
+def _gather_in_two_processes(tmp_path: Path, case: str = "uneven") -> object:
+    """Run GATHER_SCRIPT's merge_ranks on 2 gloo processes; what rank 0 got (its error
+    message when it raised). ``case``: "uneven" ids, the "same" ids on both ranks,
+    embeddings "narrower" on rank 1, or integer ids "listed" on rank 1."""
     script = tmp_path / "gather.py"
     script.write_text(GATHER_SCRIPT)
     port = _free_port()
     out = tmp_path / "merged.pt"
-    arguments = [port, str(out), "1" if same_ids else "0"]
+    arguments = [port, str(out), case]
     ranks = [
         subprocess.Popen(
             [sys.executable, str(script), str(rank), *arguments],
@@ -294,7 +302,7 @@ def _gather_in_two_processes(tmp_path: Path, same_ids: bool) -> object:
 def test_bfloat16_embeddings_are_gathered_exactly(tmp_path: Path):
     """bfloat16 embeddings travel as bfloat16: values beyond float16's range (and below its
     precision) arrive as they left each rank. Two real gloo processes, no Trainer."""
-    merged = _gather_in_two_processes(tmp_path, same_ids=False)
+    merged = _gather_in_two_processes(tmp_path)
     sent = torch.tensor([[1e5, 1e-6], [-3e38, 0.5], [7.0, -2e4], [1e30, 1e-30]]).bfloat16()
     expected = torch.cat([sent[:3], sent[:4]])[[0, 3, 1, 4, 2, 5, 6]]  # sorted by id
     assert list(merged["ids"]) == [0, 1, 2, 3, 4, 5, 7]
@@ -305,9 +313,25 @@ def test_bfloat16_embeddings_are_gathered_exactly(tmp_path: Path):
 def test_every_rank_sending_every_id_names_the_unsplit_dataloader(tmp_path: Path):
     """Ranks that each validated the whole set (no DistributedSampler) send every id
     twice: the error says the dataloader is not split, not only that ids repeat."""
-    message = _gather_in_two_processes(tmp_path, same_ids=True)
+    message = _gather_in_two_processes(tmp_path, "same")
     assert "4 validation samples share a sample id" in message
     assert "use_distributed_sampler=False" in message
+
+
+def test_ranks_whose_embeddings_differ_in_width_all_raise_a_clear_error(tmp_path: Path):
+    """Each rank's own batches agree, but rank 1's embeddings are narrower: the padded
+    gather read its bytes at the wrong offsets (ids like 4611686019501129728 and a
+    misleading duplicate-id error). Now both ranks raise, naming the widths."""
+    message = _gather_in_two_processes(tmp_path, "narrower")
+    assert "embeddings of different widths per sample (rank 0: 2, rank 1: 1)" in message
+
+
+def test_integer_ids_listed_on_one_rank_and_a_tensor_on_another_are_merged(tmp_path: Path):
+    """Rank 0's tensor of ids travelled as 0-d tensors beside rank 1's ints: the ids were of
+    two kinds, and the fit died at the end of its first epoch."""
+    merged = _gather_in_two_processes(tmp_path, "listed")
+    assert merged["ids"] == [0, 1, 2, 3, 4, 5, 7]
+    assert all(type(i) is int for i in merged["ids"])
 
 
 EXIT_SCRIPT = """

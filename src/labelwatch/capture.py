@@ -357,6 +357,7 @@ def _gather(local: CapturedEpoch | None, world_size: int) -> CapturedEpoch | Non
     shape = torch.tensor(_shape_of(local), device=device)
     shapes = [torch.empty_like(shape) for _ in range(world_size)]
     dist.all_gather(shapes, shape)
+    _check_widths_agree(shapes)
     rows = [int(s[0]) for s in shapes]
     num_classes = max(int(s[1]) for s in shapes)
     width = max(int(s[2]) for s in shapes)
@@ -375,7 +376,9 @@ def _gather(local: CapturedEpoch | None, world_size: int) -> CapturedEpoch | Non
     # 3) strings and metadata, once
     objects = {"metadata": local.metadata if local is not None else {}}
     if not int_ids:
-        objects["ids"] = list(local.sample_ids) if local is not None else []
+        ids = local.sample_ids if local is not None else []
+        # integers that are a tensor here and a list on another rank: as Python ints
+        objects["ids"] = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
     received: list[Any] | None = [None] * world_size if zero else None
     dist.gather_object(objects, received, dst=0)
     if not zero:
@@ -394,6 +397,21 @@ def _gather(local: CapturedEpoch | None, world_size: int) -> CapturedEpoch | Non
         embeddings=out[2] if emb_dtype is not None else None,
         metadata=metadata,
     )
+
+
+def _check_widths_agree(shapes: list[torch.Tensor]) -> None:
+    """Each rank checked its own batches; the ranks must agree too, or the gather, padded
+    to the widest, reads a narrower rank's bytes at the wrong offsets. Every rank holds
+    the shapes, so all of them raise, and none waits in a collective."""
+    with_rows = [(rank, shape) for rank, shape in enumerate(shapes) if shape[0] > 0]
+    for column, what in ((1, "logits"), (2, "embeddings")):
+        if len({int(shape[column]) for _, shape in with_rows}) > 1:
+            widths = ", ".join(f"rank {rank}: {int(shape[column])}" for rank, shape in with_rows)
+            raise ValueError(
+                f"LabelWatch: the ranks' validation batches give {what} of different widths"
+                f" per sample ({widths}); every rank must give the same number (pool or pad"
+                " features whose size follows the input to one size)."
+            )
 
 
 def _shape_of(local: CapturedEpoch | None) -> list[int]:
