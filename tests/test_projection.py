@@ -338,6 +338,28 @@ def test_wide_embeddings_get_the_covariances_pca_from_the_gram_matrix(monkeypatc
     assert not pca(wide, 50)[:, 29:].any()
 
 
+def test_many_points_and_dimensions_get_their_top_axes_from_a_seeded_randomized_svd(
+    monkeypatch,
+):
+    """Above EXACT_PCA_LIMIT points and dimensions both (lowered here) the top axes come from
+    a randomized SVD: the same map twice, and the exact map's leading axes, signs included."""
+    rng = np.random.default_rng(0)
+    spread = np.r_[10.0, 5.0, np.full(398, 0.5)]  # two clear axes, then noise
+    wide = (rng.normal(size=(300, 400)) * spread).astype(np.float32)
+    exact = pca(wide, 2)
+
+    def no_eigh(centred: np.ndarray, dimensions: int) -> np.ndarray:
+        raise AssertionError("an exact eigendecomposition")
+
+    monkeypatch.setattr(projection, "EXACT_PCA_LIMIT", 100)
+    monkeypatch.setattr(projection, "_axes_from_covariance", no_eigh)
+    monkeypatch.setattr(projection, "_axes_from_gram", no_eigh)
+    randomized = pca(wide, 2)
+    np.testing.assert_array_equal(randomized, pca(wide, 2))
+    for axis in range(2):
+        assert np.corrcoef(randomized[:, axis], exact[:, axis])[0, 1] > 0.99
+
+
 def test_a_projection_callable_with_the_wrong_shape_is_reported():
     """A backend that returns the wrong shape gets a clear error."""
     points, _ = _clusters(20)
