@@ -103,7 +103,7 @@ def test_bad_media_rows_are_skipped_and_the_rest_of_the_epoch_is_logged(
 def test_a_media_fn_result_that_is_not_wandb_media_is_left_out_with_a_warning():
     """A waveform returned as a list (instead of wandb.Audio) would fail the whole table."""
     callback = LabelWatch(media_fn=lambda row: [0.0, 1.0] if row["sample_id"] == 2 else None)
-    samples = pd.DataFrame({"sample_id": [1, 2, 3]})
+    samples = pd.DataFrame({"sample_id": [1, 2, 3], "is_candidate": False, "label_quality": 0.5})
     with pytest.warns(
         UserWarning,
         match=r"media_fn failed for 1 of 3 rows \(the first: sample"
@@ -131,3 +131,100 @@ def test_the_caption_names_the_label_and_the_suggestion():
     row = {"sample_id": "7", "given_name": "dog_bark", "suggested_name": "siren"}
     assert media.caption(row) == "7: labelled dog_bark, suggested siren"
     assert media.caption(row | {"suggested_name": "dog_bark"}) == "7: labelled dog_bark"
+
+
+def test_the_media_budget_goes_to_the_rows_most_likely_wrong_first():
+    """max_media_rows went to the lowest ids; it now goes to the flagged rows that
+    max_candidates left out, then to the lowest label_quality."""
+    import wandb
+
+    callback = LabelWatch(media_fn=lambda row: wandb.Html(str(row["sample_id"])), max_media_rows=3)
+    samples = pd.DataFrame(
+        {
+            "sample_id": [1, 2, 3, 4, 5, 6],
+            "is_candidate": [False, False, True, False, True, True],
+            "label_quality": [0.9, 0.1, 0.3, 0.5, 0.2, 0.05],
+        }
+    )
+    media = callback._media(samples, samples[samples["sample_id"] == 6])
+    assert sorted(i for i, medium in media.items() if medium is not None) == [2, 3, 5, 6]
+
+
+def test_audio_files_that_hold_no_audio_are_failures_and_linked_files_keep_their_names(
+    tmp_path: Path,
+):
+    """wandb.Audio copies a file without reading it: a corrupt or empty .wav became an
+    unplayable cell with no warning. A clip that links into a blob store (the Hugging Face
+    cache) was refused as outside root, once resolved."""
+    import numpy as np
+    import soundfile
+
+    from labelwatch.media import AudioFromPath
+
+    audio, store = tmp_path / "audio", tmp_path / "store"
+    audio.mkdir(), store.mkdir()
+    soundfile.write(store / "blob", np.zeros(800, dtype=np.float32), 8000, format="WAV")
+    (audio / "linked.wav").symlink_to(store / "blob")
+    (audio / "corrupt.wav").write_bytes(b"RIFF" + bytes(60))
+    (audio / "empty.wav").write_bytes(b"")
+    (audio / "clip.m4a").write_bytes(b"not read here")  # a format soundfile does not read
+    media = AudioFromPath(root=audio)
+    linked = media({"path": "linked.wav", "sample_id": 1})
+    assert linked is not None and linked._path.endswith(".wav")
+    for name in ("corrupt.wav", "empty.wav"):
+        with pytest.raises((RuntimeError, ValueError)):
+            media({"path": name, "sample_id": 2})
+    assert media({"path": "clip.m4a", "sample_id": 3}) is not None
+    assert media({"path": "../store/blob", "sample_id": 4}) is None
+
+
+class _SlowMedia:
+    """A media_fn that waits for a gate file on its first call, then takes 50 ms a row."""
+
+    def __init__(self, gate: Path) -> None:
+        self.gate, self.calls = gate, 0
+
+    def __call__(self, row: dict) -> object:
+        import time
+
+        import wandb
+
+        while not self.gate.exists():
+            time.sleep(0.01)
+        self.calls += 1
+        time.sleep(0.05)
+        return wandb.Html(str(row["sample_id"]))
+
+
+class _FailsAfterTwoValidations(TinyClassifier):
+    def __init__(self, gate: Path) -> None:
+        super().__init__()
+        self.gate = gate
+
+    def training_step(self, batch: dict, batch_idx: int):
+        if self.current_epoch == 1:
+            self.gate.touch()  # the first epoch's logging goes on making its media
+            raise RuntimeError("interrupted, say")
+        return super().training_step(batch, batch_idx)
+
+
+def test_after_an_interrupt_the_epochs_waiting_to_be_logged_go_without_media(tmp_path: Path):
+    """A slow media_fn held a Ctrl-C for as long as the queued epochs' media took (80 s in
+    a tester's run): the epoch being logged finishes, the ones waiting go without media."""
+    gate = tmp_path / "gate"
+    media = _SlowMedia(gate)
+    train, val = loaders()
+    logger = WandbLogger(project="media", save_dir=str(tmp_path), offline=True)
+    watch = LabelWatch(projection="none", media_fn=media, max_media_rows=48)
+    kwargs = trainer_kwargs(tmp_path, logger=logger, callbacks=[watch], val_check_interval=0.5)
+    with pytest.raises(RuntimeError, match="interrupted, say"):
+        Trainer(**kwargs).fit(_FailsAfterTwoValidations(gate), train, val)
+    finish_wandb()
+    assert media.calls == 48  # the first validation's rows only
+    tables = run_table_files(offline_run_dir(tmp_path), "labelwatch/samples.table.json")
+    logged = [json.loads(t["labelwatch/samples.table.json"].read_text()) for t in tables]
+    with_media = [
+        pd.DataFrame(t["data"], columns=t["columns"]).get("media", pd.Series()).notna().sum()
+        for t in logged
+    ]
+    assert sorted(with_media) == [0, 48]

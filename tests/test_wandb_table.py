@@ -156,3 +156,23 @@ def test_a_run_started_here_keeps_its_media_in_save_dir(tmp_path, mode):
     assert sink.stray_media_dir() is None
     if mode == "offline":  # the check looked at a real folder
         assert sink.run.dir.startswith(str(tmp_path))
+
+
+def test_a_media_column_of_audio_and_images_is_logged(tmp_path: Path):
+    """A media_fn giving audio for some rows and images for others: W&B refused the whole
+    table (both tables, the metrics and the artifact of every epoch were lost)."""
+    import json
+
+    frame = pd.DataFrame({"sample_id": [0, 1, 2], "x": [1.0, 2.0, 3.0]})
+    media = {
+        0: wandb.Audio(np.zeros(800, dtype=np.float32), sample_rate=8000),
+        1: wandb.Image(np.zeros((4, 4, 3), dtype=np.uint8)),
+        2: None,
+    }
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="mixed")
+    try:
+        run.log({"samples": _table(frame, media)})
+    finally:
+        run.finish()
+    (table,) = (tmp_path / "wandb").glob("offline-run-*/files/media/table/samples_*.table.json")
+    assert len(json.loads(table.read_text())["data"]) == 3

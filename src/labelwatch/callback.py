@@ -321,6 +321,7 @@ class LabelWatchLogic:
         self._watched: dict[int, str | None] = {}
         self._worker: MapWorker | None = None
         self._map_off = False  # the worker died: no more maps this fit
+        self._media_off = False  # the fit was interrupted: log what waits, without media
         # W&B tables are built and logged on this thread, in epoch order, so that their
         # per-row type checks (~0.4 ms a row) do not hold up the training loop; the local
         # files are rewritten here too once a background map adds coordinates.
@@ -376,7 +377,7 @@ class LabelWatchLogic:
         self._wandb = WandbSink(logger, table_key=self.table_key) if logger is not None else None
         if self._wandb is not None and stage == "fit" and trainer.is_global_zero:
             self._warn_if_media_go_astray(self._wandb)
-        self._map_off = False
+        self._map_off = self._media_off = False
         if stage == "fit" and trainer.is_global_zero and self._wants_worker():
             # Started now so numba compiles while the first epoch trains.
             self._worker = MapWorker(
@@ -561,7 +562,10 @@ class LabelWatchLogic:
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # Lightning skips teardown after an exception: free the capture memory (on the
-        # model's device) and unhook the model here, for a notebook that retries.
+        # model's device) and unhook the model here, for a notebook that retries. The
+        # epochs still waiting to be logged go without media: a slow media_fn would hold
+        # a Ctrl-C for as long as their media take.
+        self._media_off = True
         steps = (
             self._release_capture,
             # Interrupted: log what is outstanding now, without coordinates, rather than
@@ -1406,7 +1410,7 @@ class LabelWatchLogic:
                 candidates=candidates,
                 summary=summary,
                 files=files,
-                media=self._media(samples, candidates),
+                media=None if self._media_off else self._media(samples, candidates),
             )
         except Exception as err:  # W&B must never stop training; the local copy is kept
             log.debug("LabelWatch: W&B logging failed", exc_info=True)
@@ -1436,7 +1440,12 @@ class LabelWatchLogic:
         if self.media_fn is None:
             return None
         is_candidate = ids_in(pd.Index(samples["sample_id"]), pd.Index(candidates["sample_id"]))
-        rows = pd.concat([samples[is_candidate], samples[~is_candidate].head(self.max_media_rows)])
+        # The budget for other rows goes to those most likely wrong: the flagged rows that
+        # max_candidates left out, then the lowest label_quality.
+        others = samples[~is_candidate].sort_values(
+            ["is_candidate", "label_quality"], ascending=[False, True], kind="stable"
+        )
+        rows = pd.concat([samples[is_candidate], others.head(self.max_media_rows)])
         records = rows.to_dict("records")
         media: dict[Any, Any] = {}
         failures: dict[Any, _MediaFailure] = {}

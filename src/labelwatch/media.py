@@ -9,6 +9,7 @@ Any callable ``row -> wandb media | None`` works the same way.
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,14 @@ class _FromPath:
         self.key = key
 
     def resolve(self, row: Mapping[str, Any]) -> Path | None:
-        """The row's file under ``root``; None when missing or when it would escape ``root``."""
+        """The row's file under ``root``; None when missing or when it would escape ``root``.
+        The path is normalised as written, symlinks unresolved: a dataset whose files link
+        into a blob store (the Hugging Face cache, DVC, git-annex) keeps its names."""
         value = row.get(self.key)
         if not value:
             return None
-        root = self.root.resolve()
-        path = (root / str(value)).resolve()
+        root = Path(os.path.abspath(self.root))
+        path = Path(os.path.normpath(root / str(value)))
         if not path.is_relative_to(root) or not path.is_file():
             return None
         return path
@@ -55,9 +58,31 @@ class _FromPath:
 
 
 class AudioFromPath(_FromPath):
-    """``row[key]`` is an audio file under ``root``; gives ``wandb.Audio``."""
+    """``row[key]`` is an audio file under ``root``; gives ``wandb.Audio``.
+
+    ``wandb.Audio`` copies a file without decoding it: the header of a file that soundfile
+    reads (wav, flac, ogg, mp3, ...; when installed) is read here first, so that an
+    unreadable or empty one leaves its cell empty with a warning, not an unplayable clip.
+    Other formats (m4a, say) go to W&B as they are."""
 
     media_type = "Audio"
+
+    def __call__(self, row: Mapping[str, Any]) -> Any:
+        path = self.resolve(row)
+        if path is not None and path.suffix[1:].upper() in _soundfile_formats():
+            import soundfile
+
+            if soundfile.info(str(path)).frames == 0:  # raises when it is not audio
+                raise ValueError(f"{path} holds no audio frames")
+        return super().__call__(row)
+
+
+def _soundfile_formats() -> set[str]:
+    if importlib.util.find_spec("soundfile") is None:
+        return set()
+    import soundfile
+
+    return set(soundfile.available_formats())
 
 
 class ImageFromPath(_FromPath):

@@ -227,14 +227,18 @@ def _table(frame: pd.DataFrame, media: Mapping[Any, Any] | None) -> Any:
 
     names = list(frame.columns)
     columns = [_plain_column(column) for _, column in frame.items()]
+    mixed = False
     if media is not None:
         names.append("media")
         columns.append([media.get(sample_id) for sample_id in frame["sample_id"].tolist()])
+        # audio for some rows and images for others: W&B refuses the whole table otherwise
+        mixed = len({type(m) for m in columns[-1] if m is not None}) > 1
     rows = [list(row) for row in zip(*columns, strict=True)]
     # wandb.Table infers column types cell by cell as each row is added: about 1 ms a row,
     # most of what logging costs. The types it would infer depend only on which Python
     # types each column holds, so it sees one row per (column, type) and gets the rest whole.
-    table = wandb.Table(columns=names, data=[rows[i] for i in _type_examples(columns)])
+    examples = [rows[i] for i in _type_examples(columns)]
+    table = wandb.Table(columns=names, data=examples, allow_mixed_types=mixed)
     table.data = rows
     return table
 
