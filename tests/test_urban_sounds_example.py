@@ -323,3 +323,26 @@ def test_the_demo_refuses_what_it_cannot_honour_before_making_data(
     from examples.urban_sounds.demo import DEFAULT_CONFIG
 
     assert Path(DEFAULT_CONFIG) == CONFIG
+
+
+def test_the_demo_generates_clips_of_the_length_and_rate_it_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--data.clip_seconds and --data.sample_rate reached only the loader: the demo made
+    2 s clips at 16 kHz and padded them to the length asked for."""
+    import examples.urban_sounds.generate as generate_module
+
+    class Generated(Exception):
+        pass
+
+    seen = {}
+
+    def generate(root, **kwargs):
+        seen.update(kwargs)
+        raise Generated  # no need to train
+
+    monkeypatch.setattr(generate_module, "generate", generate)
+    arguments = ["--data.clip_seconds", "4.0", "--data.sample_rate=8000"]
+    with pytest.raises(Generated):
+        demo_main(["--root", str(tmp_path / "data"), *arguments])
+    assert (seen["clip_seconds"], seen["sample_rate"]) == (4.0, 8000)

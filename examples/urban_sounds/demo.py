@@ -55,16 +55,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="default: %(default)s")
     parser.add_argument("--root", default=DEFAULT_ROOT, help="data folder (default: %(default)s)")
-    parser.add_argument("--num-clips", type=int, default=3000, help="default: %(default)s")
+    parser.add_argument(
+        "--num-clips",
+        type=int,
+        default=3000,
+        help="default: %(default)s; another number deletes and regenerates the synthetic"
+        " clips under --root",
+    )
     parser.add_argument("--max-epochs", type=int, default=None, help="default: the config's")
     parser.add_argument("--workers", type=int, default=2, help="generator processes")
     parser.add_argument("--top", type=int, default=10, help="candidates to print")
     args, cli_args = parser.parse_known_args(argv)
-    _check_arguments(parser, args, cli_args)
+    audio = _check_arguments(parser, args, cli_args)
     os.environ.setdefault("WANDB_MODE", "offline")
     began = time.perf_counter()
 
-    _ensure_data(Path(args.root), args.num_clips, args.workers)
+    _ensure_data(Path(args.root), args.num_clips, args.workers, **audio)
     overrides = [
         "--data.root",
         args.root,
@@ -95,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def _check_arguments(
     parser: argparse.ArgumentParser, args: argparse.Namespace, cli_args: list[str]
 ) -> None:
-    """Refuse, before generating or training anything, what the demo cannot honour."""
+    """Refuse, before generating or training anything, what the demo cannot honour;
+    returns the clips' length and sample rate given for the data, for the generator."""
     if not Path(args.config).is_file():
         parser.error(f"--config {args.config}: no such file")
     # --flag=value or --flag value, as LightningCLI takes them
@@ -115,10 +122,19 @@ def _check_arguments(
                 f"{flag} {value}: the demo trains and reports in one process; for DDP run"
                 " python -m examples.urban_sounds.train fit --config configs/urban_sounds.yaml"
             )
+    audio: dict[str, Any] = {}
+    for name, kind in (("clip_seconds", float), ("sample_rate", int)):
+        if f"--data.{name}" in values:
+            try:
+                audio[name] = kind(values[f"--data.{name}"])
+            except ValueError:
+                parser.error(f"--data.{name} {values[f'--data.{name}']!r}: not a {kind.__name__}")
+    return audio
 
 
-def _ensure_data(root: Path, num_clips: int, workers: int) -> None:
-    """Generate the synthetic data when missing, or when ``num_clips`` changed."""
+def _ensure_data(root: Path, num_clips: int, workers: int, **audio: Any) -> None:
+    """Generate the synthetic data when missing, or when ``num_clips`` changed (``audio``:
+    the clips' ``clip_seconds`` and ``sample_rate``, when given)."""
     metadata = root / "metadata" / "UrbanSound8K.csv"
     if metadata.is_file():
         synthetic = (root / _MARKER).is_file()
@@ -132,7 +148,7 @@ def _ensure_data(root: Path, num_clips: int, workers: int) -> None:
 
     print(f"data: generating {num_clips} synthetic clips in {root} ({workers} workers) ...")
     start = time.perf_counter()
-    generate(root, num_clips=num_clips, workers=workers)
+    generate(root, num_clips=num_clips, workers=workers, **audio)
     print(f"data: done in {time.perf_counter() - start:.1f} s")
 
 
@@ -144,7 +160,11 @@ def _fit(cli_args: list[str]) -> dict[str, Any]:
     from examples.urban_sounds.train import main as train
     from labelwatch import LabelWatch
 
-    cli = train(cli_args)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both
+    try:
+        cli = train(cli_args)
+    finally:
+        sys.argv = argv
     trainer = cli.trainer
     watch = next(c for c in trainer.callbacks if isinstance(c, LabelWatch))
     if watch.last_output_dir is None:

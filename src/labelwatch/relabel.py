@@ -97,9 +97,14 @@ def read_labels(path: str | Path, *, label_column: str = "label") -> pd.DataFram
     labels.attrs["csv_form"] = {k: form[k] for k in ("sep", "bom", "lineterminator", "header")}
     missing = [c for c in ("sample_id", label_column) if c not in labels.columns]
     if missing:
+        fixes = []
+        if "sample_id" in missing:
+            fixes.append("name the id column sample_id, as LabelWatch's sample ids")
+        if label_column in missing:
+            fixes.append("choose the label column with --label-column")
         raise RelabelError(
             f"{path} lacks the column(s) {missing}; it has {list(labels.columns)}"
-            " (choose the label column with --label-column)"
+            f" ({'; '.join(fixes)})"
         )
     return labels
 
