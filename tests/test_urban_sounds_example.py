@@ -227,6 +227,8 @@ def test_demo_trains_through_the_cli_config_and_logs_audio_to_wandb(
     assert summary["num_samples"] == 24 and summary["class_names"] == CLASS_NAMES
     samples = pd.read_parquet(outputs / "epoch=1" / "samples.parquet")
     assert samples["path"].str.match(r"fold(8|9|10)/").all()
+    # the run's own config beside its outputs (the save_dir's copy is each rerun's)
+    assert "max_epochs: 2" in (outputs.parent / "config.yaml").read_text()
 
     # W&B offline run: per-sample tables with a media column. wandb 0.31 writes the
     # table twice: files/media/table/*.table.json (media cells as placeholders) and a
