@@ -246,6 +246,8 @@ if rank == 1 and case == "narrower":  # a collate that pads to each batch's long
     embeddings = embeddings[:, :1]
 if rank == 1 and case == "listed":  # integer ids as a list here, a tensor on rank 0
     ids = ids.tolist()
+if rank == 1 and case == "strings":  # string ids here, integers on rank 0
+    ids = [str(i) for i in ids.tolist()]
 local = CapturedEpoch(
     logits=torch.zeros(rows, 2),
     targets=torch.zeros(rows, dtype=torch.long),
@@ -275,7 +277,7 @@ def _free_port() -> str:
 def _gather_in_two_processes(tmp_path: Path, case: str = "uneven") -> object:
     """Run GATHER_SCRIPT's merge_ranks on 2 gloo processes; what rank 0 got (its error
     message when it raised). ``case``: "uneven" ids, the "same" ids on both ranks,
-    embeddings "narrower" on rank 1, or integer ids "listed" on rank 1."""
+    embeddings "narrower" on rank 1, integer ids "listed" on rank 1, or "strings" there."""
     script = tmp_path / "gather.py"
     script.write_text(GATHER_SCRIPT)
     port = _free_port()
@@ -332,6 +334,13 @@ def test_integer_ids_listed_on_one_rank_and_a_tensor_on_another_are_merged(tmp_p
     merged = _gather_in_two_processes(tmp_path, "listed")
     assert merged["ids"] == [0, 1, 2, 3, 4, 5, 7]
     assert all(type(i) is int for i in merged["ids"])
+
+
+def test_ranks_with_ids_of_different_kinds_get_the_one_kind_error(tmp_path: Path):
+    """Integer ids on rank 0 and strings on rank 1 failed in the sort that drops the
+    sampler's repeats, with a raw TypeError; now with the error one process gives."""
+    message = _gather_in_two_processes(tmp_path, "strings")
+    assert "must be of one kind, all integers or all strings" in message
 
 
 EXIT_SCRIPT = """

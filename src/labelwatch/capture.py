@@ -486,6 +486,10 @@ def _split_columns(rows: torch.Tensor, like: list[torch.Tensor]) -> list[torch.T
 def _deduplicate_and_sort(captured: CapturedEpoch, world_size: int) -> CapturedEpoch:
     ids = captured.sample_ids
     id_list = ids.cpu().tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    if world_size > 1:  # ranks may bring ids of different kinds, which sort nowhere
+        from labelwatch.scoring import _check_id_kinds
+
+        _check_id_kinds(id_list)
     first: dict[Any, int] = {}
     for position, sample_id in enumerate(id_list):
         first.setdefault(sample_id, position)
