@@ -610,3 +610,20 @@ def test_candidates_piped_into_a_reader_that_stops_exits_quietly(run, tmp_path):
     err = child.stderr.read().decode()
     assert child.wait(timeout=120) == 141, err
     assert err == "" and review.is_file()
+
+
+def test_a_labels_file_that_names_its_ids_otherwise_is_read_with_id_column(tmp_path, capsys):
+    """UrbanSound8K's metadata names the clip slice_file_name and its class `class`: with
+    --id-column and --label-column it is corrected in place, its header kept."""
+    labels = tmp_path / "UrbanSound8K.csv"
+    labels.write_text("slice_file_name,fold,class\na.wav,1,dog_bark\nb.wav,2,siren\n")
+    decisions = tmp_path / "decisions.csv"
+    decisions.write_text("sample_id,decision\na.wav,siren\n")
+    out = tmp_path / "corrected.csv"
+    argv = ["apply", "--labels", str(labels), "--decisions", str(decisions), "-o", str(out)]
+    assert main([*argv, "--label-column", "class", "--id-column", "slice_file_name"]) == 0
+    assert out.read_text() == "slice_file_name,fold,class\na.wav,1,siren\nb.wav,2,siren\n"
+    assert main([*argv, "--label-column", "class"]) == 2
+    assert "choose the column of LabelWatch's sample ids with --id-column" in (
+        capsys.readouterr().err
+    )

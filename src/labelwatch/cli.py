@@ -168,6 +168,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     apply.add_argument("--label-column", default="label", help="label column (default: label)")
     apply.add_argument(
+        "--id-column",
+        default="sample_id",
+        help="column of the sample ids (default: sample_id; slice_file_name for UrbanSound8K)",
+    )
+    apply.add_argument(
         "--class-names",
         nargs="+",
         metavar="NAME",
@@ -319,7 +324,9 @@ def _apply(args: argparse.Namespace) -> int:
     if args.log_wandb is not None and args.log_wandb.count("/") != 1:
         raise ValueError(f"--log-wandb must be ENTITY/PROJECT, got {args.log_wandb!r}")
 
-    labels = relabel.read_labels(args.labels, label_column=args.label_column)
+    labels = relabel.read_labels(
+        args.labels, label_column=args.label_column, id_column=args.id_column
+    )
     decisions = [relabel.read_decisions(path) for path in args.decisions]
     corrected, audit = relabel.apply_decisions(
         labels,

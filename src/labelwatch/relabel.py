@@ -84,29 +84,38 @@ class RelabelError(ValueError):
     """Decisions that cannot be applied; the message lists every problem found."""
 
 
-def read_labels(path: str | Path, *, label_column: str = "label") -> pd.DataFrame:
+def read_labels(
+    path: str | Path, *, label_column: str = "label", id_column: str = "sample_id"
+) -> pd.DataFrame:
     """The labels CSV as text, cells exactly as written (ids like ``007`` stay ``007``).
-    Comma, semicolon (a spreadsheet's CSV in some locales) or tab separated.
+    Comma, semicolon (a spreadsheet's CSV in some locales) or tab separated. The ids are in
+    ``id_column`` (UrbanSound8K's ``slice_file_name``, say), called ``sample_id`` in the
+    frame returned; the file written keeps its own header.
 
     The file's form (separator, byte-order mark, line ends and header cells as written;
     columns with an empty or repeated header are named ``Unnamed: <i>`` and ``<name>.<k>``)
     is kept in ``attrs["csv_form"]``, which :func:`write_corrections` writes back.
     """
     path = Path(path)
-    labels, form = _read_csv_text(path, required=("sample_id", label_column))
+    labels, form = _read_csv_text(path, required=(id_column, label_column))
     labels.attrs["csv_form"] = {k: form[k] for k in ("sep", "bom", "lineterminator", "header")}
-    missing = [c for c in ("sample_id", label_column) if c not in labels.columns]
+    missing = [c for c in (id_column, label_column) if c not in labels.columns]
+    if id_column != "sample_id" and "sample_id" in labels.columns:
+        raise RelabelError(
+            f"{path} has a sample_id column besides the id column {id_column!r}: drop"
+            " --id-column to use sample_id, or rename one of them"
+        )
     if missing:
         fixes = []
-        if "sample_id" in missing:
-            fixes.append("name the id column sample_id, as LabelWatch's sample ids")
+        if id_column in missing:
+            fixes.append("choose the column of LabelWatch's sample ids with --id-column")
         if label_column in missing:
             fixes.append("choose the label column with --label-column")
         raise RelabelError(
             f"{path} lacks the column(s) {missing}; it has {list(labels.columns)}"
             f" ({'; '.join(fixes)})"
         )
-    return labels
+    return labels.rename(columns={id_column: "sample_id"})
 
 
 def read_decisions(path: str | Path) -> pd.DataFrame:
