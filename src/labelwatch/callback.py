@@ -100,6 +100,7 @@ class _PendingEpoch:
     out_dir: Path | None = None
     written: bool = False
     map: Future | None = None  # None once cancelled: logged without coordinates
+    rows: np.ndarray | None = None  # the rows mapped and logged (all, or a subsample)
 
 
 def _id_kind(sample_ids: Sequence[Any]) -> str | None:
@@ -337,8 +338,8 @@ class LabelWatchLogic:
         # first watch scores.
         self._scorers: dict[str | None, EpochScorer] = {}
         self._id_kinds: dict[str | None, str | None] = {}  # each dataloader's last ids' kind
-        self._resumed_after: int | None = None  # the checkpoint's last epoch, on a resume
-        self._set_aside: set[Path] = set()  # folders whose later epochs were renamed
+        # the checkpoint's last epoch, on a resume, until the epochs after it are set aside
+        self._resumed_after: int | None = None
         # The history file ((window - 1) x N x C floats, 0.8 GB at 100k x 1000) is written on its
         # own thread; a history is not updated again until its previous save is done.
         self._history_saver: ThreadPoolExecutor | None = None
@@ -747,7 +748,6 @@ class LabelWatchLogic:
             self._last_results,
             self._scorers,
             self._id_kinds,
-            self._set_aside,
             self._warned,  # a new fit warns again about what still holds for it
         ):
             state.clear()
@@ -916,14 +916,16 @@ class LabelWatchLogic:
         summary = self._summary(samples, candidates, host, epoch, trainer.global_step)
         summary["dataloader"] = name
         summary.update(self._wandb_run_ids())
-        root = self.output_root / name if name is not None else self.output_root
-        if self._resumed_after is not None and root not in self._set_aside:
-            self._set_aside.add(root)  # once per folder: later epochs are this fit's own
-            self._set_aside_later_epochs(root, self._resumed_after)
+        root = self._dataloader_root(name)
+        if self._resumed_after is not None:  # once: the epochs after it are then this fit's
+            for watched in self._watched.values():
+                self._set_aside_later_epochs(self._dataloader_root(watched), self._resumed_after)
+            self._resumed_after = None
         pending = _PendingEpoch(epoch, trainer.global_step, name, samples, candidates, summary)
         pending.out_dir = root / f"epoch={epoch}"
         self._last_results[name] = (epoch, len(candidates), len(samples), pending.out_dir)
-        job = None if self._map_off else self._map_job(samples, candidates, host, name, epoch)
+        pending.rows = self._subsample(samples, candidates)
+        job = None if self._map_off else self._map_job(samples, pending.rows, host, name, epoch)
         if job is None or self._worker is None:  # no map, or a synchronous one: one write
             result = self._map_or_warn(lambda: compute_map(job), epoch) if job else None
             self._finish_epoch(pending, result)
@@ -958,7 +960,7 @@ class LabelWatchLogic:
     def _map_job(
         self,
         samples: pd.DataFrame,
-        candidates: pd.DataFrame,
+        rows: np.ndarray,
         captured: CapturedEpoch,
         name: str | None,
         epoch: int,
@@ -968,7 +970,6 @@ class LabelWatchLogic:
         if captured.embeddings is None or self.projection == "none":
             return None
         ids = samples["sample_id"]
-        rows = self._subsample(samples, candidates)
         positions = pd.Index(captured.sample_ids).get_indexer(ids.iloc[rows])
         embeddings = captured.embeddings[torch.from_numpy(positions)]
         directed = has_direction(embeddings)
@@ -1002,8 +1003,12 @@ class LabelWatchLogic:
         """The folder of the newest epoch before now (what a resumed run continues)."""
         if self.output_root is None or self.last_epoch is None:
             return None
-        root = self.output_root / name if name is not None else self.output_root
-        return root / f"epoch={self.last_epoch}"
+        return self._dataloader_root(name) / f"epoch={self.last_epoch}"
+
+    def _dataloader_root(self, name: str | None) -> Path:
+        """The folder of a watched dataloader's epochs (the outputs' root for one)."""
+        assert self.output_root is not None
+        return self.output_root / name if name is not None else self.output_root
 
     def _map_or_warn(self, compute: Callable[[], MapResult], epoch: int) -> MapResult | None:
         try:
@@ -1113,24 +1118,21 @@ class LabelWatchLogic:
             # 100k rows) is left to the logging thread, ahead of this epoch's W&B logging.
             self._in_logging_thread(self._write_local, pending)
         if self._wandb is not None:  # also when the local files failed: W&B may not
+            # The rows mapped (every candidate among them), and those the map left off:
+            # building a W&B table costs ~0.1 ms a row, so it stays within max_points.
+            rows = pending.rows
+            if rows is not None and len(rows) < len(samples):
+                samples = samples.iloc[rows]
             self._in_logging_thread(
                 self._log_wandb,
                 pending.epoch,
                 pending.step,
                 pending.name,
-                self._table_rows(samples, candidates),
+                samples,
                 candidates,
                 summary,
                 pending.out_dir,
             )
-
-    def _table_rows(self, samples: pd.DataFrame, candidates: pd.DataFrame) -> pd.DataFrame:
-        """The rows W&B gets: all up to `max_points`, else the subsample that was mapped
-        (with its rows the map left off, at NaN x/y), every candidate included. Building a
-        W&B table costs ~0.1 ms a row in the training process, so it stays bounded."""
-        if len(samples) <= self.max_points:
-            return samples
-        return samples.iloc[self._subsample(samples, candidates)]
 
     def _subsample(self, samples: pd.DataFrame, candidates: pd.DataFrame) -> np.ndarray:
         """Rows to map and log above `max_points`: every candidate, then per class the
